@@ -1,0 +1,5 @@
+import sys
+
+from text4vpr.cli import main
+
+sys.exit(main())

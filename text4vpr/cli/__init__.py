@@ -1,0 +1,58 @@
+"""`text4vpr` console command: one module per subcommand, imported lazily.
+
+Each module under `text4vpr.cli` defines `add_arguments(parser)` and `run(args) -> int`.
+Subcommand modules turn parsed arguments into plain keyword arguments for library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("text4vpr.cli.synth", "write a synthetic Street360Loc (xlsx + images)"),
+    "shards": ("text4vpr.cli.shards", "build or inspect WebDataset shards"),
+    "convert-upstream": ("text4vpr.cli.convert", "convert an upstream Text4VPR .pth checkpoint"),
+    "index": ("text4vpr.cli.index", "build a retrieval index of database image vectors"),
+    "eval": ("text4vpr.cli.evaluate", "evaluate a model on shards: top-k within r metres"),
+    "eval-embeddings": ("text4vpr.cli.eval_embeddings", "evaluate precomputed query/database vectors"),
+    "localize": ("text4vpr.cli.localize", "locate a place from up to four descriptions"),
+    "train": ("text4vpr.cli.train", "train a model (same as `accelerate launch train.py`)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="text4vpr", description="Text4VPR: text-to-place retrieval.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_module=None, _name=name)
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_module=module, _name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args._module is None:
+        print(f"text4vpr {args._name}: not available in this build", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(args._module)
+    try:
+        return int(mod.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data layer: Street360Loc ingestion, synthetic data, WebDataset shards and loader."""

@@ -1,0 +1,50 @@
+"""Text normalisation and a small T5-style tokenizer trained locally on our own text.
+
+The real setup loads the T5 tokenizer from a local Hugging Face folder; tests and the demo
+train a tiny one here (no hub access), saved in the same `save_pretrained` layout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+# T5 conventions: pad = 0, eos = 1, unk = 2.
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+
+
+def normalize_text(text: str) -> str:
+    """Collapse runs of whitespace (newlines, tabs, double spaces) to one space; strip ends."""
+    return " ".join(str(text).split())
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None = None, vocab_size: int = 2000):
+    """Train a WordPiece tokenizer with T5's special ids; return a PreTrainedTokenizerFast.
+
+    The tokenizer appends `</s>` like T5's. When `out_dir` is given it is saved there with
+    `save_pretrained`, so `AutoTokenizer.from_pretrained(out_dir)` loads it offline.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="<unk>", max_input_chars_per_word=50))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    tok.train_from_iterator((normalize_text(t) for t in texts), trainer=trainer)
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer from a local folder (never the hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
