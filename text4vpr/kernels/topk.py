@@ -1,0 +1,237 @@
+"""Group-similarity top-k search: the torch reference path and the backend dispatch.
+
+A query is a group of V text vectors (one per view, pos order), a database location a
+group of V image vectors. `group_topk` returns, per query, the k best locations under one
+of three similarity modes, never materialising the full (Q, N) score matrix: the database
+is walked in chunks, each chunk's top-k is merged into a running top-k.
+
+Tie rule, everywhere (torch, Triton, sharded merge): higher score first, then lower
+location id. Selection runs on fp32 scores. The rule is made exact by sorting on a 64-bit
+key (order-preserving int32 image of the fp32 score, then the complemented id), so the
+result never depends on `torch.topk`'s internal order for equal values.
+
+Modes (masks: `query_mask` (Q, V), `db_mask` (N, V); True = view present):
+
+- ``upstream`` -- the SPEC's score: raw vectors, views aligned by pos,
+  ``s(q, n) = sum_v m_qv * m_nv * <t_qv, i_nv>``. A view missing in the query or in the
+  location contributes 0 (so a partial query is scored on the views it has).
+- ``cosine`` -- per-view cosine averaged over the views present in both:
+  ``s(q, n) = sum_v m_qv m_nv cos(t_qv, i_nv) / max(1, sum_v m_qv m_nv)``. Removes
+  upstream's weighting of each view by the text-vector norm ||t_v||. A pair with no view in
+  common scores 0. Zero vectors have cosine 0 with everything.
+- ``any-heading`` -- the upstream score maximised over the V cyclic rotations of the view
+  alignment: ``s(q, n) = max_r sum_v m_qv m_n,(v+r)%V <t_qv, i_n,(v+r)%V>``, for a user who
+  knows the four descriptions go round the panorama in order but not which way the first
+  one faces. Costs V times the upstream work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("upstream", "cosine", "any-heading")
+MAX_TRITON_K = 128
+_ID_LIMIT = 2**31 - 1 - 2 * MAX_TRITON_K  # ids must fit the 32-bit key field (and kernel sentinels)
+_LOW32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- tie-rule keys
+
+
+def encode_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering (score desc, id asc) as plain descending int order.
+
+    High 32 bits: order-preserving int32 image of the fp32 score (-0.0 folded onto +0.0);
+    low 32 bits: ``2**32 - 1 - id``. Requires finite-or-inf scores (no NaN) and 0 <= id < 2**32.
+    """
+    s = scores.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
+    bits = s.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude bits
+    return (ordered.to(torch.int64) << 32) | (_LOW32 - ids.to(torch.int64))
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `encode_keys`: (scores fp32, ids int64)."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    ids = _LOW32 - (keys & _LOW32)
+    return bits.view(torch.float32), ids
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of candidate lists (Q, M) under the tie rule; returns (Q, min(k, M)) sorted."""
+    keys = encode_keys(scores, ids)  # (Q, M)
+    top = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=True).values
+    return decode_keys(top)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+def check_finite(x: torch.Tensor, name: str, rows_per_chunk: int = 4096) -> None:
+    """Raise ValueError if `x` holds NaN or inf; walks rows in chunks (no full-size bool copy)."""
+    for s in range(0, x.shape[0], rows_per_chunk):
+        if not bool(torch.isfinite(x[s : s + rows_per_chunk]).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _check_inputs(queries, query_mask, database, db_mask, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes; return boolean masks (all-True where None was given)."""
+    if queries.dim() != 3 or database.dim() != 3:
+        raise ValueError(
+            f"queries and database must be (Q, V, D) and (N, V, D), got {tuple(queries.shape)} "
+            f"and {tuple(database.shape)}"
+        )
+    if queries.shape[1:] != database.shape[1:]:
+        raise ValueError(
+            f"query groups {tuple(queries.shape[1:])} and database groups "
+            f"{tuple(database.shape[1:])} differ in (V, D)"
+        )
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if database.shape[0] > _ID_LIMIT:
+        raise ValueError(f"database has {database.shape[0]} rows; at most {_ID_LIMIT} supported")
+    masks = []
+    for name, x, m in (("query_mask", queries, query_mask), ("db_mask", database, db_mask)):
+        if m is None:
+            m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if tuple(m.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{name} must be {tuple(x.shape[:2])}, got {tuple(m.shape)}")
+        masks.append(m.to(device=x.device, dtype=torch.bool))
+    return masks[0], masks[1]
+
+
+def view_scales(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(M, V) fp32 per-view weights: the mask, times 1/||x_v|| in cosine mode (0 for zero vectors)."""
+    scale = mask.to(torch.float32)
+    if mode == "cosine":
+        norms = torch.linalg.vector_norm(x.to(torch.float32), dim=-1)  # (M, V)
+        scale = scale * torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+    return scale
+
+
+def _rotations(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """any-heading: (V, Q, ...) where [r][:, u] = x[:, (u - r) % V]; otherwise (1, Q, ...)."""
+    if mode != "any-heading":
+        return x.unsqueeze(0)
+    return torch.stack([torch.roll(x, shifts=r, dims=1) for r in range(x.shape[1])])
+
+
+# ----------------------------------------------------------------------------- torch path
+
+
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, C) with fp32 output; half inputs keep tensor cores on CUDA."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return a.float() @ b.float()
+
+
+def _auto_chunk(rows: int, k: int, budget_bytes: int) -> int:
+    """Database rows per chunk so the (rows, C) scores + keys stay within the budget."""
+    per_col = max(rows, 1) * (4 + 8 + 8)  # fp32 scores, int64 keys, topk workspace
+    return max(k, 256, budget_bytes // per_col)
+
+
+def group_topk_torch(
+    queries: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    database: torch.Tensor,
+    db_mask: torch.Tensor | None,
+    k: int,
+    mode: str = "upstream",
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int = 512 * 2**20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path: chunked matmul over the database, per-chunk top-k, running merge.
+
+    Returns (scores (Q, min(k, N)) fp32, ids (Q, min(k, N)) int64), sorted by the tie rule.
+    Extra memory: one chunk's (Q*R, C) scores and keys (R = V rotations in any-heading).
+    """
+    check_mode(mode)
+    query_mask, db_mask = _check_inputs(queries, query_mask, database, db_mask, k)
+    check_finite(queries, "queries")
+    num_q, num_v, _ = queries.shape
+    n = database.shape[0]
+    kk = min(k, n)
+    dev = queries.device
+    if num_q == 0 or n == 0:
+        return torch.zeros(num_q, kk, device=dev), torch.zeros(num_q, kk, dtype=torch.int64, device=dev)
+
+    compute_dtype = database.dtype if (database.is_cuda and database.dtype in (torch.bfloat16, torch.float16)) else torch.float32
+    qs = view_scales(queries, query_mask, mode)  # (Q, V)
+    q = (queries.to(torch.float32) * qs[..., None]).to(compute_dtype)  # (Q, V, D)
+    q_rot = _rotations(q, mode).reshape(-1, num_v * queries.shape[2])  # (R*Q, V*D)
+    present_rot = _rotations(qs > 0, mode).to(torch.float32)  # (R, Q, V)
+    rotations = present_rot.shape[0]
+    unit_db = mode != "cosine" and bool(db_mask.all())
+
+    chunk = chunk_size or _auto_chunk(num_q * rotations, k, memory_budget)
+    run_keys = None
+    for start in range(0, n, chunk):
+        db = database[start : start + chunk]  # (C, V, D)
+        check_finite(db, "database")
+        ds = view_scales(db, db_mask[start : start + chunk], mode)  # (C, V)
+        if unit_db:
+            dbc = db.to(compute_dtype)
+        else:
+            dbc = (db.to(torch.float32) * ds[..., None]).to(compute_dtype)
+        scores = _matmul_fp32(q_rot, dbc.reshape(db.shape[0], -1).T)  # (R*Q, C)
+        scores = scores.view(rotations, num_q, -1)  # (R, Q, C)
+        if mode == "cosine":
+            count = present_rot[0] @ (ds > 0).to(torch.float32).T  # (Q, C)
+            scores = scores / count.clamp_min(1.0)
+        scores = scores.amax(dim=0)  # (Q, C)
+        ids = torch.arange(start, start + db.shape[0], device=dev).expand(num_q, -1)
+        keys = encode_keys(scores, ids)  # (Q, C)
+        keys = torch.topk(keys, min(kk, keys.shape[1]), dim=1, sorted=False).values
+        if run_keys is not None:
+            keys = torch.cat([run_keys, keys], dim=1)  # (Q, <= 2k)
+            keys = torch.topk(keys, min(kk, keys.shape[1]), dim=1, sorted=False).values
+        run_keys = keys
+    run_keys = torch.sort(run_keys, dim=1, descending=True).values
+    return decode_keys(run_keys)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def group_topk(
+    queries: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    database: torch.Tensor,
+    db_mask: torch.Tensor | None,
+    k: int,
+    mode: str = "upstream",
+    *,
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k database locations per query group: (scores (Q, min(k,N)) fp32, ids int64).
+
+    queries (Q, V, D), database (N, V, D); masks (Q, V) / (N, V) bool or None (all present).
+    backend: "auto" (Triton on CUDA tensors with k <= 128, torch otherwise), "torch", or
+    "triton" (CUDA, or CPU under TRITON_INTERPRET=1; k > 128 falls back to torch).
+    Extra keyword arguments go to the chosen backend (e.g. chunk_size, block sizes).
+    """
+    check_mode(mode)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and queries.is_cuda and database.is_cuda)
+    if use_triton and k <= MAX_TRITON_K:
+        from text4vpr.kernels.group_topk_triton import group_topk_triton
+
+        return group_topk_triton(queries, query_mask, database, db_mask, k, mode, **kwargs)
+    kwargs = {key: v for key, v in kwargs.items() if key in ("chunk_size", "memory_budget")}
+    return group_topk_torch(queries, query_mask, database, db_mask, k, mode, **kwargs)

@@ -1,0 +1,78 @@
+"""DINOv2 patch-token feature map through transformers' `Dinov2Model`.
+
+SPEC: patch embedding + CLS + position embeddings, the first L-T blocks without gradient,
+the last T blocks trained, no final layer norm, CLS dropped, tokens reshaped to a map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from text4vpr.models.config import ImageEncoderConfig
+
+
+def build_dinov2(cfg: ImageEncoderConfig) -> nn.Module:
+    """A `Dinov2Model` from a local folder, a saved config dict, or the shape fields."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    if cfg.backbone_config is not None:
+        return Dinov2Model(Dinov2Config.from_dict(dict(cfg.backbone_config)))
+    if cfg.pretrained is not None:
+        return Dinov2Model.from_pretrained(cfg.pretrained, local_files_only=True)
+    config = Dinov2Config(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        patch_size=cfg.patch_size,
+        image_size=cfg.image_size,
+        mlp_ratio=cfg.mlp_ratio,
+    )
+    return Dinov2Model(config)
+
+
+class ImageEncoder(nn.Module):
+    """Images (N, 3, H, W) -> patch feature map (N, C, H/p, W/p); H, W multiples of the patch p."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.backbone = build_dinov2(cfg)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        n_layers = len(self.backbone.encoder.layer)
+        if cfg.trainable_blocks > n_layers:
+            raise ValueError(f"image.trainable_blocks={cfg.trainable_blocks} > {n_layers} DINOv2 blocks")
+        self.num_frozen = n_layers - cfg.trainable_blocks
+        self.patch_size = int(self.backbone.config.patch_size)
+        self.hidden_size = int(self.backbone.config.hidden_size)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        """Embeddings, the first blocks and the (unused) final layer norm get no gradient."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        for layer in self.backbone.encoder.layer[self.num_frozen :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+    def trainable_layers(self) -> nn.ModuleList:
+        return self.backbone.encoder.layer[self.num_frozen :]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        layers = self.backbone.encoder.layer
+        with torch.no_grad():
+            x = self.backbone.embeddings(images)  # (N, 1 + hw, C)
+            for layer in layers[: self.num_frozen]:
+                x = layer(x)
+        for layer in layers[self.num_frozen :]:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        tokens = x[:, 1:]  # drop CLS: (N, hw, C)
+        fmap = tokens.reshape(n, h // p, w // p, -1)  # (N, h, w, C)
+        return fmap.permute(0, 3, 1, 2)  # (N, C, h, w)

@@ -1,0 +1,209 @@
+"""The two-tower Text4VPR model: batched encoders plus self-contained safetensors I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from text4vpr.config import from_dict, to_dict
+from text4vpr.models.aggregation import SinkhornAggregation
+from text4vpr.models.config import ModelConfig, config_hash
+from text4vpr.models.image_encoder import ImageEncoder
+from text4vpr.models.text_encoder import TextEncoder
+from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "text4vpr"
+FORMAT_VERSION = 1
+
+
+class Text4VPR(nn.Module):
+    """Image tower (DINOv2 + Sinkhorn aggregation) and text tower (T5 + head), D-dim outputs."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config.image)
+        self.aggregation = SinkhornAggregation(self.image_encoder.hidden_size, config.aggregation)
+        self.text_encoder = TextEncoder(config.text, config.embed_dim)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    # ------------------------------------------------------------------ encoding
+    def encode_images(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V, 3, H, W) -> (B, V, D) L2-normalised, zeros for missing views; (N, 3, H, W) -> (N, D)."""
+        lead = images.shape[:-3]
+        flat = images.reshape(-1, *images.shape[-3:])  # (B*V, 3, H, W)
+        keep = _keep_rows(view_mask, lead, flat.shape[0], images.device)
+        out = flat.new_zeros(flat.shape[0], self.embed_dim, dtype=torch.float32)  # (B*V, D)
+        if keep is None:
+            out = self.aggregation(self.image_encoder(flat))
+        elif keep.any():
+            out = out.index_put((keep,), self.aggregation(self.image_encoder(flat[keep])))
+        return out.reshape(*lead, self.embed_dim)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, V, L) -> (B, V, D) raw vectors, zeros where the mask is all 0; (N, L) -> (N, D)."""
+        lead = input_ids.shape[:-1]
+        ids = input_ids.reshape(-1, input_ids.shape[-1])  # (B*V, L)
+        mask = attention_mask.reshape(ids.shape)  # (B*V, L)
+        keep = mask.bool().any(dim=1)  # (B*V,)
+        if bool(keep.all()):
+            out = self.text_encoder(ids, mask)
+        else:
+            enc = self.text_encoder(ids[keep], mask[keep]) if keep.any() else None
+            out = torch.zeros(ids.shape[0], self.embed_dim, device=ids.device,
+                              dtype=enc.dtype if enc is not None else torch.float32)
+            if enc is not None:
+                out = out.index_put((keep,), enc)
+        return out.reshape(*lead, self.embed_dim)
+
+    def forward(self, images, view_mask, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers on a loader batch: ((B, V, D) image vectors, (B, V, D) text vectors)."""
+        return self.encode_images(images, view_mask), self.encode_texts(input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ training helpers
+    def backbone_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Trainable DINOv2 blocks and T5 encoder weights (for a backbone lr multiplier)."""
+        for name, p in self.named_parameters():
+            if p.requires_grad and _is_backbone(name):
+                yield name, p
+
+    def head_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Aggregation, text projection and residual layers (trained from scratch)."""
+        for name, p in self.named_parameters():
+            if p.requires_grad and not _is_backbone(name):
+                yield name, p
+
+    def parameter_groups(self, lr: float, weight_decay: float = 0.0, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: {backbone, head} x {decay, no decay (norms, biases, scalars)}."""
+        groups = []
+        for part, named, mult in (
+            ("backbone", self.backbone_named_parameters(), backbone_lr_mult),
+            ("head", self.head_named_parameters(), 1.0),
+        ):
+            named = list(named)
+            for decay in (True, False):
+                params = [p for n, p in named if is_no_decay(n, p) != decay]
+                if params:
+                    groups.append({"name": f"{part}{'' if decay else '_no_decay'}", "params": params,
+                                   "lr": lr * mult, "weight_decay": weight_decay if decay else 0.0})
+        return groups
+
+    # ------------------------------------------------------------------ config / I/O
+    def portable_config(self) -> ModelConfig:
+        """The config with backbone paths replaced by their full configs (self-contained)."""
+        image = dataclasses.replace(
+            self.config.image, pretrained=None, backbone_config=_hf_config_dict(self.image_encoder.backbone)
+        )
+        text = dataclasses.replace(
+            self.config.text, pretrained=None, backbone_config=_hf_config_dict(self.text_encoder.backbone)
+        )
+        return dataclasses.replace(self.config, image=image, text=text)
+
+    def config_hash(self) -> str:
+        """Stable hash of the portable config (pairs a model with the index built from it)."""
+        return config_hash(self.portable_config())
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+        """Write config.json, model.safetensors (and the tokenizer files), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            _save_tokenizer_atomically(tokenizer, directory)
+        tensors, aliases = _dedup_state_dict(self.state_dict())
+        atomic_save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        atomic_write_json(
+            directory / CONFIG_NAME,
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "config_hash": self.config_hash(),
+             "config": to_dict(self.portable_config())},
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Text4VPR":
+        """Rebuild a model written by `save_pretrained`, bit-exactly; no network access."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found: not a text4vpr model folder")
+        meta = json.loads(cfg_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path}: not a text4vpr config (format={meta.get('format')!r})")
+        model = cls(from_dict(ModelConfig, meta["config"]))
+        weights = directory / WEIGHTS_NAME
+        state = load_file(str(weights), device=str(map_location))
+        with safe_open(str(weights), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        for dup, orig in aliases.items():
+            state[dup] = state[orig]
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)
+
+
+def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Text4VPR:
+    return Text4VPR.from_pretrained(directory, map_location)
+
+
+def is_no_decay(name: str, p: torch.Tensor) -> bool:
+    """Norm weights, biases, layer scales and scalars (tau) take no weight decay."""
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def _is_backbone(name: str) -> bool:
+    return name.startswith(("image_encoder.backbone.", "text_encoder.backbone."))
+
+
+def _keep_rows(view_mask, lead, n, device) -> torch.Tensor | None:
+    """Flattened view mask (N,), or None when every view is present."""
+    if view_mask is None:
+        return None
+    keep = view_mask.to(device=device, dtype=torch.bool).reshape(-1)
+    if keep.shape[0] != n:
+        raise ValueError(f"view_mask shape {tuple(view_mask.shape)} does not match images {tuple(lead)}")
+    return None if bool(keep.all()) else keep
+
+
+def _hf_config_dict(backbone: nn.Module) -> dict:
+    d = backbone.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "_attn_implementation_autoset"):
+        d.pop(key, None)
+    return json.loads(json.dumps(d))  # plain JSON types only
+
+
+def _dedup_state_dict(state: dict) -> tuple[dict, dict]:
+    """Contiguous copies with tied tensors (same storage) stored once; returns (tensors, aliases)."""
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def _save_tokenizer_atomically(tokenizer: Any, directory: Path) -> None:
+    """Save into a temp folder beside `directory`, then move each file into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tokenizer.", dir=directory))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        for f in tmp.iterdir():
+            os.replace(f, directory / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

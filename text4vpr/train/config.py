@@ -1,0 +1,88 @@
+"""The training run's config: one section per component, each that component's dataclass.
+
+Loaded from YAML with dotted overrides (`text4vpr.config.load_config`); unknown keys and
+wrong types are errors naming the key. The resolved config is saved as `config.yaml` in the
+run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from text4vpr.data.loader import LoaderConfig
+from text4vpr.losses import LossConfig
+from text4vpr.models.config import ModelConfig
+from text4vpr.train.optim import OptimConfig
+
+
+@dataclass
+class SyntheticConfig:
+    """Generate a synthetic Street360Loc (cached) instead of reading real data."""
+
+    locations: int = 0  # 0 = use the shard paths below instead
+    image_size: int = 96
+    seed: int = 0
+    cache_dir: str = ".cache/text4vpr"
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are; `loader` holds batch size, image size, workers, tokenisation."""
+
+    train_shards: str = ""
+    val_shards: str = ""
+    test_shards: str = ""  # the held-out split evaluated at the end ("" = val)
+    tokenizer: str = ""  # local HF tokenizer folder ("" = the model's pretrained text folder)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
+class ModelSection:
+    """`preset` tiny|paper|custom; `config` overrides the preset field by field; `init_from`
+    starts from a `save_pretrained` folder."""
+
+    preset: str = "tiny"
+    init_from: str = ""
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops after this many optimizer steps (overrides epochs)
+    micro_batches: int = 1  # > 1: gradient caching over this many micro-batches per step
+    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    output_dir: str = "runs/demo"
+    save_every_steps: int = 0  # 0 = at epoch ends only
+    keep_last: int = 2
+    resume: str = ""  # "" | auto | path to a checkpoint folder
+    max_nonfinite_in_row: int = 5
+    log_every_steps: int = 10
+    tensorboard: bool = True
+    cpu: bool = False  # force CPU (Accelerator(cpu=True)): real gloo ranks under torchrun
+    global_batchnorm: bool = True  # BatchNorm statistics over all ranks (exact multi-rank)
+    nan_at_steps: list[int] = field(default_factory=list)  # test aid: force a NaN loss at these steps
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = at the end of each epoch
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    radii: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 30.0])
+    mode: str = "upstream"
+    final: bool = True  # evaluate the best model on data.test_shards at the end
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

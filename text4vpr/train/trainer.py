@@ -1,0 +1,253 @@
+"""The trainer: Accelerate (DDP or DeepSpeed ZeRO-2), bf16, cross-rank negatives, exact resume.
+
+`Trainer.train()` reads top to bottom; every piece of work is delegated to a small module of
+this package (data, step, optim, checkpoint, logs, report) or to the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
+
+from text4vpr.config import dump_yaml
+from text4vpr.losses import ContrastiveLoss
+from text4vpr.retrieval.evaluate import evaluate
+from text4vpr.train import checkpoint as ckpt
+from text4vpr.train.config import RunConfig
+from text4vpr.train.data import DataPaths, eval_loader, prepare_data, steps_per_epoch, train_loader
+from text4vpr.train.logs import MetricsLogger, read_metrics
+from text4vpr.train.model import build_model
+from text4vpr.train.optim import build_optimizer, build_scheduler
+from text4vpr.train.progress import Progress
+from text4vpr.train.step import cached_backward, plain_backward
+from text4vpr.utils.atomic import atomic_write_json, atomic_write_text
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything besides tensors that an exact resume needs."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    best_top1_5m: float = -1.0
+    best_step: int = -1
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        t = cfg.train
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu)
+        set_seed(t.seed)
+        self.run_dir = Path(t.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        self.paths: DataPaths = prepare_data(cfg.data, self.acc)
+        model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
+        self.loss_fn = ContrastiveLoss(cfg.loss).to(self.acc.device)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.steps_per_epoch = steps_per_epoch(self.paths, cfg.data.loader, self.acc.num_processes)
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
+        self.state = TrainState()
+        self._resume()
+        self.log = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.acc.is_main_process)
+        if self.acc.is_main_process:
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> dict:
+        """Run to `total_steps`, validating and checkpointing on the way; return final metrics."""
+        bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
+        while not self.done and self.state.epoch < self.epochs_needed:
+            for batch in train_loader(self.paths, self.cfg.data.loader, self.acc, self.state.epoch, self.state.batch_in_epoch):
+                loss, pairs, seconds = self.step(batch)
+                self.state.batch_in_epoch += 1
+                bar.update(loss, pairs / seconds, self.scheduler.get_last_lr()[0])
+                self.after_step(loss, pairs, seconds)
+                if self.done:
+                    break
+            if self.state.batch_in_epoch >= self.steps_per_epoch:
+                self.end_epoch()
+        bar.close()
+        return self.finish()
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    @property
+    def epochs_needed(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, batch: dict) -> tuple[float, int, float]:
+        """Forward, backward, clip, optimizer and scheduler step (or a counted skip)."""
+        t0 = time.perf_counter()
+        batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+        self.model.train()
+        loss = self._forward_backward(batch)
+        grad_norm = self._clip()
+        if self._skip(loss, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_in_row = 0
+        self.scheduler.step()
+        self.state.step += 1
+        pairs = int(batch["view_mask"].sum()) * self.acc.num_processes
+        return float(loss), pairs, time.perf_counter() - t0
+
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        loss_fn = self._loss_with_faults
+        if self.cfg.train.micro_batches > 1:
+            return cached_backward(
+                self.model, batch, loss_fn, self.acc.backward, self.acc.autocast,
+                self.cfg.train.micro_batches, self.acc.no_sync,
+            )
+        return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.acc.autocast)
+
+    def _loss_with_faults(self, img, txt, groups):
+        loss = self.loss_fn(img, txt, groups)
+        if self.state.step in self.cfg.train.nan_at_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def _clip(self) -> torch.Tensor | None:
+        if self.deepspeed:
+            return None  # DeepSpeed clips inside its own step (gradient_clipping in its config)
+        self._sync_loss_grads()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _sync_loss_grads(self) -> None:
+        """A learnable temperature is outside the DDP module: average its grad by hand."""
+        for p in self.loss_fn.parameters():
+            if p.grad is not None and self.acc.num_processes > 1:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.acc.num_processes
+
+    def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.acc.device)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            bad += 1
+        bad = self.acc.reduce(bad, "sum") if self.acc.num_processes > 1 else bad
+        if bad.item() == 0:
+            return False
+        self.state.nonfinite_total += 1
+        self.state.nonfinite_in_row += 1
+        self.log.log("nonfinite", self.state.step, total=self.state.nonfinite_total)
+        if self.state.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
+                f"(last at step {self.state.step}); lower optim.lr, enable optim.grad_clip, or check the data"
+            )
+        return True
+
+    # ------------------------------------------------------------------ around steps
+    def after_step(self, loss: float, pairs: int, seconds: float) -> None:
+        t, s = self.cfg.train, self.state.step
+        if s % max(1, t.log_every_steps) == 0 or s == 1:
+            self.log.log("train", s, loss=loss, lr=self.scheduler.get_last_lr()[0], pairs_per_s=pairs / seconds,
+                         epoch=self.state.epoch, nonfinite_total=self.state.nonfinite_total)
+        if self.cfg.eval.every_steps and s % self.cfg.eval.every_steps == 0:
+            self.validate()
+        if (t.save_every_steps and s % t.save_every_steps == 0) or self.done:
+            self.save()
+
+    def end_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        if not self.cfg.eval.every_steps:
+            self.validate()
+        self.save()
+
+    def validate(self) -> dict:
+        metrics = self._evaluate(self.paths.val)
+        top1 = metrics["accuracy"]["1"][_rkey(5.0)] if _rkey(5.0) in metrics["accuracy"]["1"] else -1.0
+        self.log.log("val", self.state.step, accuracy=metrics["accuracy"], epoch=self.state.epoch)
+        if top1 > self.state.best_top1_5m:
+            self.state.best_top1_5m, self.state.best_step = top1, self.state.step
+            self._export(self.run_dir / "best_model")
+        return metrics
+
+    def _evaluate(self, shards: str) -> dict:
+        e = self.cfg.eval
+        loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        with self.acc.autocast():
+            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device)
+        model.train()
+        return metrics
+
+    # ------------------------------------------------------------------ persistence
+    def save(self) -> None:
+        state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        if self.deepspeed:
+            self.acc.save_state(str(self.ckpt_dir / f"step-{self.state.step:08d}"))
+            return
+        rngs = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 else [ckpt.rng_state()]
+        self.acc.wait_for_everyone()
+        ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self.acc.unwrap_model(self.model), self.optimizer,
+                             state, rngs, self.acc.is_main_process, self.cfg.train.keep_last)
+        self.acc.wait_for_everyone()
+
+    def _resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.train.resume, self.ckpt_dir)
+        if path is None:
+            return
+        if self.deepspeed:
+            self.acc.load_state(str(path))
+            return
+        state = ckpt.load_checkpoint(path, self.acc.unwrap_model(self.model), self.optimizer, self.acc.process_index)
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        self.state = TrainState(**state)
+        if self.acc.is_main_process:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        self.acc.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
+
+    def _export(self, out: Path) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.acc.unwrap_model(self.model).save_pretrained(out, tokenizer=self.tokenizer)
+        self.acc.wait_for_everyone()
+
+    def finish(self) -> dict:
+        """Export the final model, evaluate the best one on the held-out split, write the report."""
+        from text4vpr.train.finish import finish_run
+
+        self._export(self.run_dir / "model")
+        result = finish_run(self)
+        self.log.close()
+        return result
+
+
+def _rkey(r: float) -> str:
+    return str(int(r)) if float(r).is_integer() else str(r)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    import json
+
+    kept = [e for e in read_metrics(path) if e["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
