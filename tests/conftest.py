@@ -27,3 +27,39 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(TOKENIZER_TEXTS * 4, out, vocab_size=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small synthetic Street360Loc in the real layout (text4vpr.data.synthetic, seed 0).
+
+    40 locations at 64x64 px: `train_description.xlsx` (28 locations, index 1..28),
+    `val_description.xlsx` (6, index 29..34), `test_description.xlsx` (6, index 35..40) and
+    `Street360Loc_images/{index:06d}_{pos}.jpg`; four views each, no refusals. Read-only.
+    """
+    from text4vpr.data.synthetic import SynthConfig, write_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, SynthConfig(locations=40, seed=0, image_size=64))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_root, tmp_path_factory):
+    """WebDataset shards of `synth_root`'s test split (6 locations, 2 per shard -> 3 shards).
+
+    Original 64 px JPEGs, with `manifest.json`; load with `text4vpr.data.loader` (e.g.
+    `LoaderConfig(shards=str(synth_shards), image_size=56, ...)`). Read-only.
+    """
+    from text4vpr.data.shards import BuildOptions, build_shards
+
+    out = tmp_path_factory.mktemp("synth_shards")
+    build_shards(
+        synth_root / "test_description.xlsx",
+        synth_root / "Street360Loc_images",
+        out,
+        BuildOptions(max_count=2, workers=1),
+        progress=False,
+        log=None,
+    )
+    return out

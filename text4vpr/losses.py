@@ -254,10 +254,13 @@ class ContrastiveLoss(nn.Module):
 
     learnable=True trains log(1/temperature) (clamped to scale <= 100); its gradient is the
     global one on every rank. Keep this module's parameters in the optimizer and checkpoint.
+    Gradients assume the trainer averages parameter gradients over ranks (DDP, Accelerate,
+    DeepSpeed do); the returned value is the global loss on every rank.
     """
 
     def __init__(self, temperature: float = 0.1, learnable: bool = False, tiled: bool = False,
-                 exclude_same_location: bool = False, block_size: int = DEFAULT_BLOCK):
+                 exclude_same_location: bool = False, block_size: int = DEFAULT_BLOCK,
+                 distributed: bool = True):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -267,6 +270,7 @@ class ContrastiveLoss(nn.Module):
         else:
             self.register_buffer("log_scale", log_scale, persistent=False)
         self.tiled, self.exclude_same_location, self.block_size = tiled, exclude_same_location, block_size
+        self.distributed = distributed  # False: this process's pairs only, even under torch.distributed
 
     @property
     def scale(self) -> torch.Tensor:
@@ -281,7 +285,7 @@ class ContrastiveLoss(nn.Module):
         if self.exclude_same_location and group_ids is None:
             raise ValueError("exclude_same_location=True needs group_ids (location index per pair)")
         groups = group_ids if self.exclude_same_location else None
-        return contrastive_loss(image_emb, text_emb, self.scale, groups, self.tiled, self.block_size)
+        return contrastive_loss(image_emb, text_emb, self.scale, groups, self.tiled, self.block_size, self.distributed)
 
     def loss_and_grads(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
                        group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

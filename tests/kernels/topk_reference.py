@@ -48,11 +48,12 @@ def reference_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_case(seed: int, num_q: int, n: int, v: int, d: int, partial: bool, ties: bool = False):
-    """Random queries/database/masks; `ties` gives small-integer vectors with many exact ties."""
+    """Random queries/database/masks; `ties` gives exact scores with many ties."""
     g = torch.Generator().manual_seed(seed)
-    if ties:
-        queries = torch.randint(-1, 2, (num_q, v, d), generator=g).float()
-        database = torch.randint(-1, 2, (n, v, d), generator=g).float()
+    if ties:  # unit views with four entries of +-0.5: every score exact in fp32, many equal
+        queries, database = torch.zeros(num_q, v, d), torch.zeros(n, v, d)
+        queries[..., :4] = torch.randint(0, 2, (num_q, v, 4), generator=g) - 0.5
+        database[..., :4] = torch.randint(0, 2, (n, v, 4), generator=g) - 0.5
         database[n // 2 :] = database[: n - n // 2]  # duplicated rows: equal scores, distinct ids
     else:
         queries = torch.randn(num_q, v, d, generator=g)

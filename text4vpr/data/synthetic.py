@@ -98,10 +98,10 @@ class SynthLocation:
 
 
 def _split_sizes(n: int, fractions: tuple[float, float, float]) -> list[int]:
-    """Integer split sizes summing to n; each split gets at least one location when n >= 3."""
+    """Integer split sizes summing to n; a split with a positive fraction gets at least one when n >= 3."""
     sizes = [int(round(n * f)) for f in fractions[:2]]
     if n >= 3:
-        sizes = [max(1, s) for s in sizes]
+        sizes = [max(1, s) if f > 0 else 0 for s, f in zip(sizes, fractions)]
     sizes.append(n - sum(sizes))
     if sizes[2] < 0:
         raise ValueError(f"split fractions {fractions} do not fit {n} locations")

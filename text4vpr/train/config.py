@@ -10,9 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from text4vpr.data.loader import LoaderConfig
-from text4vpr.losses import LossConfig
 from text4vpr.models.config import ModelConfig
 from text4vpr.train.optim import OptimConfig
+
+
+@dataclass
+class LossConfig:
+    """The SPEC's symmetric InfoNCE (sum of both directions) across all ranks."""
+
+    temperature: float = 0.1
+    learnable: bool = False
+    tiled: bool = False  # blockwise loss, never materialises the N x N logits
+    exclude_same_location: bool = False  # upstream keeps the other views as negatives
+    block_size: int = 4096
 
 
 @dataclass
@@ -27,12 +37,12 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards are; `loader` holds batch size, image size, workers, tokenisation."""
+    """Where the shards are; `loader` holds batch size, image size, workers, tokenizer path
+    (`loader.shards` is filled per split from the paths here)."""
 
     train_shards: str = ""
     val_shards: str = ""
     test_shards: str = ""  # the held-out split evaluated at the end ("" = val)
-    tokenizer: str = ""  # local HF tokenizer folder ("" = the model's pretrained text folder)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 

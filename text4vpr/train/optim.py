@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule: AdamW with parameter groups, warm-up + cosine."""
+"""Optimizer and learning-rate schedule: AdamW over the model's parameter groups, warm-up + cosine."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-# Parameter names containing one of these get no weight decay (norms, biases, temperatures).
-NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "layer_norm", "bn", "temperature", "logit_scale", "tau", "cls_token", "position_embeddings", "mask_token")
 
 
 @dataclass
@@ -27,41 +24,15 @@ class OptimConfig:
     fused: bool = False  # fused AdamW kernel (CUDA only)
 
 
-def _is_backbone(name: str) -> bool:
-    """Pretrained trunks: the DINOv2 blocks and the T5 encoder (heads train at the base lr)."""
-    return ".backbone." in f".{name}" or name.startswith("backbone.")
-
-
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    lname = name.lower()
-    return param.ndim <= 1 or any(m in lname for m in NO_DECAY_MARKERS)
-
-
-def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Split trainable parameters into (backbone|head) × (decay|no-decay) groups."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        groups.setdefault((_is_backbone(name), _no_decay(name, p)), []).append(p)
-    out = []
-    for (backbone, no_decay), params in sorted(groups.items()):
-        out.append(
-            {
-                "params": params,
-                "lr": cfg.lr * (cfg.backbone_lr_mult if backbone else 1.0),
-                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-                "name": f"{'backbone' if backbone else 'head'}/{'no_decay' if no_decay else 'decay'}",
-            }
-        )
-    return out
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, extra: list | None = None) -> torch.optim.Optimizer:
+    """AdamW over the model's groups; `extra` (e.g. a learnable temperature) joins without decay."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused and torch.cuda.is_available():
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
+    groups = model.parameter_groups(cfg.lr, cfg.weight_decay, cfg.backbone_lr_mult)  # backbone/head x decay
+    if extra:
+        groups.append({"name": "loss", "params": extra, "lr": cfg.lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -57,8 +57,8 @@ class Trainer:
         self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
-        self.loss_fn = ContrastiveLoss(cfg.loss).to(self.acc.device)
-        optimizer = build_optimizer(model, cfg.optim)
+        self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
+        optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.steps_per_epoch = steps_per_epoch(self.paths, cfg.data.loader, self.acc.num_processes)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -75,10 +75,11 @@ class Trainer:
         bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
         while not self.done and self.state.epoch < self.epochs_needed:
             for batch in train_loader(self.paths, self.cfg.data.loader, self.acc, self.state.epoch, self.state.batch_in_epoch):
+                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
                 loss, pairs, seconds = self.step(batch)
                 self.state.batch_in_epoch += 1
-                bar.update(loss, pairs / seconds, self.scheduler.get_last_lr()[0])
-                self.after_step(loss, pairs, seconds)
+                bar.update(loss, pairs / seconds, lr)
+                self.after_step(loss, lr, pairs, seconds)
                 if self.done:
                     break
             if self.state.batch_in_epoch >= self.steps_per_epoch:
@@ -131,16 +132,8 @@ class Trainer:
     def _clip(self) -> torch.Tensor | None:
         if self.deepspeed:
             return None  # DeepSpeed clips inside its own step (gradient_clipping in its config)
-        self._sync_loss_grads()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
-
-    def _sync_loss_grads(self) -> None:
-        """A learnable temperature is outside the DDP module: average its grad by hand."""
-        for p in self.loss_fn.parameters():
-            if p.grad is not None and self.acc.num_processes > 1:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.acc.num_processes
 
     def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
@@ -161,10 +154,10 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ around steps
-    def after_step(self, loss: float, pairs: int, seconds: float) -> None:
+    def after_step(self, loss: float, lr: float, pairs: int, seconds: float) -> None:
         t, s = self.cfg.train, self.state.step
         if s % max(1, t.log_every_steps) == 0 or s == 1:
-            self.log.log("train", s, loss=loss, lr=self.scheduler.get_last_lr()[0], pairs_per_s=pairs / seconds,
+            self.log.log("train", s, loss=loss, lr=lr, pairs_per_s=pairs / seconds,
                          epoch=self.state.epoch, nonfinite_total=self.state.nonfinite_total)
         if self.cfg.eval.every_steps and s % self.cfg.eval.every_steps == 0:
             self.validate()
@@ -205,7 +198,7 @@ class Trainer:
             return
         rngs = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 else [ckpt.rng_state()]
         self.acc.wait_for_everyone()
-        ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self.acc.unwrap_model(self.model), self.optimizer,
+        ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self._modules(), self.optimizer,
                              state, rngs, self.acc.is_main_process, self.cfg.train.keep_last)
         self.acc.wait_for_everyone()
 
@@ -216,12 +209,16 @@ class Trainer:
         if self.deepspeed:
             self.acc.load_state(str(path))
             return
-        state = ckpt.load_checkpoint(path, self.acc.unwrap_model(self.model), self.optimizer, self.acc.process_index)
+        state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self.state = TrainState(**state)
         if self.acc.is_main_process:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.acc.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
+
+    def _modules(self) -> torch.nn.ModuleDict:
+        """What a checkpoint holds besides the optimizer: the model and the loss (temperature)."""
+        return torch.nn.ModuleDict({"model": self.acc.unwrap_model(self.model), "loss": self.loss_fn})
 
     def _export(self, out: Path) -> None:
         self.acc.wait_for_everyone()

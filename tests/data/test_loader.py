@@ -1,0 +1,225 @@
+"""Loader: batch format, exact eval split over ranks x workers, equal train steps, resume,
+corrupt JPEG and truncated tar under both error policies."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from text4vpr.data.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoaderConfig,
+    LoaderError,
+    all_descriptions,
+    batches_per_epoch,
+    build_loader,
+    worker_batch_range,
+)
+from text4vpr.data.shards import BuildOptions, build_shards
+
+
+@pytest.fixture(scope="module")
+def train_shards(synth_root, tmp_path_factory):
+    """28 synthetic train locations in 7 uneven shards (5,5,5,5,5,3 -> max_count 5 gives 6)."""
+    out = tmp_path_factory.mktemp("loader_shards")
+    build_shards(synth_root / "train_description.xlsx", synth_root / "Street360Loc_images", out,
+                 BuildOptions(max_count=5), progress=False, log=None)
+    return out
+
+
+def _cfg(shards, tokenizer_dir, **kw):
+    base = dict(shards=str(shards), tokenizer=str(tokenizer_dir), batch_size=3, image_size=32, num_workers=0,
+                max_text_length=24, shuffle_buffer=6)
+    return LoaderConfig(**{**base, **kw})
+
+
+def _indices(loader) -> list[list[int]]:
+    return [b["index"].tolist() for b in loader]
+
+
+def test_batch_dict_format_and_normalisation(synth_shards, synth_root, tokenizer_dir):
+    cfg = _cfg(synth_shards, tokenizer_dir, batch_size=4)
+    batches = list(build_loader(cfg, "eval"))
+    b = batches[0]
+    assert b["images"].shape == (4, 4, 3, 32, 32) and b["images"].dtype == torch.float32
+    assert b["input_ids"].shape == (4, 4, 24) and b["input_ids"].dtype == torch.int64
+    assert b["attention_mask"].shape == (4, 4, 24) and b["attention_mask"].dtype == torch.int64
+    assert b["view_mask"].dtype == torch.bool and b["view_mask"].all()
+    assert b["coords"].shape == (4, 3) and b["coords"].dtype == torch.float64
+    assert b["index"].dtype == torch.int64 and [len(x["index"]) for x in batches] == [4, 2]
+    # the first image equals a hand-made resize + ImageNet normalisation of the source JPEG
+    idx = int(b["index"][0])
+    with Image.open(synth_root / "Street360Loc_images" / f"{idx:06d}_1.jpg") as im:
+        ref = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255.0
+    ref = (ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert np.allclose(b["images"][0, 0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    assert (b["attention_mask"].sum(-1) > 5).all() and (b["input_ids"][b["attention_mask"] == 0] == 0).all()
+    assert len(all_descriptions(synth_shards)) == 24
+
+
+def test_missing_views_are_zero_images_and_pad_text(synth_root, tmp_path, tokenizer_dir):
+    root = tmp_path / "d"
+    shutil.copytree(synth_root, root)
+    (root / "Street360Loc_images" / "000035_3.jpg").unlink()
+    build_shards(root / "test_description.xlsx", root / "Street360Loc_images", tmp_path / "s", progress=False, log=None)
+    (b,) = list(build_loader(_cfg(tmp_path / "s", tokenizer_dir, batch_size=6), "eval"))
+    row = b["index"].tolist().index(35)
+    assert b["view_mask"][row].tolist() == [True, True, False, True]
+    assert (b["images"][row, 2] == 0).all() and (b["input_ids"][row, 2] == 0).all()
+    assert (b["attention_mask"][row, 2] == 0).all() and b["attention_mask"][row, 1].sum() > 0
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_eval_two_ranks_two_workers_cover_every_location_once(train_shards, tokenizer_dir, batch_size):
+    cfg = _cfg(train_shards, tokenizer_dir, num_workers=2, batch_size=batch_size)
+    seen = []
+    for rank in range(2):
+        loader = build_loader(cfg, "eval", rank=rank, world_size=2)
+        got = _indices(loader)
+        assert len(got) == len(loader)  # exact eval length from the manifest
+        seen += [i for b in got for i in b]
+    assert sorted(seen) == list(range(1, 29))
+
+
+def test_eval_with_fewer_shards_than_slots_splits_by_sample(synth_shards, tokenizer_dir):
+    cfg = _cfg(synth_shards, tokenizer_dir, num_workers=2, batch_size=2)  # 3 shards, 4 slots
+    seen = [i for rank in range(2) for b in _indices(build_loader(cfg, "eval", rank=rank, world_size=2)) for i in b]
+    assert sorted(seen) == list(range(35, 41))
+
+
+def test_train_equal_steps_on_every_rank_with_uneven_shards(train_shards, tokenizer_dir):
+    cfg = _cfg(train_shards, tokenizer_dir, num_workers=2)
+    steps = batches_per_epoch(cfg, world_size=3)
+    assert steps == 28 // (3 * 3)
+    for rank in range(3):
+        loader = build_loader(cfg, "train", epoch=0, rank=rank, world_size=3)
+        batches = _indices(loader)
+        assert len(batches) == len(loader) == steps and all(len(b) == 3 for b in batches)
+
+
+def test_train_shuffle_changes_per_epoch_and_repeats_per_seed(train_shards, tokenizer_dir):
+    cfg = _cfg(train_shards, tokenizer_dir)
+    e0 = _indices(build_loader(cfg, "train", epoch=0))
+    assert e0 == _indices(build_loader(cfg, "train", epoch=0))
+    assert e0 != _indices(build_loader(cfg, "train", epoch=1))
+    r0 = _indices(build_loader(cfg, "train", epoch=0, rank=0, world_size=2))
+    r1 = _indices(build_loader(cfg, "train", epoch=0, rank=1, world_size=2))
+    assert not set(sum(r0, [])) & set(sum(r1, []))  # 6 shards, 2 slots: ranks read different shards
+    seeded = _indices(build_loader(_cfg(train_shards, tokenizer_dir, seed=1), "train", epoch=0))
+    assert seeded != e0
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_start_batch_resumes_exactly(train_shards, tokenizer_dir, workers):
+    cfg = _cfg(train_shards, tokenizer_dir, num_workers=workers)
+    full = list(build_loader(cfg, "train", epoch=2))
+    for start in (1, 4, len(full)):
+        rest = list(build_loader(cfg, "train", epoch=2, start_batch=start))
+        assert [b["index"].tolist() for b in rest] == [b["index"].tolist() for b in full[start:]]
+    a, b = full[5], list(build_loader(cfg, "train", epoch=2, start_batch=5))[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_worker_batch_range_partitions_the_epoch():
+    for total in (0, 1, 7, 10):
+        for w in (1, 2, 3, 4):
+            for start in range(total + 1):
+                got = []
+                ranges = [worker_batch_range(total, start, w, p) for p in range(w)]
+                # the DataLoader round robin over physical workers, skipping exhausted ones
+                local = [list(range(first, end)) for _, first, end in ranges]
+                while any(local):
+                    for p in range(w):
+                        if local[p]:
+                            got.append(local[p].pop(0) * w + ranges[p][0])
+                assert got == list(range(start, total)), (total, w, start)
+
+
+def _corrupt_member(shards, tmp_path, truncate: bool):
+    """Copy a shard folder; break one JPEG member of shard 1 (or cut shard 1 in half)."""
+    out = tmp_path / "broken"
+    shutil.copytree(shards, out)
+    path = out / "shard-000001.tar"
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return out
+    members = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            members.append((info, tar.extractfile(info).read()))
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            if info.name.endswith(".2.jpg") and "000007" in info.name:
+                data = data[:40] + b"\x00garbage" * 10
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_corrupt_jpeg_raises_naming_shard_and_key(train_shards, tokenizer_dir, tmp_path, mode):
+    broken = _corrupt_member(train_shards, tmp_path, truncate=False)
+    with pytest.raises(LoaderError, match=r"shard-000001\.tar: sample train-000007"):
+        list(build_loader(_cfg(broken, tokenizer_dir, shuffle_buffer=1), mode))
+
+
+def test_corrupt_jpeg_skip_counts_and_logs(train_shards, tokenizer_dir, tmp_path, caplog):
+    broken = _corrupt_member(train_shards, tmp_path, truncate=False)
+    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval")
+    with caplog.at_level(logging.WARNING, logger="text4vpr.data.loader"):
+        seen = sorted(i for b in _indices(loader) for i in b)
+    assert seen == [i for i in range(1, 29) if i != 7]
+    assert loader.dataset.stats.samples_skipped == 1
+    assert any("train-000007" in r.getMessage() for r in caplog.records)
+
+
+def test_truncated_tar_raise_and_skip(train_shards, tokenizer_dir, tmp_path, caplog):
+    broken = _corrupt_member(train_shards, tmp_path, truncate=True)
+    with pytest.raises(LoaderError, match=r"shard-000001\.tar: (corrupt or truncated|\d+ samples, manifest says 5)"):
+        list(build_loader(_cfg(broken, tokenizer_dir), "eval"))
+    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval")
+    with caplog.at_level(logging.WARNING, logger="text4vpr.data.loader"):
+        seen = sorted(i for b in _indices(loader) for i in b)
+    lost = 28 - len(seen)
+    assert 1 <= lost <= 5 and set(seen) >= set(range(1, 6)) | set(range(11, 29))
+    assert loader.dataset.stats.samples_skipped == lost and loader.dataset.stats.shards_truncated == 1
+    assert any("shard-000001.tar" in r.getMessage() for r in caplog.records)
+    # train mode keeps its exact step count even when a shard is short
+    train = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "train")
+    assert len(_indices(train)) == len(train) == 9
+
+
+def test_manifest_json_is_what_the_loader_counts(train_shards):
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [5, 5, 5, 5, 5, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_eval_exactly_and_train_evenly(train_shards, tokenizer_dir, tmp_path):
+    """A real 2-process gloo run: ranks come from torch.distributed, not from arguments."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    out = tmp_path / "seen.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           os.path.join(repo, "tests", "data", "dist_loader_worker.py"), str(train_shards), str(tokenizer_dir), str(out)]
+    subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "PYTHONPATH": repo}, timeout=180)
+    ranks = json.loads(out.read_text())
+    assert sorted(i for r in ranks for i in r["eval"]) == list(range(1, 29))
+    assert [r["train_steps"] for r in ranks] == [r["expected"] for r in ranks] == [28 // 6] * 2

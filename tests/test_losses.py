@@ -1,0 +1,111 @@
+"""InfoNCE: float64 SPEC reference, tiled == plain, exclusion, gradient cache, 2-rank gloo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from text4vpr.losses import ContrastiveLoss, info_nce, info_nce_and_grads
+
+
+def reference_loss(img, txt, temperature=0.1, groups=None):
+    """SPEC formula in float64: mean over pairs of CE(row) + CE(column), optional exclusion."""
+    i = img.double() / img.double().norm(dim=1, keepdim=True)
+    t = txt.double() / txt.double().norm(dim=1, keepdim=True)
+    logits = i @ t.T / temperature
+    n = logits.shape[0]
+    total = 0.0
+    for a in range(n):
+        row, col = logits[a].clone(), logits[:, a].clone()
+        if groups is not None:
+            other = (groups == groups[a]) & (torch.arange(n) != a)
+            row[other], col[other] = float("-inf"), float("-inf")
+        total = total + (torch.logsumexp(row, 0) - row[a]) + (torch.logsumexp(col, 0) - col[a])
+    return total / n
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("n,d", [(7, 5), (40, 16)])
+def test_info_nce_matches_spec_reference(n, d):
+    g = torch.Generator().manual_seed(n * 31 + d)
+    img, txt = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) * 3
+    assert rel_err(info_nce(img, txt), reference_loss(img, txt)) <= 1e-5
+    assert rel_err(info_nce(img, txt, temperature=0.5), reference_loss(img, txt, 0.5)) <= 1e-5
+
+
+def test_exclusion_matches_reference_and_default_keeps_views():
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    groups = torch.arange(4).repeat_interleave(4)
+    loss = ContrastiveLoss(exclude_same_location=True)(img, txt, groups)
+    assert rel_err(loss, reference_loss(img, txt, 0.1, groups)) <= 1e-5
+    # default: other views stay negatives, group ids are ignored
+    assert torch.equal(ContrastiveLoss()(img, txt, groups), info_nce(img, txt))
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_tiled_equals_plain_forward_and_backward(exclude, learnable):
+    g = torch.Generator().manual_seed(11)
+    img, txt = torch.randn(37, 12, generator=g), torch.randn(37, 12, generator=g)
+    groups = torch.randint(0, 9, (37,), generator=g)
+    out = []
+    for tiled in (False, True):
+        fn = ContrastiveLoss(0.07, learnable=learnable, tiled=tiled, exclude_same_location=exclude, block_size=8)
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        loss = fn(a, b, groups)
+        loss.backward()
+        out.append((loss, a.grad, b.grad, fn.log_scale.grad if learnable else None))
+    (l0, a0, b0, s0), (l1, a1, b1, s1) = out
+    assert rel_err(l1, l0) <= 1e-6
+    assert rel_err(a1, a0) <= 1e-5 and rel_err(b1, b0) <= 1e-5
+    if learnable:
+        assert rel_err(s1, s0) <= 1e-5
+
+
+def test_gradient_cache_matches_autograd():
+    g = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(20, 6, generator=g), torch.randn(20, 6, generator=g)
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    info_nce(a, b).backward()
+    loss, ga, gb = info_nce_and_grads(img, txt)
+    assert torch.allclose(loss, info_nce(img, txt))
+    assert torch.allclose(ga, a.grad, atol=1e-7) and torch.allclose(gb, b.grad, atol=1e-7)
+
+
+def test_bf16_inputs_give_fp32_loss():
+    img, txt = torch.randn(8, 4).bfloat16(), torch.randn(8, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = info_nce(img, txt)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="equal shape"):
+        info_nce(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="group_ids"):
+        ContrastiveLoss(exclude_same_location=True)(torch.randn(4, 3), torch.randn(4, 3))
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_equals_single_process(tmp_path):
+    """torchrun 2 CPU ranks: loss and every parameter gradient equal one process (<= 1e-5)."""
+    worker = Path(__file__).parent / "dist_loss_worker.py"
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"ok-{rank}").read_text().strip() == "ok"

@@ -1,0 +1,54 @@
+"""Run config: YAML + dotted overrides, strict keys and types, resolved config saved."""
+
+import pytest
+import yaml
+
+from text4vpr.config import ConfigError, apply_overrides, load_config
+from text4vpr.train import resolve_config
+from text4vpr.train.config import RunConfig
+
+
+def test_overrides_reach_nested_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 3}, "data": {"loader": {"batch_size": 8}}}))
+    cfg = load_config(RunConfig, path, ["optim.lr=0.5", "eval.ks=[1,3]", "data.loader.image_size=28"])
+    assert cfg.train.epochs == 3
+    assert cfg.data.loader.batch_size == 8
+    assert cfg.data.loader.image_size == 28
+    assert cfg.optim.lr == 0.5
+    assert cfg.eval.ks == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.epochz=3", "train.epochz"), ("data.loader.batchsize=3", "data.loader.batchsize"), ("nope.x=1", "nope")],
+)
+def test_unknown_key_is_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RunConfig, None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, key", [("train.epochs=abc", "train.epochs"), ("optim.lr=[1]", "optim.lr"), ("train.cpu=3", "train.cpu")]
+)
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RunConfig, None, [override])
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_overrides({}, ["train.epochs"])
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "street360loc", "tiny_test"):
+        cfg = resolve_config(f"configs/{name}.yaml", [])
+        assert isinstance(cfg, RunConfig)
+
+
+def test_main_reports_bad_key(capsys):
+    from text4vpr.train import main
+
+    assert main(["--config", "configs/tiny_test.yaml", "train.nonsense=1"]) == 2
+    assert "train.nonsense" in capsys.readouterr().err

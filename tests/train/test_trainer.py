@@ -1,0 +1,94 @@
+"""Trainer end to end on a tiny synthetic set: run directory, NaN skip, exact SIGKILL resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from text4vpr.train import resolve_config
+from text4vpr.train.trainer import NonFiniteLossError, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_overrides(cache, out, *extra):
+    return ["--config", str(REPO / "configs" / "tiny_test.yaml"), f"data.synthetic.cache_dir={cache}",
+            f"train.output_dir={out}", *extra]
+
+
+def _cfg(cache, out, *extra):
+    args = tiny_overrides(cache, out, *extra)
+    return resolve_config(args[1], args[2:])
+
+
+def _train(cache, out, *extra):
+    return Trainer(_cfg(cache, out, *extra)).train()
+
+
+def test_run_directory_contents(train_cache, tmp_path):
+    final = _train(train_cache, tmp_path / "run", "train.max_steps=4", "train.save_every_steps=2")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "final_metrics.json", "report.md", "loss.png", "accuracy.png"):
+        assert (run / name).is_file(), name
+    assert (run / "model" / "model.safetensors").is_file()
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"1", "5", "10"} and "chance" in metrics
+    assert metrics["num_queries"] == final["num_queries"] > 0
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-00000002", "step-00000004"]
+
+
+def test_forced_nan_is_skipped_and_counted(train_cache, tmp_path):
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=3", "train.nan_at_steps=[1]", "eval.final=false"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.nonfinite_total == 1
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "nonfinite"] == [1]
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the other steps did train
+
+
+def test_many_nans_in_a_row_stop_the_run(train_cache, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="in a row"):
+        _train(train_cache, tmp_path / "run", "train.max_steps=6", "train.nan_at_steps=[0,1,2]", "train.max_nonfinite_in_row=3")
+
+
+def _launch(cache, out, *extra):
+    cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(cache, out, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(train_cache, tmp_path):
+    common = ["train.epochs=2", "train.save_every_steps=3", "data.loader.num_workers=1", "eval.final=false"]
+    _train(train_cache, tmp_path / "warm", "train.max_steps=1", "eval.final=false")  # data cached before timing
+    ref = _launch(train_cache, tmp_path / "ref", *common)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+
+    victim = _launch(train_cache, tmp_path / "cut", *common)
+    first = tmp_path / "cut" / "checkpoints" / "step-00000003"
+    deadline = time.time() + 300
+    while not first.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    newest = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "state.json").read_text())
+    assert 0 < state["batch_in_epoch"] < 8, state  # killed mid-epoch (8 batches per epoch)
+
+    resumed = _launch(train_cache, tmp_path / "cut", *common, "train.resume=auto")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    a = load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

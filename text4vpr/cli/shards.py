@@ -1,0 +1,103 @@
+"""`text4vpr shards build|inspect`: pack Street360Loc into WebDataset shards, check them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    b = sub.add_parser("build", help="validate annotation files and write shards + manifest.json")
+    b.add_argument("--xlsx", required=True, nargs="+", help="*_description.xlsx file(s), read in order")
+    b.add_argument("--images", required=True, help="folder of {index:06d}_{pos}.jpg")
+    b.add_argument("--out", required=True, help="shard folder")
+    b.add_argument("--resize", type=int, default=None, help="resize views to this square size (default: keep bytes)")
+    b.add_argument("--jpeg-quality", type=int, default=90, help="quality when re-encoding with --resize")
+    b.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    b.add_argument("--max-count", type=int, default=64, help="locations per shard")
+    b.add_argument("--max-size", type=int, default=None, help="bytes per shard (estimated from source sizes)")
+    b.add_argument("--prefix", default="shard", help="shard file name prefix")
+    b.add_argument("--min-views", type=int, default=1, help="skip locations with fewer valid views")
+    b.add_argument("--strict", action="store_true", help="any dropped view or skipped location is an error")
+    b.add_argument("--drop-overlap", action="store_true", help="remove indices already seen in an earlier file")
+    b.add_argument("--refusal-pattern", action="append", default=None, help="regex for refusal-like text (repeatable; replaces defaults)")
+    b.add_argument("--short-chars", type=int, default=50, help="flag descriptions shorter than this")
+    b.add_argument("--report", default=None, help="also write the validation report here (default OUT/report.json)")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier, different build in --out")
+    b.add_argument("--no-progress", action="store_true")
+    i = sub.add_parser("inspect", help="verify checksums and counts; show a location")
+    i.add_argument("dir", help="shard folder")
+    i.add_argument("--index", type=int, default=None, help="print this location's coordinates and descriptions")
+    i.add_argument("--write-images", default=None, help="with --index: write its views to this folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _build(args) if args.action == "build" else _inspect(args)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from text4vpr.data.shards import BuildOptions, ShardError, build_shards
+    from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
+    from text4vpr.utils.atomic import atomic_write_json
+
+    opts = BuildOptions(
+        resize=args.resize, jpeg_quality=args.jpeg_quality, max_count=args.max_count, max_size=args.max_size,
+        workers=args.workers, prefix=args.prefix, overwrite=args.overwrite,
+    )
+    read = ReadOptions(
+        min_views=args.min_views, strict=args.strict, drop_overlap=args.drop_overlap,
+        refusal_patterns=tuple(args.refusal_pattern) if args.refusal_pattern else DEFAULT_REFUSAL_PATTERNS,
+        short_chars=args.short_chars,
+    )
+    try:
+        manifest = build_shards(args.xlsx, args.images, args.out, opts, read, progress=not args.no_progress)
+    except (Street360LocError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report_path = Path(args.report) if args.report else Path(args.out) / "report.json"
+    atomic_write_json(report_path, manifest["report"])
+    print(f"report: {report_path} ({_report_line(manifest['report']['counts'])})")
+    return 0
+
+
+def _report_line(c: dict) -> str:
+    flags = ", ".join(f"{k} {v}" for k, v in sorted(c["flags"].items())) or "no flags"
+    return (f"rows in {c['rows_in']} = written {c['rows_written']} + dropped {c['rows_dropped']} "
+            f"+ in skipped locations {c['rows_in_skipped_locations']}; {flags}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from text4vpr.data.shards import ShardError, find_location, verify_shards
+    from text4vpr.utils.atomic import atomic_write_bytes
+
+    try:
+        result = verify_shards(args.dir)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    t = result["totals"]
+    status = "all checksums OK" if result["ok"] else f"{len(result['problems'])} problem(s)"
+    print(f"inspect: {t['shards']} shards, {t['locations']} locations, {t['views']} views, {t['bytes'] / 1e6:.1f} MB: {status}")
+    print(f"report: {_report_line(result['report'])}")
+    for p in result["problems"]:
+        print(f"  {p}")
+    if args.index is not None:
+        found = find_location(args.dir, args.index)
+        if not found:
+            print(f"index {args.index}: not in these shards", file=sys.stderr)
+            return 1
+        for shard, meta, images in found:
+            print(json.dumps({"shard": shard, "index": meta["index"], "split": meta["split"], "xyz": meta["xyz"],
+                              "view_mask": meta["view_mask"]}))
+            for pos, text in zip(meta["positions"], meta["descriptions"]):
+                print(f"  pos {pos}: {text}")
+            if args.write_images:
+                for pos, data in images.items():
+                    path = Path(args.write_images) / f"{meta['split']}_{meta['index']:06d}_{pos}.jpg"
+                    atomic_write_bytes(path, data)
+                    print(f"  wrote {path}")
+    return 0 if result["ok"] else 1

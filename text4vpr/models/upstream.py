@@ -1,0 +1,203 @@
+"""Import the published upstream Text4VPR checkpoint (.pth) into our model.
+
+The upstream file is a dict with `image_encoder_state_dict` and `text_encoder_state_dict`.
+
+Image side (an nn.Sequential: 0 = DINOv2 wrapper, 1 = aggregation). The backbone prefix
+(`0.model.` or `0.`) is detected from the `patch_embed.proj.weight` key. torch.hub DINOv2
+names -> transformers `Dinov2Model` names (under `image_encoder.backbone.`):
+    cls_token, mask_token, pos_embed   -> embeddings.cls_token, .mask_token, .position_embeddings
+    patch_embed.proj.*                 -> embeddings.patch_embeddings.projection.*
+    blocks.i.norm1.* / norm2.*         -> encoder.layer.i.norm1.* / norm2.*
+    blocks.i.attn.qkv.{weight,bias}    -> split in three along dim 0 -> attention q/k/v
+    blocks.i.attn.proj.*               -> attention output projection
+    blocks.i.ls1.gamma / ls2.gamma     -> encoder.layer.i.layer_scale1/2.lambda1
+    blocks.i.mlp.fc1.* / fc2.*         -> encoder.layer.i.mlp.fc1.* / fc2.*
+    norm.*                             -> layernorm.* (kept, unused: SPEC has no final norm)
+(attention names follow the installed transformers: q_proj/k_proj/v_proj/o_proj, or the
+older attention.attention.query/key/value + attention.output.dense.)
+    1.*                                -> aggregation.* (same module names)
+
+Text side: transformers T5 names under any prefix (detected from the
+`encoder.final_layer_norm.weight` key; a bare T5 stack without `shared.weight` is fine),
+plus the head:
+    inter_mlp.0.* (Linear), inter_mlp.1.* (BatchNorm1d) -> text_encoder.projection.0/1.*
+    inter_module.i.* (TransformerEncoderLayer)          -> text_encoder.layers.i.*
+
+Upstream trained with the projection frozen at init (SPEC accident); its weights are the
+random init and are imported as they are. Any key left unmapped, any of our keys left
+missing, or a shape mismatch is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from text4vpr.models.config import AggregationConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+
+IMAGE_KEY = "image_encoder_state_dict"
+TEXT_KEY = "text_encoder_state_dict"
+
+_BLOCK_RENAMES = {
+    "norm1": "norm1", "norm2": "norm2", "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+_TOP_RENAMES = {
+    "cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+    "pos_embed": "embeddings.position_embeddings", "patch_embed.proj": "embeddings.patch_embeddings.projection",
+    "norm": "layernorm",
+}
+
+
+class UpstreamConversionError(ValueError):
+    """The checkpoint does not map one-to-one onto our model."""
+
+
+def _attention_names(target_keys: set[str]) -> tuple[tuple[str, str, str], str]:
+    """(q, k, v) and output projection module names of the installed Dinov2 attention."""
+    if any(".attention.q_proj." in k for k in target_keys):
+        return ("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.o_proj"
+    return ("attention.attention.query", "attention.attention.key", "attention.attention.value"), "attention.output.dense"
+
+
+def _prefix_of(keys, suffix: str, what: str) -> str:
+    hits = [k[: -len(suffix)] for k in keys if k.endswith(suffix)]
+    if len(hits) != 1:
+        raise UpstreamConversionError(f"cannot find the {what} in the checkpoint (no unique key ending {suffix!r})")
+    return hits[0]
+
+
+def convert_image_state(upstream: dict, target_keys: set[str]) -> tuple[dict, list[str]]:
+    """Upstream image-side dict -> our `image_encoder.backbone.*` / `aggregation.*` keys."""
+    qkv_names, out_name = _attention_names(target_keys)
+    prefix = _prefix_of(upstream, "patch_embed.proj.weight", "DINOv2 backbone")
+    out, unmapped = {}, []
+    for key, value in upstream.items():
+        if key.startswith("1."):
+            out["aggregation." + key[2:]] = value
+            continue
+        if not key.startswith(prefix):
+            unmapped.append(key)
+            continue
+        name = key[len(prefix):]
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)", name)
+        if m:
+            i, mod, leaf = m.groups()
+            base = f"image_encoder.backbone.encoder.layer.{i}."
+            if mod == "attn.qkv":
+                for part, tgt in zip(value.chunk(3, dim=0), qkv_names):
+                    out[f"{base}{tgt}.{leaf}"] = part.clone()
+                continue
+            if mod == "attn.proj":
+                out[f"{base}{out_name}.{leaf}"] = value
+                continue
+            full = f"{mod}.{leaf}"
+            tgt = _BLOCK_RENAMES.get(full) or _BLOCK_RENAMES.get(mod)
+            if tgt is None:
+                unmapped.append(key)
+                continue
+            out[base + (tgt if full in _BLOCK_RENAMES else f"{tgt}.{leaf}")] = value
+            continue
+        mod, _, leaf = name.rpartition(".")
+        if name in _TOP_RENAMES:
+            out["image_encoder.backbone." + _TOP_RENAMES[name]] = value
+        elif mod in _TOP_RENAMES:
+            out[f"image_encoder.backbone.{_TOP_RENAMES[mod]}.{leaf}"] = value
+        else:
+            unmapped.append(key)
+    return out, unmapped
+
+
+def convert_text_state(upstream: dict) -> tuple[dict, list[str]]:
+    """Upstream text-side dict -> our `text_encoder.*` keys."""
+    prefix = _prefix_of(upstream, "encoder.final_layer_norm.weight", "T5 encoder")
+    out, unmapped = {}, []
+    for key, value in upstream.items():
+        if key.startswith("inter_mlp."):
+            out["text_encoder.projection." + key[len("inter_mlp."):]] = value
+        elif key.startswith("inter_module."):
+            out["text_encoder.layers." + key[len("inter_module."):]] = value
+        elif key.startswith(prefix):
+            out["text_encoder.backbone." + key[len(prefix):]] = value
+        else:
+            unmapped.append(key)
+    shared, embed = "text_encoder.backbone.shared.weight", "text_encoder.backbone.encoder.embed_tokens.weight"
+    if shared not in out and embed in out:
+        out[shared] = out[embed]
+    if embed not in out and shared in out:
+        out[embed] = out[shared]
+    return out, unmapped
+
+
+def upstream_model_config(image_sd: dict, text_sd: dict, dinov2_dir, t5_dir, trainable_blocks: int = 2) -> ModelConfig:
+    """Our config for the checkpoint: backbone configs from the folders, head shapes from the tensors."""
+    from transformers import AutoConfig
+
+    dcfg = AutoConfig.from_pretrained(str(dinov2_dir), local_files_only=True).to_dict()
+    tcfg = AutoConfig.from_pretrained(str(t5_dir), local_files_only=True).to_dict()
+    n_clusters, hidden = image_sd["1.score.3.weight"].shape[0], image_sd["1.score.0.weight"].shape[0]
+    cluster_dim = image_sd["1.cluster_features.3.weight"].shape[0]
+    n_res = len({k.split(".")[1] for k in text_sd if k.startswith("inter_module.")})
+    ff = text_sd["inter_module.0.linear1.weight"].shape[0] if n_res else 8192
+    return ModelConfig(
+        image=ImageEncoderConfig(backbone_config=dcfg, trainable_blocks=trainable_blocks),
+        aggregation=AggregationConfig(num_clusters=n_clusters, cluster_dim=cluster_dim, hidden_dim=hidden),
+        text=TextEncoderConfig(backbone_config=tcfg, num_residual_layers=n_res, residual_ff=ff),
+        embed_dim=n_clusters * cluster_dim,
+    )
+
+
+def load_upstream_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    missing = [k for k in (IMAGE_KEY, TEXT_KEY) if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UpstreamConversionError(f"{path}: not an upstream Text4VPR checkpoint, missing {missing}")
+    return ckpt[IMAGE_KEY], ckpt[TEXT_KEY]
+
+
+def convert_upstream(ckpt_path, dinov2_dir, t5_dir, out_dir=None, trainable_blocks: int = 2):
+    """Build our model from an upstream .pth; save it (with the T5 tokenizer) when `out_dir` is set."""
+    from text4vpr.models.text4vpr import Text4VPR
+
+    image_sd, text_sd = load_upstream_checkpoint(ckpt_path)
+    model = Text4VPR(upstream_model_config(image_sd, text_sd, dinov2_dir, t5_dir, trainable_blocks))
+    target = model.state_dict()
+    img, unmapped_img = convert_image_state(image_sd, set(target))
+    txt, unmapped_txt = convert_text_state(text_sd)
+    state = {**img, **txt}
+    _check_keys(state, target, [f"{IMAGE_KEY}:{k}" for k in unmapped_img] + [f"{TEXT_KEY}:{k}" for k in unmapped_txt])
+    model.load_state_dict(state, strict=True)
+    if out_dir is not None:
+        model.save_pretrained(out_dir, tokenizer=_maybe_tokenizer(t5_dir))
+    return model
+
+
+def _check_keys(state: dict, target: dict, unmapped: list[str]) -> None:
+    problems = []
+    if unmapped:
+        problems.append("unmapped upstream keys: " + ", ".join(sorted(unmapped)))
+    extra = sorted(set(state) - set(target))
+    if extra:
+        problems.append("keys our model does not have: " + ", ".join(extra))
+    missing = sorted(set(target) - set(state))
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    bad = [f"{k} {tuple(state[k].shape)} vs ours {tuple(target[k].shape)}"
+           for k in sorted(set(state) & set(target)) if state[k].shape != target[k].shape]
+    if bad:
+        problems.append("shape mismatches: " + ", ".join(bad))
+    if problems:
+        raise UpstreamConversionError("upstream checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def _maybe_tokenizer(t5_dir):
+    """The tokenizer saved beside the T5 weights, or None if the folder has none."""
+    d = Path(t5_dir)
+    if not any((d / n).exists() for n in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+        return None
+    from text4vpr.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(d)

@@ -1,0 +1,1 @@
+"""Retrieval: index of database vectors, sharded search, SPEC metrics, evaluation and reports."""

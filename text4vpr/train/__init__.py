@@ -1,0 +1,52 @@
+"""The training application (`accelerate launch train.py`, `text4vpr train`).
+
+Sits on top of the library (data, models, losses, retrieval); the library never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="run config YAML (default: configs/demo.yaml)")
+    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def resolve_config(config: str | None, overrides: list[str], resume: str | None = None):
+    """Load the run config: file (or the embedded demo default) + overrides (+ --resume)."""
+    from text4vpr.config import load_config
+    from text4vpr.train.config import RunConfig
+
+    path = config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    extra = [f"train.resume={resume}"] if resume else []
+    return load_config(RunConfig, path, list(overrides) + extra)
+
+
+def run(config: str | None = None, overrides: list[str] = (), resume: str | None = None) -> dict:
+    cfg = resolve_config(config, list(overrides), resume)  # config errors before heavy imports
+    from text4vpr.train.trainer import Trainer
+
+    return Trainer(cfg).train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from text4vpr.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="train.py", description="Train Text4VPR (launch with `accelerate launch`).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"not a dotted override (key.sub=value): {' '.join(bad)}")
+    try:
+        run(args.config, args.overrides, args.resume)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0

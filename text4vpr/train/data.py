@@ -1,0 +1,94 @@
+"""The run's data: the synthetic demo set (generated and cached once) or given shard folders,
+and the per-epoch train / eval loaders for this rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
+from text4vpr.data.shards import BuildOptions, build_shards, iter_tar_samples, shard_descriptions, shard_paths
+from text4vpr.data.synthetic import SynthConfig, write_synthetic
+from text4vpr.data.tokenizer import train_tokenizer
+from text4vpr.utils.atomic import atomic_write_json
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train: str
+    val: str
+    test: str
+    tokenizer: str
+
+
+def synthetic_root(cfg) -> Path:
+    s = cfg.synthetic
+    return Path(s.cache_dir) / f"synth-n{s.locations}-px{s.image_size}-seed{s.seed}"
+
+
+def ensure_synthetic(root: Path, s, vocab_size: int = 1000) -> None:
+    """Generate the synthetic Street360Loc, its shards and a tokenizer, once (READY marks done)."""
+    if (root / "READY.json").exists():
+        return
+    raw = root / "raw"
+    print(f"preparing synthetic Street360Loc ({s.locations} locations) in {root} (cached for later runs)")
+    write_synthetic(raw, SynthConfig(locations=s.locations, seed=s.seed, image_size=s.image_size), progress=True)
+    for split in SPLITS:
+        build_shards(raw / f"{split}_description.xlsx", raw / "Street360Loc_images", root / "shards" / split,
+                     BuildOptions(max_count=32), progress=False)
+    train_tokenizer(shard_descriptions(root / "shards" / "train"), root / "tokenizer", vocab_size=vocab_size)
+    atomic_write_json(root / "READY.json", {"locations": s.locations, "seed": s.seed, "image_size": s.image_size})
+
+
+def prepare_data(cfg, acc) -> DataPaths:
+    """Resolve the split folders and tokenizer; the main process generates the demo data."""
+    if cfg.synthetic.locations > 0:
+        root = synthetic_root(cfg)
+        if acc.is_main_process:
+            ensure_synthetic(root, cfg.synthetic)
+        acc.wait_for_everyone()
+        shards = root / "shards"
+        return DataPaths(str(shards / "train"), str(shards / "val"), str(shards / "test"),
+                         cfg.loader.tokenizer or str(root / "tokenizer"))
+    if not cfg.train_shards or not cfg.val_shards:
+        raise ValueError("data.train_shards and data.val_shards are required (or data.synthetic.locations > 0)")
+    if not cfg.loader.tokenizer:
+        raise ValueError("data.loader.tokenizer: give the local tokenizer folder (e.g. your T5 folder)")
+    return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
+
+
+def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:
+    return dataclasses.replace(cfg, shards=shards, tokenizer=tokenizer)
+
+
+def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_batch: int):
+    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume)."""
+    return build_loader(_loader_cfg(cfg, paths.train, paths.tokenizer), "train", epoch=epoch,
+                        start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes)
+
+
+def steps_per_epoch(paths: DataPaths, cfg: LoaderConfig, world_size: int) -> int:
+    n = batches_per_epoch(_loader_cfg(cfg, paths.train, paths.tokenizer), world_size)
+    if n < 1:
+        raise ValueError(f"{paths.train}: too few locations for one batch of {cfg.batch_size} per rank × {world_size} ranks")
+    return n
+
+
+def eval_loader(shards: str, cfg: LoaderConfig, tokenizer: str, acc):
+    """Every location of `shards` exactly once across ranks and workers."""
+    return build_loader(_loader_cfg(cfg, shards, tokenizer), "eval", rank=acc.process_index, world_size=acc.num_processes)
+
+
+def read_coords(shards: str) -> torch.Tensor:
+    """(N, 3) float64 ECEF of every location in a shard folder, from the JSON members only."""
+    xyz = []
+    for path in shard_paths(shards):
+        for _, sample in iter_tar_samples(path):
+            xyz.append(json.loads(sample["json"])["xyz"])
+    return torch.tensor(xyz, dtype=torch.float64)

@@ -1,0 +1,52 @@
+"""End of a run: evaluate the best model on the held-out split, chance level, report files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from text4vpr.retrieval.chance import chance_accuracy
+from text4vpr.train.data import read_coords
+from text4vpr.train.logs import read_metrics
+from text4vpr.train.report import accuracy_table, write_report
+from text4vpr.utils.atomic import atomic_write_json
+
+
+def _load_best(trainer) -> str:
+    """Load best_model weights into the live model when validation chose one; say which."""
+    best = trainer.run_dir / "best_model" / "model.safetensors"
+    if not best.exists():
+        return f"final (step {trainer.state.step})"
+    model = trainer.acc.unwrap_model(trainer.model)
+    model.load_state_dict(load_file(best), strict=False)
+    return f"best by validation top-1 within 5 m (step {trainer.state.best_step})"
+
+
+def finish_run(trainer) -> dict:
+    cfg = trainer.cfg
+    if not cfg.eval.final:
+        return {}
+    which = _load_best(trainer)
+    split = "test" if cfg.data.test_shards or trainer.paths.test != trainer.paths.val else "val"
+    metrics = trainer._evaluate(trainer.paths.test)
+    coords = read_coords(trainer.paths.test)
+    metrics["chance"] = chance_accuracy(coords, coords, tuple(cfg.eval.ks), tuple(cfg.eval.radii))
+    metrics["split"] = split
+    metrics["model"] = which
+    if not trainer.acc.is_main_process:
+        return metrics
+    run_dir: Path = trainer.run_dir
+    atomic_write_json(run_dir / "final_metrics.json", metrics)
+    summary = {
+        "steps": trainer.state.step,
+        "epochs": trainer.state.epoch,
+        "processes": trainer.acc.num_processes,
+        "model evaluated": which,
+        "non-finite steps skipped": trainer.state.nonfinite_total,
+    }
+    write_report(run_dir, metrics, read_metrics(run_dir / "metrics.jsonl"), summary)
+    print(f"\nHeld-out {split} split, {metrics['num_queries']} queries, model: {which}")
+    print(accuracy_table(metrics["accuracy"], metrics["chance"]))
+    print(f"\nrun directory: {run_dir} (report.md, final_metrics.json, plots, model/)")
+    return metrics
