@@ -3,9 +3,12 @@
 
 Measures in one run: (a) shard build rate with and without --resize 252, (b) loader
 images/s per worker from shards (one in-process worker, and the whole DataLoader with
---workers processes), (c) a faithful re-implementation of the upstream loading path
-(pandas DataFrame re-grouped per item, PIL open from the folder, resize 252, normalise) on
-the same data, one process. Prints a table with ratios and writes JSON.
+--workers processes) for float32 batches (normalised in the loader), uint8 batches (the
+trainer normalises them on the device) and uint8 + fast_decode on 640 px shards, (c) a
+faithful re-implementation of the upstream loading path (pandas DataFrame re-grouped per
+item, PIL open from the folder, resize 252, normalise to float) on the same data, one
+process. The loading configurations run interleaved, one pass each per round, so a change
+in machine load hits them all alike. Prints a table with ratios and writes JSON.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from text4vpr.data.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, build_loader  # noqa: E402
+from text4vpr.data.loader import LoaderConfig, build_loader  # noqa: E402
 from text4vpr.data.shards import BuildOptions, build_shards, shard_descriptions  # noqa: E402
 from text4vpr.data.synthetic import SynthConfig, write_synthetic  # noqa: E402
 from text4vpr.data.tokenizer import train_tokenizer  # noqa: E402
+from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
 
@@ -75,32 +79,44 @@ def bench_build(data: Path, out: Path, resize: int | None, workers: int) -> dict
     return {"resize": resize, "workers": workers, "seconds": secs, "locations_per_s": n / secs, "mb_per_s": mb / secs, "mb": mb}
 
 
-def bench_loader(shards: Path, tokenizer: Path, workers: int, batch_size: int, passes: int) -> dict:
-    cfg = LoaderConfig(shards=str(shards), tokenizer=str(tokenizer), batch_size=batch_size, image_size=252,
-                       num_workers=workers, max_text_length=96)
-    images, secs = 0, 0.0
-    for _ in range(passes):  # steady state: the clock starts at the first batch (after worker start-up)
+class LoaderRun:
+    """One loader configuration; `once()` times one pass from its first batch (after worker start-up)."""
+
+    def __init__(self, shards: Path, tokenizer: Path, workers: int, batch_size: int, **options):
+        self.cfg = LoaderConfig(shards=str(shards), tokenizer=str(tokenizer), batch_size=batch_size, image_size=252,
+                                num_workers=workers, max_text_length=96, **options)
+        self.workers, self.options, self.images, self.seconds = workers, options, 0, 0.0
+
+    def once(self) -> None:
         t0 = None
-        for batch in build_loader(cfg, "eval"):
+        for batch in build_loader(self.cfg, "eval"):
             if t0 is None:
                 t0 = time.perf_counter()
                 continue
-            images += int(batch["view_mask"].sum())
-        secs += time.perf_counter() - t0
-    per_worker = images / secs / max(workers, 1)
-    return {"workers": workers, "images": images, "seconds": secs, "images_per_s": images / secs, "images_per_s_per_worker": per_worker}
+            self.images += int(batch["view_mask"].sum())
+        self.seconds += time.perf_counter() - t0
+
+    def result(self) -> dict:
+        ips = self.images / self.seconds
+        return {"workers": self.workers, "options": self.options, "images": self.images, "seconds": self.seconds,
+                "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1)}
 
 
-def bench_upstream(data: Path, passes: int) -> dict:
-    ds = UpstreamStyleDataset(data / "train_description.xlsx", data / "Street360Loc_images")
-    images, secs = 0, 0.0
-    for _ in range(passes):
+class UpstreamRun:
+    def __init__(self, data: Path):
+        self.ds = UpstreamStyleDataset(data / "train_description.xlsx", data / "Street360Loc_images")
+        self.images, self.seconds = 0, 0.0
+
+    def once(self) -> None:
         t0 = time.perf_counter()
-        for i in range(len(ds)):
-            imgs, _, _ = ds[i]
-            images += imgs.shape[0]
-        secs += time.perf_counter() - t0
-    return {"workers": 1, "images": images, "seconds": secs, "images_per_s": images / secs, "images_per_s_per_worker": images / secs}
+        for i in range(len(self.ds)):
+            imgs, _, _ = self.ds[i]
+            self.images += imgs.shape[0]
+        self.seconds += time.perf_counter() - t0
+
+    def result(self) -> dict:
+        ips = self.images / self.seconds
+        return {"workers": 1, "images": self.images, "seconds": self.seconds, "images_per_s": ips, "images_per_s_per_worker": ips}
 
 
 def bench_regroup(xlsx: str, items: int = 200) -> dict | None:
@@ -123,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--locations", type=int, default=120, help="synthetic locations (x4 images at 640x640)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="build processes / loader workers")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--passes", type=int, default=2, help="loader passes over the data (timed)")
+    p.add_argument("--passes", type=int, default=3, help="timed rounds; each runs every loading configuration once")
     p.add_argument("--out", default="benchmarks/results/bench_data_cpu.json")
     p.add_argument("--workdir", default=None, help="keep data here (default: a temp folder)")
     p.add_argument("--real-train-xlsx", default="../shared/street360loc/train_description.xlsx",
@@ -139,34 +155,46 @@ def main(argv=None) -> int:
         build_252 = bench_build(data, work / "shards_252", 252, args.workers)
         tok = work / "tok"
         train_tokenizer(shard_descriptions(work / "shards_252"), tok, vocab_size=500)
-        loader_1 = bench_loader(work / "shards_252", tok, 0, args.batch_size, args.passes)
-        loader_640 = bench_loader(work / "shards_orig", tok, 0, args.batch_size, args.passes)
-        loader_w = bench_loader(work / "shards_252", tok, args.workers, args.batch_size, args.passes)
-        upstream = bench_upstream(data, args.passes)
+        s252, s640, bs = work / "shards_252", work / "shards_orig", args.batch_size
+        runs = {  # key: (label, run)
+            "upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
+                         UpstreamRun(data)),
+            "f32_252_1w": ("loader float32 (normalised in loader), 252px shards, 1 in-process worker",
+                           LoaderRun(s252, tok, 0, bs, image_dtype="float32")),
+            "u8_252_1w": ("loader uint8 (normalised on the device by the trainer, not timed), 252px shards, 1 in-process worker",
+                          LoaderRun(s252, tok, 0, bs, image_dtype="uint8")),
+            "u8_640_1w": ("loader uint8, 640px shards (exact decode + resize), 1 in-process worker",
+                          LoaderRun(s640, tok, 0, bs, image_dtype="uint8")),
+            "u8_fast_640_1w": ("loader uint8 + fast_decode, 640px shards, 1 in-process worker",
+                               LoaderRun(s640, tok, 0, bs, image_dtype="uint8", fast_decode=True)),
+            "f32_252_w": (f"loader float32, 252px shards, {args.workers} DataLoader workers",
+                          LoaderRun(s252, tok, args.workers, bs, image_dtype="float32")),
+            "u8_252_w": (f"loader uint8, 252px shards, {args.workers} DataLoader workers",
+                         LoaderRun(s252, tok, args.workers, bs, image_dtype="uint8")),
+        }
+        for _ in range(args.passes):  # interleaved: each round runs every configuration once
+            for _, run in runs.values():
+                run.once()
+        results = {key: run.result() for key, (_, run) in runs.items()}
     regroup = bench_regroup(args.real_train_xlsx)
-    base = upstream["images_per_s_per_worker"]
-    rows = [
-        ("upstream-style loader (pandas group + PIL folder, 640->252)", upstream),
-        ("text4vpr loader, 252px shards, 1 in-process worker", loader_1),
-        ("text4vpr loader, 640px shards (decode+resize), 1 worker", loader_640),
-        (f"text4vpr loader, 252px shards, {args.workers} workers", loader_w),
-    ]
+    base = results["upstream"]["images_per_s_per_worker"]
     print(f"synthetic data: {args.locations} locations x 4 views at 640x640 (written in {synth_s:.1f} s)")
     print(f"{'build':58s} {'loc/s':>8s} {'MB/s':>8s} {'MB':>7s}")
     for name, b in (("shards build, original bytes", build_orig), ("shards build, --resize 252", build_252)):
         label = f"{name} ({b['workers']} workers)"
         print(f"{label:58s} {b['locations_per_s']:8.1f} {b['mb_per_s']:8.1f} {b['mb']:7.1f}")
-    print(f"{'loading (images/s)':58s} {'total':>8s} {'/worker':>8s} {'ratio':>7s}")
-    for name, r in rows:
-        print(f"{name:58s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {r['images_per_s_per_worker'] / base:6.2f}x")
+    print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'ratio':>7s}")
+    for key, (label, _) in runs.items():
+        r = results[key]
+        print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {r['images_per_s_per_worker'] / base:6.2f}x")
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "gpu": torch.cuda.is_available()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "gpu": torch.cuda.is_available(),
+                    "loadavg_1min_at_end": os.getloadavg()[0]},
         "args": vars(args), "synth_seconds": synth_s,
         "build": {"original": build_orig, "resize_252": build_252},
-        "loader": {"shards_252_1worker": loader_1, "shards_640_1worker": loader_640, f"shards_252_{args.workers}workers": loader_w},
-        "upstream": upstream,
-        "ratio_per_worker_vs_upstream": {"shards_252": loader_1["images_per_s_per_worker"] / base,
-                                         "shards_640": loader_640["images_per_s_per_worker"] / base},
+        "loader": {key: {"label": runs[key][0], **results[key]} for key in runs if key != "upstream"},
+        "upstream": results["upstream"],
+        "ratio_per_worker_vs_upstream": {key: results[key]["images_per_s_per_worker"] / base for key in runs if key != "upstream"},
     }
     if regroup is not None:
         print(f"upstream regroup alone on the real {regroup['rows']}-row train file: {regroup['ms_per_location']:.2f} ms/location "

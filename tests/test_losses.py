@@ -82,11 +82,16 @@ def test_gradient_cache_matches_autograd():
     assert torch.allclose(ga, a.grad, atol=1e-7) and torch.allclose(gb, b.grad, atol=1e-7)
 
 
-def test_bf16_inputs_give_fp32_loss():
-    img, txt = torch.randn(8, 4).bfloat16(), torch.randn(8, 4).bfloat16()
+@pytest.mark.parametrize("tiled", [False, True])
+def test_bf16_inputs_give_fp32_loss(tiled):
+    img = torch.randn(8, 4).bfloat16().requires_grad_()
+    txt = torch.randn(8, 4).bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = info_nce(img, txt)
+        loss = info_nce(img, txt, tiled=tiled, block_size=3)
+    loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert img.grad.dtype == torch.bfloat16 and torch.isfinite(img.grad.float()).all()
+    assert torch.allclose(loss, info_nce(img.float(), txt.float()), rtol=1e-5)
 
 
 def test_shape_errors_are_clear():
@@ -109,3 +114,17 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         assert (tmp_path / f"ok-{rank}").read_text().strip() == "ok"
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_learnable_temperature_gradient_matches_reference(tiled):
+    g = torch.Generator().manual_seed(9)
+    img, txt = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
+    fn = ContrastiveLoss(0.2, learnable=True, tiled=tiled, block_size=5)
+    loss = fn(img, txt)
+    loss.backward()
+    log_scale = torch.tensor(float(fn.log_scale.detach()), dtype=torch.float64, requires_grad=True)
+    ref = reference_loss(img, txt, temperature=torch.exp(-log_scale))
+    ref.backward()
+    assert rel_err(loss, ref) <= 1e-5 and rel_err(fn.log_scale.grad, log_scale.grad) <= 1e-5
+    assert fn.temperature == pytest.approx(0.2)

@@ -14,7 +14,10 @@ Building blocks
   trap: a gathered-with-grad full loss, or a local loss without the x world_size factor,
   gives gradients off by a factor of world_size).
 - `tiled=True`: never builds the N x N logits. Forward is a blockwise online log-sum-exp,
-  backward recomputes the blocks (custom autograd.Function); memory O(N * D).
+  backward recomputes the blocks (custom autograd.Functions); memory O(N * D). On one
+  process a fused Function works from the raw embeddings (normalisation folded into the
+  tiles), so it needs little beyond the inputs and their gradients; across ranks each rank
+  tiles its own row strip and column strip of the global logits.
 - `exclude_same_location=True` with `group_ids` (n,): the other views of the same location
   are removed from the negatives (upstream keeps them as negatives; so does our default).
 - `ContrastiveLoss.loss_and_grads(...)` / `info_nce_and_grads(...)`: gradient caching.
@@ -101,7 +104,7 @@ class _AverageGrad(torch.autograd.Function):
         return grad / dist.get_world_size()
 
 
-# ---------------------------------------------------------------------- one direction
+# ---------------------------------------------------------------------- logits, plain and tiled
 def _negative_mask(q_pos, q_groups, k_groups, k_start: int, k_end: int) -> torch.Tensor | None:
     """True where key j is another view of query i's location (excluded); None if no groups."""
     if q_groups is None:
@@ -133,10 +136,7 @@ class _TiledLSE(torch.autograd.Function):
             acc = q.new_zeros(qa.shape[0])
             for b in range(0, k.shape[0], block):
                 logits = _masked(_tile_dots(qa, k, b, block) * s, q_pos, q_groups, k_groups, a, b, block)
-                m_new = torch.maximum(m, logits.amax(dim=1))
-                shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-                acc = acc * torch.exp(m - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
-                m = m_new
+                m, acc = _online_update(m, acc, logits, dim=1)
             lse[a : a + block] = m + torch.log(acc)
         ctx.save_for_backward(q, k, s, lse, q_pos,
                               *(() if q_groups is None else (q_groups, k_groups)))
@@ -177,14 +177,103 @@ def _masked(logits, q_pos, q_groups, k_groups, a: int, b: int, block: int) -> to
     return logits.masked_fill(mask, float("-inf"))
 
 
-def _direction_sum(q, k, scale, q_pos, q_groups, k_groups, tiled: bool, block: int) -> torch.Tensor:
-    """sum_i CE(scale * q_i @ k.T, q_pos_i) for queries q (n, D) against keys k (M, D)."""
+def _row_lse(q, k, scale, q_pos, q_groups, k_groups, tiled: bool, block: int) -> torch.Tensor:
+    """(n,) log-sum-exp of each query's row scale * q_i @ k.T, queries (n, D) vs keys (M, D)."""
     if tiled:
-        lse = _TiledLSE.apply(q, k, scale, q_pos, q_groups, k_groups, block)
-    else:
-        lse = _lse_plain(q, k, scale, q_pos, q_groups, k_groups)
-    positive = (q * k[q_pos]).sum(dim=1) * scale  # (n,)
-    return (lse - positive).sum()
+        return _TiledLSE.apply(q, k, scale, q_pos, q_groups, k_groups, block)
+    return _lse_plain(q, k, scale, q_pos, q_groups, k_groups)
+
+
+class _FusedTiledInfoNCE(torch.autograd.Function):
+    """One process, tiled: sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n] of the SPEC logits,
+    straight from the raw embeddings. Normalisation is folded into the tiles and undone in
+    place in the backward, so beyond the inputs and their two gradients only O(N) vectors
+    and one tile live at a time. Each tile costs one matmul forward and three backward."""
+
+    @staticmethod
+    def forward(ctx, img, txt, scale, groups, block: int):
+        s, n = scale.detach().float(), img.shape[0]
+        inv_i, inv_t = _inv_norms(img, block), _inv_norms(txt, block)  # (N,) each
+        pos = torch.arange(n, device=img.device)
+        m_r, acc_r = img.new_full((n,), float("-inf"), dtype=torch.float32), img.new_zeros(n, dtype=torch.float32)
+        m_c, acc_c = m_r.clone(), acc_r.clone()
+        positive = img.new_zeros((), dtype=torch.float32)
+        for a in range(0, n, block):
+            ra = slice(a, a + block)
+            ia = img[ra].float() * inv_i[ra, None]  # (bq, D) normalised
+            positive += torch.linalg.vecdot(ia, txt[ra].float() * inv_t[ra, None]).sum()
+            for b in range(0, n, block):
+                rb = slice(b, b + block)
+                tb = txt[rb].float() * inv_t[rb, None]  # (bk, D) normalised
+                logits = _masked((ia @ tb.T) * s, pos, groups, groups, a, b, block)  # (bq, bk)
+                m_r[ra], acc_r[ra] = _online_update(m_r[ra], acc_r[ra], logits, dim=1)
+                m_c[rb], acc_c[rb] = _online_update(m_c[rb], acc_c[rb], logits, dim=0)
+        lse_r, lse_c = m_r + torch.log(acc_r), m_c + torch.log(acc_c)
+        ctx.save_for_backward(img, txt, s, inv_i, inv_t, lse_r, lse_c, positive,
+                              *(() if groups is None else (groups,)))
+        ctx.block = block
+        return lse_r.sum() + lse_c.sum() - 2 * s * positive
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, s, inv_i, inv_t, lse_r, lse_c, positive, *groups = ctx.saved_tensors
+        groups = groups[0] if groups else None
+        block, n = ctx.block, img.shape[0]
+        pos = torch.arange(n, device=img.device)
+        g = g.float()
+        di = torch.zeros(img.shape, dtype=torch.float32, device=img.device)  # d/d normalised image
+        dt = torch.zeros(txt.shape, dtype=torch.float32, device=txt.device)  # d/d normalised text
+        ds = torch.zeros((), dtype=torch.float32, device=img.device)
+        for a in range(0, n, block):
+            ra = slice(a, a + block)
+            ia = img[ra].float() * inv_i[ra, None]  # (bq, D)
+            ta = txt[ra].float() * inv_t[ra, None]  # (bq, D)
+            di[ra] -= (2 * g * s) * ta  # positives
+            dt[ra] -= (2 * g * s) * ia
+            for b in range(0, n, block):
+                rb = slice(b, b + block)
+                tb = txt[rb].float() * inv_t[rb, None]  # (bk, D)
+                dots = ia @ tb.T  # (bq, bk)
+                logits = _masked(dots * s, pos, groups, groups, a, b, block)
+                w = (torch.exp(logits - lse_r[ra, None]) + torch.exp(logits - lse_c[None, rb])) * g
+                di[ra] += (w @ tb) * s
+                dt[rb] += (w.T @ ia) * s
+                if ctx.needs_input_grad[2]:
+                    ds += (w * dots).sum()
+        _normalize_backward_(di, img, inv_i, block)
+        _normalize_backward_(dt, txt, inv_t, block)
+        ds = ds - 2 * g * positive
+        return di.to(img.dtype), dt.to(txt.dtype), (ds if ctx.needs_input_grad[2] else None), None, None
+
+
+def _inv_norms(x: torch.Tensor, block: int) -> torch.Tensor:
+    """1 / max(||x_n||, 1e-12) per row, in fp32, without an (N, D) temporary (F.normalize's eps)."""
+    return torch.cat([x[a : a + block].float().norm(dim=1) for a in range(0, x.shape[0], block)]).clamp_min(1e-12).reciprocal()
+
+
+def _normalize_backward_(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, block: int) -> None:
+    """In place: gradient w.r.t. x_hat = x / ||x|| -> gradient w.r.t. x (blockwise)."""
+    for a in range(0, x.shape[0], block):
+        ga, xa = grad[a : a + block], x[a : a + block].float() * inv[a : a + block, None]  # (b, D)
+        ga.sub_(xa * torch.linalg.vecdot(xa, ga)[:, None]).mul_(inv[a : a + block, None])
+
+
+def _online_update(m, acc, logits, dim: int):
+    """One step of the streaming log-sum-exp along `dim` of a tile; -inf-safe."""
+    m_new = torch.maximum(m, logits.amax(dim=dim))
+    shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    tile = torch.exp(logits - (shift[:, None] if dim == 1 else shift[None, :])).sum(dim=dim)
+    return m_new, acc * torch.exp(m - shift) + tile
+
+
+def _single_process_sum(i, t, scale, groups) -> torch.Tensor:
+    """sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n] with one (N, N) logits matrix."""
+    logits = (i @ t.T) * scale  # (N, N)
+    mask = _negative_mask(torch.arange(i.shape[0], device=i.device), groups, groups, 0, i.shape[0])
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    positive = torch.diagonal(logits).sum()
+    return torch.logsumexp(logits, dim=1).sum() + torch.logsumexp(logits, dim=0).sum() - 2 * positive
 
 
 # ---------------------------------------------------------------------- the loss
@@ -207,27 +296,27 @@ def contrastive_loss(
                          f"and {tuple(text_emb.shape)}")
     world, rank = _world() if distributed else (1, 0)
     with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        scale = scale.float()
+        g_loc = None if group_ids is None else group_ids.to(image_emb.device)
+        if world == 1 and tiled:
+            return _FusedTiledInfoNCE.apply(image_emb, text_emb, scale, g_loc, block_size) / image_emb.shape[0]
         i = F.normalize(image_emb.float(), dim=-1)  # (n, D)
         t = F.normalize(text_emb.float(), dim=-1)  # (n, D)
-        scale = scale.float()
+        if world == 1:
+            return _single_process_sum(i, t, scale, g_loc) / i.shape[0]
         n = i.shape[0]
-        if world == 1:
-            i_all, t_all, g_all, start, total = i, t, group_ids, 0, n
-        else:
-            sizes = _gather_sizes(n, i.device, world)
-            i_all = _GatherWithGrad.apply(i, sizes, rank)  # (N, D)
-            t_all = _GatherWithGrad.apply(t, sizes, rank)  # (N, D)
-            g_all = None if group_ids is None else _gather_nograd(group_ids.to(i.device), sizes)
-            start, total = sum(sizes[:rank]), sum(sizes)
-            if scale.requires_grad:
-                scale = _AverageGrad.apply(scale)
-        g_loc = None if group_ids is None else group_ids.to(i.device)
+        sizes = _gather_sizes(n, i.device, world)
+        i_all = _GatherWithGrad.apply(i, sizes, rank)  # (N, D)
+        t_all = _GatherWithGrad.apply(t, sizes, rank)  # (N, D)
+        g_all = None if g_loc is None else _gather_nograd(g_loc, sizes)
+        start, total = sum(sizes[:rank]), sum(sizes)
+        if scale.requires_grad:
+            scale = _AverageGrad.apply(scale)
         pos = torch.arange(start, start + n, device=i.device)
-        local_sum = _direction_sum(i, t_all, scale, pos, g_loc, g_all, tiled, block_size) + _direction_sum(
-            t, i_all, scale, pos, g_loc, g_all, tiled, block_size
-        )
-        if world == 1:
-            return local_sum / total
+        lse_r = _row_lse(i, t_all, scale, pos, g_loc, g_all, tiled, block_size)  # my rows vs all texts
+        lse_c = _row_lse(t, i_all, scale, pos, g_loc, g_all, tiled, block_size)  # my columns vs all images
+        positive = torch.linalg.vecdot(i, t).sum() * scale  # same for both directions
+        local_sum = lse_r.sum() + lse_c.sum() - 2 * positive
         # gradient: world/N * local sum (DDP averages it back to d(global loss));
         # value: the global loss, identical on every rank.
         for_grad = local_sum * (world / total)

@@ -25,6 +25,7 @@ from text4vpr.data.loader import (
     worker_batch_range,
 )
 from text4vpr.data.shards import BuildOptions, build_shards
+from text4vpr.data.transforms import normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,50 @@ def test_missing_views_are_zero_images_and_pad_text(synth_root, tmp_path, tokeni
     assert b["view_mask"][row].tolist() == [True, True, False, True]
     assert (b["images"][row, 2] == 0).all() and (b["input_ids"][row, 2] == 0).all()
     assert (b["attention_mask"][row, 2] == 0).all() and b["attention_mask"][row, 1].sum() > 0
+
+
+def test_uint8_batches_normalised_on_the_device_equal_float32_batches(synth_root, tmp_path, tokenizer_dir):
+    """Fresh shards with a missing view, 2 workers: uint8 path + normalize_images == float32 path, bit for bit."""
+    root = tmp_path / "d"
+    shutil.copytree(synth_root, root)
+    (root / "Street360Loc_images" / "000036_2.jpg").unlink()
+    build_shards(root / "test_description.xlsx", root / "Street360Loc_images", tmp_path / "s",
+                 BuildOptions(max_count=2), progress=False, log=None)
+    f32 = list(build_loader(_cfg(tmp_path / "s", tokenizer_dir, num_workers=2, image_size=40), "eval"))
+    u8 = list(build_loader(_cfg(tmp_path / "s", tokenizer_dir, num_workers=2, image_size=40, image_dtype="uint8"), "eval"))
+    assert len(f32) == len(u8) > 1 and not all(b["view_mask"].all() for b in u8)
+    for a, b in zip(f32, u8):
+        assert b["images"].dtype == torch.uint8 and b["images"].shape == a["images"].shape
+        assert (b["images"][~b["view_mask"]] == 0).all()  # missing view: black pixels before normalising
+        assert torch.equal(normalize_images(b["images"], b["view_mask"]), a["images"])
+        assert torch.equal(normalize_images(b["images"].float(), b["view_mask"]), a["images"])  # float on 0-255 scale
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "images")
+
+
+def test_fast_decode_is_close_and_exact_at_target_size(synth_shards, synth_root, tmp_path, tokenizer_dir):
+    exact = list(build_loader(_cfg(synth_shards, tokenizer_dir, image_size=24, image_dtype="uint8"), "eval"))
+    fast = list(build_loader(_cfg(synth_shards, tokenizer_dir, image_size=24, image_dtype="uint8", fast_decode=True), "eval"))
+    for a, b in zip(exact, fast):  # 64 px JPEGs decoded at 32 px (draft 1/2), then resized to 24
+        diff = (a["images"].float() - b["images"].float()).abs()
+        assert b["images"].shape == a["images"].shape and diff.mean() < 6 and not torch.equal(a["images"], b["images"])
+    # shards already at the target size: no draft, no resize, both equal the decoded JPEG
+    build_shards(synth_root / "test_description.xlsx", synth_root / "Street360Loc_images", tmp_path / "r",
+                 BuildOptions(resize=32), progress=False, log=None)
+    exact = list(build_loader(_cfg(tmp_path / "r", tokenizer_dir, image_size=32, image_dtype="uint8"), "eval"))
+    fast = list(build_loader(_cfg(tmp_path / "r", tokenizer_dir, image_size=32, image_dtype="uint8", fast_decode=True), "eval"))
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(exact, fast))
+    with tarfile.open(tmp_path / "r" / "shard-000000.tar") as tar:
+        member = next(m for m in tar if m.name.endswith(".1.jpg"))
+        key = int(member.name.split(".")[0].split("-")[-1])
+        with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+            ref = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W)
+    b = next(b for b in exact if key in b["index"].tolist())
+    assert torch.equal(b["images"][b["index"].tolist().index(key), 0], ref)
+
+
+def test_image_dtype_is_checked(synth_shards, tokenizer_dir):
+    with pytest.raises(ValueError, match="image_dtype"):
+        build_loader(_cfg(synth_shards, tokenizer_dir, image_dtype="float16"), "eval")
 
 
 @pytest.mark.parametrize("batch_size", [3, 4])

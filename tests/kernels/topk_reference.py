@@ -54,7 +54,7 @@ def random_case(seed: int, num_q: int, n: int, v: int, d: int, partial: bool, ti
         queries, database = torch.zeros(num_q, v, d), torch.zeros(n, v, d)
         queries[..., :4] = torch.randint(0, 2, (num_q, v, 4), generator=g) - 0.5
         database[..., :4] = torch.randint(0, 2, (n, v, 4), generator=g) - 0.5
-        database[n // 2 :] = database[: n - n // 2]  # duplicated rows: equal scores, distinct ids
+        database[n // 2 :] = database[: n - n // 2].clone()  # duplicated rows: equal scores, distinct ids
     else:
         queries = torch.randn(num_q, v, d, generator=g)
         database = torch.randn(n, v, d, generator=g)

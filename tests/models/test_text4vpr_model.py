@@ -152,6 +152,7 @@ def test_hf_folders_load_offline_and_saved_model_is_self_contained(tmp_path):
             f.unlink()
     again = Text4VPR.from_pretrained(tmp_path / "ours")
     assert torch.equal(again.text_encoder.backbone.shared.weight, t5.shared.weight)
+    assert again.config_hash() == m.config_hash()
     meta = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert meta["config"]["image"]["backbone_config"]["hidden_size"] == 32
 

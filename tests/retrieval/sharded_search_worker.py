@@ -24,11 +24,11 @@ def main() -> int:
          (31, 5, 40, "upstream"), (150, 149, 1, "cosine"), (64, 32, 64, "upstream")]
     ):
         g = torch.Generator().manual_seed(100 + case)
-        queries = torch.randn(9, 4, 16, generator=g)
+        queries = torch.randint(-2, 3, (9, 4, 16), generator=g).float()  # exact scores
         qmask = torch.rand(9, 4, generator=g) < 0.7
         qmask[:, 0] = True
-        db = torch.randint(-2, 3, (n, 4, 16), generator=g).float()  # integer: many exact ties
-        db[n // 2 :] = db[: n - n // 2]
+        db = torch.randint(-2, 3, (n, 4, 16), generator=g).float()  # exact ties across ranks
+        db[n // 2 :] = db[: n - n // 2].clone()
         dmask = torch.rand(n, 4, generator=g) < 0.9
         bounds = [(0, split), (split, n)]
         lo, hi = bounds[rank] if world == 2 else (0, n)

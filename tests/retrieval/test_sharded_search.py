@@ -36,7 +36,7 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        cmd + ["--nproc_per_node", "2", "--master_port", "0", str(Path(__file__).with_name("sharded_search_worker.py"))],
+        cmd + ["--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("sharded_search_worker.py"))],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     out = proc.stdout + proc.stderr

@@ -8,8 +8,10 @@ The loader does its own rank/worker split (do not pass it to Accelerate's `prepa
   an uninterrupted epoch would have yielded (same world size and num_workers).
 - eval: no shuffle, every location exactly once across all ranks x workers, last batch of
   each worker partial, nothing padded or repeated.
-Decoding, resizing, ImageNet normalisation and tokenisation run in the workers. Errors name
-the shard and sample key; `on_error="skip"` counts and logs instead of raising.
+Decoding, resizing, ImageNet normalisation (`image_dtype="float32"`; with "uint8" the
+pixels are shipped as they are and `text4vpr.data.transforms.normalize_images` runs on the
+device) and tokenisation run in the workers. Errors name the shard and sample key;
+`on_error="skip"` counts and logs instead of raising.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -28,13 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from text4vpr.data.shards import MANIFEST, is_shard_dir, load_manifest, shard_descriptions
 from text4vpr.data.tokenizer import normalize_text
+from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, empty_cpu, normalize_images  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_NORM_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 1, 3, 1, 1)
-_NORM_BIAS = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 1, 3, 1, 1)
 
 
 class LoaderError(RuntimeError):
@@ -60,6 +59,13 @@ class LoaderConfig:
     batches_per_epoch: int | None = None  # train: override locations // (world_size * batch_size)
     pin_memory: bool = False
     prefetch_factor: int = 2
+    # "float32": ImageNet-normalised images (the batch contract); "uint8": raw 0-255 pixels,
+    # normalise on the device with text4vpr.data.transforms.normalize_images(images, view_mask)
+    image_dtype: Literal["float32", "uint8"] = "float32"
+    # let the JPEG decoder downscale by 1/2, 1/4 or 1/8 while decoding (PIL draft mode), then
+    # resize the rest of the way: much faster for large source JPEGs, but pixel values differ
+    # slightly from full decode + resize (no effect on images already at image_size)
+    fast_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {cfg.on_error!r}")
+        if cfg.image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {cfg.image_dtype!r}")
         self.cfg, self.mode, self.epoch = cfg, mode, epoch
         self.rank, self.world = rank, world_size
         self.shards = resolve_shards(cfg)
@@ -184,8 +192,6 @@ class ShardStream(IterableDataset):
         key, sample, n = None, {}, 0
         try:
             with gopen(url, "rb") as stream:
-                import tarfile
-
                 with tarfile.open(fileobj=stream, mode="r|*") as tar:
                     for info in tar:
                         if not info.isreg():
@@ -260,14 +266,14 @@ class ShardStream(IterableDataset):
         return self._tokenizer
 
     def _decode(self, url: str, key: str, sample: dict) -> dict | None:
-        """Raw sample -> (uint8 images (V,H,W,3), texts, mask, coords, index); None if skipped."""
+        """Raw sample -> (uint8 views [(H,W,3) or None], texts, mask, coords, index); None if skipped."""
         from PIL import Image
 
         v, size = self.cfg.views, self.cfg.image_size
         try:
             meta = json.loads(sample["json"])
             mask = [bool(m) for m in meta["view_mask"]][:v]
-            images = np.zeros((v, size, size, 3), dtype=np.uint8)
+            views: list[np.ndarray | None] = [None] * v
             texts: list[str | None] = [None] * v
             for pos, text in zip(meta["positions"], meta["descriptions"]):
                 if pos > v:
@@ -276,25 +282,33 @@ class ShardStream(IterableDataset):
                 if data is None:
                     raise KeyError(f"member {pos}.jpg missing")
                 with Image.open(io.BytesIO(data)) as im:
-                    rgb = im.convert("RGB")
+                    if self.cfg.fast_decode and im.size != (size, size):
+                        im.draft("RGB", (size, size))  # DCT-domain downscale to >= size (JPEG only)
+                    im.load()
+                    rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image
                     if rgb.size != (size, size):
                         rgb = rgb.resize((size, size), Image.BILINEAR)
-                    images[pos - 1] = np.asarray(rgb)  # (H, W, 3)
+                    views[pos - 1] = np.asarray(rgb)  # (H, W, 3) uint8
                 texts[pos - 1] = normalize_text(text)
-            return {"images": images, "texts": texts, "mask": mask, "xyz": meta["xyz"], "index": int(meta["index"])}
+            return {"views": views, "texts": texts, "mask": mask, "xyz": meta["xyz"], "index": int(meta["index"])}
         except Exception as e:
             self._fail(f"{url}: sample {key}: {type(e).__name__}: {e}")
             return None
 
     def _collate(self, items: list[dict]) -> dict:
         """Decoded samples -> the batch dict of docs/INTERFACES.md."""
-        b, v = len(items), self.cfg.views
-        raw = torch.from_numpy(np.stack([it["images"] for it in items]))  # (B, V, H, W, 3) uint8
-        images = raw.permute(0, 1, 4, 2, 3).contiguous().to(torch.float32)  # (B, V, 3, H, W)
-        images.mul_(_NORM_SCALE).add_(_NORM_BIAS)  # (x / 255 - mean) / std in two in-place passes
+        b, v, size = len(items), self.cfg.views, self.cfg.image_size
+        images = empty_cpu((b, v, 3, size, size), torch.uint8)  # (B, V, 3, H, W), filled view by view
+        dst = images.numpy()  # same memory; numpy copies from PIL's read-only arrays without a wrapper
+        for i, it in enumerate(items):
+            for j, view in enumerate(it["views"]):
+                if view is None or j >= len(it["mask"]) or not it["mask"][j]:
+                    dst[i, j] = 0  # missing view: 0 (float32 path: exactly 0 after normalising)
+                else:
+                    dst[i, j] = view.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         view_mask = torch.tensor([it["mask"] + [False] * (v - len(it["mask"])) for it in items], dtype=torch.bool)
-        if not view_mask.all():
-            images[~view_mask] = 0.0  # zeros where a view is missing
+        if self.cfg.image_dtype == "float32":
+            images = normalize_images(images, view_mask)  # one pass over the whole batch
         ids, att = self._tokenize([t for it in items for t in it["texts"]], b, v)
         return {
             "images": images,

@@ -173,7 +173,7 @@ def plan_locations(cfg: SynthConfig) -> list[SynthLocation]:
     return out
 
 
-def _draw_object(draw, obj: SceneObject, box: tuple[float, float, float, float], horizon: float) -> None:
+def _draw_object(draw, obj: SceneObject, box: tuple[float, float, float, float]) -> None:
     """Draw one object filling most of its slot `box` (x0, y0, x1, y1 in pixels)."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
@@ -231,7 +231,7 @@ def render_view(view: dict, size: int, jitter_seed: int) -> "Image.Image":  # no
     for i, obj in enumerate(objects):
         dx, dy = rng.uniform(-0.05, 0.05, size=2) * slot  # small jitter: neighbours differ slightly
         box = (i * slot + 0.05 * slot + dx, size * 0.2 + dy, (i + 1) * slot - 0.05 * slot + dx, size * 0.9)
-        _draw_object(draw, obj, box, horizon)
+        _draw_object(draw, obj, box)
     return img
 
 

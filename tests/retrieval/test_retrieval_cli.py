@@ -1,0 +1,171 @@
+"""End to end on the synthetic test split with a tiny model: index build, eval (with and
+without index), eval-embeddings, localize, and each bad input's clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from text4vpr.cli import main
+from text4vpr.data.loader import LoaderConfig, build_loader
+from text4vpr.data.tokenizer import load_tokenizer
+from text4vpr.models import Text4VPR, tiny_config
+from text4vpr.retrieval.evaluate import encode_split, evaluate
+from text4vpr.retrieval.metrics import key
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_model")
+    Text4VPR(tiny_config(vocab_size=300)).save_pretrained(out, tokenizer=load_tokenizer(tokenizer_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def index_dir(model_dir, synth_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "idx"
+    rc = main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(out),
+               "--num-workers", "0", "--batch-size", "4"])
+    assert rc == 0
+    return out
+
+
+def _loader(model_dir, synth_shards, batch_size=4):
+    cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(model_dir), batch_size=batch_size,
+                       image_size=56, num_workers=0)
+    return build_loader(cfg, "eval")
+
+
+def spec_loop(enc, ks, radii):
+    """SPEC metric, float64, one query at a time (queries and database = the same locations)."""
+    text = (enc["queries"] * enc["query_mask"][..., None]).double().flatten(1).numpy()
+    images = (enc["database"] * enc["db_mask"][..., None]).double().flatten(1).numpy()
+    xyz = enc["coords"].numpy()
+    out = {key(k): {key(r): 0.0 for r in radii} for k in ks}
+    for q in range(len(text)):
+        order = np.lexsort((np.arange(len(images)), -(images @ text[q])))
+        dist = np.linalg.norm(xyz[order] - xyz[q], axis=1)
+        for k in ks:
+            for r in radii:
+                out[key(k)][key(r)] += float(np.any(dist[:k] <= r)) / len(text)
+    return out
+
+
+def test_index_layout(index_dir):
+    header = json.loads((index_dir / "header.json").read_text())
+    assert header["count"] == 6 and header["views"] == 4 and header["embed_dim"] == 64
+    part = load_file(str(index_dir / "part-00000.safetensors"))
+    assert part["embeddings"].shape == (6, 4, 64) and part["coords"].dtype == torch.float64
+    assert part["index"].dtype == torch.int64 and part["view_mask"].dtype == torch.bool
+
+
+def test_evaluate_matches_spec_loop(model_dir, synth_shards):
+    model = Text4VPR.from_pretrained(model_dir)
+    ks, radii = (1, 2, 5), (5, 10, 15, 30, 1000)
+    metrics = evaluate(model, _loader(model_dir, synth_shards, batch_size=4), ks, radii)  # batches of 4 + 2
+    enc = encode_split(model, _loader(model_dir, synth_shards))
+    want = spec_loop(enc, ks, radii)
+    assert metrics["num_queries"] == 6 and metrics["num_database"] == 6  # no drop_last: every location counts
+    for k in want:
+        for r in want[k]:
+            assert metrics["accuracy"][k][r] == pytest.approx(want[k][r], abs=1e-12)
+    assert metrics["accuracy"]["5"]["1000"] == 1.0
+
+
+def test_eval_cli_writes_report(model_dir, synth_shards, index_dir, tmp_path, capsys):
+    args = ["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--index", str(index_dir), "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert set(a["accuracy"]) == {"1", "5", "10"} and set(a["accuracy"]["1"]) == {"5", "10", "15", "30"}
+    assert a["num_queries"] == 6 and a["num_database"] == 6 and a["mode"] == "upstream"
+    assert a["accuracy"] == b["accuracy"]
+    assert (tmp_path / "a" / "metrics.md").read_text().startswith("Top-k accuracy")
+    assert (tmp_path / "a" / "accuracy_vs_radius.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1 |" in capsys.readouterr().out
+
+
+def test_eval_embeddings_cli(model_dir, synth_shards, tmp_path):
+    model = Text4VPR.from_pretrained(model_dir)
+    enc = encode_split(model, _loader(model_dir, synth_shards))
+    q = {"embeddings": enc["queries"], "view_mask": enc["query_mask"], "coords": enc["coords"], "index": enc["index"]}
+    d = {"embeddings": enc["database"], "view_mask": enc["db_mask"], "coords": enc["coords"], "index": enc["index"]}
+    save_file(q, str(tmp_path / "q.safetensors"))
+    save_file(d, str(tmp_path / "d.safetensors"))
+    for mode in ("upstream", "cosine", "any-heading"):
+        rc = main(["eval-embeddings", "--queries", str(tmp_path / "q.safetensors"), "--database",
+                   str(tmp_path / "d.safetensors"), "--mode", mode, "--out", str(tmp_path / mode)])
+        assert rc == 0
+        got = json.loads((tmp_path / mode / "metrics.json").read_text())
+        assert got["mode"] == mode
+    want = spec_loop(enc, (1, 5, 10), (5, 10, 15, 30))
+    got = json.loads((tmp_path / "upstream" / "metrics.json").read_text())["accuracy"]
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-12)
+
+
+def test_localize_terminal_and_json(model_dir, index_dir, capsys):
+    base = ["localize", "--model", str(model_dir), "--index", str(index_dir)]
+    texts = ["--text", "a red car parked by the curb", "--text", "a tall green tree"]
+    assert main(base + texts + ["--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "latitude" in out and len(out.strip().splitlines()) == 4
+    assert main(base + texts + ["--json", "--mode", "any-heading"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert [r["rank"] for r in res] == [1, 2, 3, 4, 5]
+    assert all(len(r["ecef"]) == 3 and -90 <= r["lat"] <= 90 and -180 <= r["lon"] <= 180 for r in res)
+    assert res == sorted(res, key=lambda r: (-r["score"], r["row"]))
+
+
+def _err(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_localize_errors(model_dir, index_dir, tmp_path, tokenizer_dir, capsys):
+    base = ["localize", "--model", str(model_dir), "--index", str(index_dir)]
+    assert "no description" in _err(capsys, base)
+    assert "at most 4" in _err(capsys, base + ["--text", "a"] * 5)
+    assert "no description" in _err(capsys, base + ["--text", "   "])
+
+    other = tmp_path / "other_model"  # same dimension, another config
+    Text4VPR(tiny_config(vocab_size=300, image_size=70)).save_pretrained(other, tokenizer=load_tokenizer(tokenizer_dir))
+    assert "another model" in _err(capsys, ["localize", "--model", str(other), "--index", str(index_dir), "--text", "a"])
+
+    wide = tiny_config(vocab_size=300)
+    wide.aggregation.cluster_dim = 8
+    wide.embed_dim = 32
+    Text4VPR(wide).save_pretrained(tmp_path / "wide", tokenizer=load_tokenizer(tokenizer_dir))
+    assert "dimension" in _err(capsys, ["localize", "--model", str(tmp_path / "wide"), "--index", str(index_dir), "--text", "a"])
+
+    broken = tmp_path / "broken"
+    shutil.copytree(index_dir, broken)
+    (broken / "part-00000.safetensors").unlink()
+    assert "missing" in _err(capsys, ["localize", "--model", str(model_dir), "--index", str(broken), "--text", "a"])
+
+    nan_index = tmp_path / "nan_index"
+    shutil.copytree(index_dir, nan_index)
+    part = load_file(str(nan_index / "part-00000.safetensors"))
+    part["embeddings"][2, 1, 5] = float("nan")
+    save_file(part, str(nan_index / "part-00000.safetensors"))
+    assert "non-finite" in _err(capsys, ["localize", "--model", str(model_dir), "--index", str(nan_index), "--text", "a"])
+
+    nan_model = tmp_path / "nan_model"
+    shutil.copytree(model_dir, nan_model)
+    from safetensors import safe_open
+
+    with safe_open(str(nan_model / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    weights = load_file(str(nan_model / "model.safetensors"))
+    for name, t in weights.items():
+        if name.startswith("text") and t.is_floating_point():
+            t.fill_(float("nan"))
+    save_file(weights, str(nan_model / "model.safetensors"), metadata=metadata)
+    assert "non-finite" in _err(capsys, ["localize", "--model", str(nan_model), "--index", str(index_dir), "--text", "a"])

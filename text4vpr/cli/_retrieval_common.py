@@ -1,0 +1,62 @@
+"""Helpers shared by the retrieval subcommands (index, eval, localize): model, loader, ranks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from text4vpr.kernels.topk import MODES
+
+
+def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained output)")
+    parser.add_argument("--shards", required=True, help="shard folder of the split to encode")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--batch-size", type=int, default=32, help="locations per batch")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers per rank")
+
+
+def add_mode_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=MODES, default="upstream", help="group similarity (default: upstream, the SPEC's)")
+
+
+def init_distributed():
+    """Process group when launched with `accelerate launch`/torchrun; returns the device to use."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_model_on(directory: str, device):
+    from text4vpr.models import Text4VPR
+
+    return Text4VPR.from_pretrained(directory, map_location=device).eval()
+
+
+def eval_loader(args: argparse.Namespace, model):
+    from text4vpr.data.loader import LoaderConfig, build_loader
+
+    cfg = LoaderConfig(
+        shards=str(args.shards), tokenizer=str(args.tokenizer or args.model), batch_size=args.batch_size,
+        image_size=model.config.image.image_size, num_workers=args.num_workers,
+    )
+    return build_loader(cfg, "eval")
+
+
+def is_main_rank() -> bool:
+    from text4vpr.retrieval.search import distributed_world
+
+    return distributed_world()[0] == 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def check_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {p} does not exist")
+    return p

@@ -1,0 +1,60 @@
+"""`text4vpr eval-embeddings --queries Q.safetensors --database DB.safetensors --out DIR`.
+
+Both files hold `embeddings` (n, V, D), `view_mask` (n, V), `coords` (n, 3) float64 and
+`index` (n,) (the index part layout); a database may also be an index folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from text4vpr.cli._retrieval_common import add_mode_arg, fail
+from text4vpr.cli.evaluate import add_ks_radii
+
+_NAMES = ("embeddings", "view_mask", "coords", "index")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queries", required=True, help="query vectors (.safetensors)")
+    parser.add_argument("--database", required=True, help="database vectors (.safetensors or an index folder)")
+    add_mode_arg(parser)
+    add_ks_radii(parser)
+    parser.add_argument("--device", default="cpu", help="device for the search (cpu, cuda)")
+    parser.add_argument("--out", required=True, help="report folder")
+
+
+def _load(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    from text4vpr.retrieval.index import load_index
+
+    p = Path(path)
+    if p.is_dir():
+        idx = load_index(p)
+        return {"embeddings": idx.embeddings, "view_mask": idx.view_mask, "coords": idx.coords, "index": idx.index}
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist")
+    tensors = load_file(str(p))
+    missing = [n for n in _NAMES if n not in tensors]
+    if missing:
+        raise ValueError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
+    return tensors
+
+
+def run(args: argparse.Namespace) -> int:
+    from text4vpr.retrieval.evaluate import search_metrics
+    from text4vpr.retrieval.report import markdown_table, write_report
+
+    try:
+        q, db = _load(args.queries), _load(args.database)
+        metrics = search_metrics(
+            q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
+            db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    paths = write_report(metrics, args.out)
+    print(markdown_table(metrics), end="")
+    print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+    return 0

@@ -1,0 +1,58 @@
+"""`text4vpr localize --model DIR --index INDEX --text "..." [--text "..." up to 4] [--top-k 5] [--mode M] [--json]`.
+
+Descriptions are taken in pos order (the first faces pos 1, ...); use `--mode any-heading`
+when the heading of the first description is unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from text4vpr.cli._retrieval_common import add_mode_arg, fail
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder")
+    parser.add_argument("--index", required=True, help="index folder built by `text4vpr index build` with this model")
+    parser.add_argument("--text", action="append", default=[], help="a description (repeat up to 4 times, pos order)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--top-k", type=int, default=5, help="number of locations to list")
+    add_mode_arg(parser)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _print_table(results: list[dict]) -> None:
+    print(f"{'rank':>4} {'score':>10} {'index':>7} {'latitude':>12} {'longitude':>12} {'height':>8}  ECEF x, y, z (m)")
+    for r in results:
+        x, y, z = r["ecef"]
+        print(f"{r['rank']:>4} {r['score']:>10.4f} {r['index']:>7} {r['lat']:>12.7f} {r['lon']:>12.7f} "
+              f"{r['height']:>8.2f}  {x:.2f}, {y:.2f}, {z:.2f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from text4vpr.data.tokenizer import load_tokenizer
+    from text4vpr.models import Text4VPR
+    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.localize import MAX_DESCRIPTIONS, encode_descriptions, rank_locations
+
+    if not args.text:
+        return fail('no description given: pass --text "..." (up to 4 times)')
+    if len(args.text) > MAX_DESCRIPTIONS:
+        return fail(f"{len(args.text)} descriptions given; at most {MAX_DESCRIPTIONS} (one per view)")
+    if args.top_k < 1:
+        return fail("--top-k must be at least 1")
+    try:
+        model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
+        index = load_index(args.index, model.config_hash(), model.embed_dim)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"])
+        results = rank_locations(query, mask, index, args.top_k, args.mode)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        return fail(str(e))
+    if args.json:
+        print(json.dumps({"mode": args.mode, "descriptions": args.text, "results": results}, indent=2))
+    else:
+        _print_table(results)
+    return 0

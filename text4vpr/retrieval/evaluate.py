@@ -1,0 +1,130 @@
+"""Evaluation: encode a split, search every location's texts against every location's images,
+score top-k within r metres (SPEC). Used by `text4vpr eval` and by the trainer's validation.
+
+Distributed (torch.distributed initialised): each rank encodes the locations its eval loader
+yields (every location exactly once over all ranks: no drop_last, nothing repeated), with no
+collective per batch. At the end, one all-gather of the (small) query vectors and
+coordinates, a local search of all queries against this rank's database slice, and one
+all-gather of the (Q, k) results (`search.sharded_group_topk`). Every rank returns the same
+metrics dict.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from text4vpr.kernels.topk import check_finite, check_mode
+from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
+from text4vpr.retrieval.search import distributed_world, sharded_group_topk
+
+
+@torch.no_grad()
+def encode_split(model, loader, device=None) -> dict[str, torch.Tensor]:
+    """Text (queries) and image (database) vectors of every location this rank's loader yields, on CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: dict[str, list] = {k: [] for k in ("queries", "query_mask", "database", "db_mask", "coords", "index")}
+    try:
+        for batch in loader:
+            view_mask = batch["view_mask"].bool()
+            text = model.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, V, D)
+            images = model.encode_images(batch["images"].to(device), view_mask.to(device))  # (B, V, D)
+            out["queries"].append(text.float().cpu())
+            out["query_mask"].append(view_mask & batch["attention_mask"].bool().any(-1))
+            out["database"].append(images.float().cpu())
+            out["db_mask"].append(view_mask)
+            out["coords"].append(batch["coords"].to(torch.float64))
+            out["index"].append(batch["index"].to(torch.int64))
+    finally:
+        model.train(was_training)
+    if not out["queries"]:
+        d = model.embed_dim
+        return {"queries": torch.zeros(0, 4, d), "query_mask": torch.zeros(0, 4, dtype=torch.bool),
+                "database": torch.zeros(0, 4, d), "db_mask": torch.zeros(0, 4, dtype=torch.bool),
+                "coords": torch.zeros(0, 3, dtype=torch.float64), "index": torch.zeros(0, dtype=torch.int64)}
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _gather_queries(local: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """All ranks' queries, masks and coords in rank order, and this rank's first global id."""
+    rank, world = distributed_world()
+    if world == 1:
+        return local, 0
+    mine = {k: local[k].cpu() for k in ("queries", "query_mask", "coords", "index")}
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    offset = sum(len(g["index"]) for g in gathered[:rank])
+    return {k: torch.cat([g[k] for g in gathered]) for k in mine}, offset
+
+
+def search_metrics(
+    queries: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    query_coords: torch.Tensor,
+    database: torch.Tensor,
+    db_mask: torch.Tensor | None,
+    db_coords: torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    radii: Sequence[float] = DEFAULT_RADII,
+    mode: str = "upstream",
+    *,
+    id_offset: int = 0,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+) -> dict:
+    """Metrics for precomputed vectors. `database`/`db_mask` are this rank's slice (rows from
+    `id_offset`); `db_coords` covers the whole database; queries are the same on every rank."""
+    check_mode(mode)
+    check_finite(queries, "query vectors")
+    check_finite(database, "database vectors")
+    device = torch.device(device) if device is not None else database.device
+    k = max(ks)
+    total = db_coords.shape[0]
+    _, ids = sharded_group_topk(
+        queries.to(device), None if query_mask is None else query_mask.to(device),
+        database.to(device), None if db_mask is None else db_mask.to(device),
+        k, mode, id_offset=id_offset, total=total, backend=backend,
+    )
+    accuracy = topk_within_radius(ids.cpu(), query_coords, db_coords, ks, radii)
+    return {"accuracy": accuracy, "num_queries": int(queries.shape[0]), "num_database": int(total), "mode": mode,
+            "ks": [int(x) for x in ks], "radii": [float(r) for r in radii]}
+
+
+def evaluate(
+    model,
+    loader,
+    ks: Sequence[int] = DEFAULT_KS,
+    radii: Sequence[float] = DEFAULT_RADII,
+    mode: str = "upstream",
+    *,
+    index=None,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+) -> dict:
+    """Encode the loader's split and return the metrics dict (same on every rank):
+    {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"}.
+
+    Queries = each location's descriptions, database = each location's images (SPEC);
+    with `index` (a loaded `retrieval.index.Index`), the database comes from it instead
+    (each rank searches an equal slice of its rows). The model is left in its train/eval state.
+    """
+    check_mode(mode)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    local = encode_split(model, loader, device)
+    everyone, offset = _gather_queries(local)
+    if everyone["queries"].shape[0] == 0:
+        raise ValueError("the evaluation loader yielded no locations")
+    if index is None:
+        database, db_mask, db_coords = local["database"], local["db_mask"], everyone["coords"]
+    else:
+        rank, world = distributed_world()
+        n = len(index)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        database, db_mask, db_coords, offset = index.embeddings[lo:hi], index.view_mask[lo:hi], index.coords, lo
+    return search_metrics(
+        everyone["queries"], everyone["query_mask"], everyone["coords"], database, db_mask, db_coords,
+        ks, radii, mode, id_offset=offset, backend=backend, device=device,
+    )

@@ -1,0 +1,170 @@
+"""Retrieval index: database image vectors of a split, written in parts, checked on load.
+
+Layout of an index folder:
+- `header.json`: format, model config hash, D (embed dim), V (views), dtype, total count and
+  the parts with their counts;
+- `part-XXXXX.safetensors` (one per rank that built it): `embeddings` (n, V, D),
+  `view_mask` (n, V) bool, `coords` (n, 3) float64 ECEF metres, `index` (n,) int64 location
+  index. Global row ids run through the parts in order.
+
+Built in parallel: each rank encodes its share of the eval loader (every location exactly
+once) and writes its part; one gather of the counts at the end, then rank 0 writes the
+header. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from text4vpr.kernels.topk import check_finite
+from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
+
+FORMAT = "text4vpr-index"
+FORMAT_VERSION = 1
+HEADER = "header.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RetrievalIndexError(ValueError):
+    """The index is missing, damaged, or does not belong to the model in hand."""
+
+
+
+@dataclass
+class Index:
+    """A loaded index (all parts concatenated in order)."""
+
+    embeddings: torch.Tensor  # (N, V, D)
+    view_mask: torch.Tensor  # (N, V) bool
+    coords: torch.Tensor  # (N, 3) float64
+    index: torch.Tensor  # (N,) int64
+    header: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def part_name(rank: int) -> str:
+    return f"part-{rank:05d}.safetensors"
+
+
+@torch.no_grad()
+def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=None, views: int = 4) -> dict[str, torch.Tensor]:
+    """Image vectors of every location this rank's eval loader yields, on CPU."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = {"embeddings": [], "view_mask": [], "coords": [], "index": []}
+    for batch in loader:
+        mask = batch["view_mask"].to(device)
+        emb = model.encode_images(batch["images"].to(device), mask)  # (B, V, D)
+        out["embeddings"].append(emb.to(dtype).cpu())
+        out["view_mask"].append(batch["view_mask"].bool().cpu())
+        out["coords"].append(batch["coords"].to(torch.float64).cpu())
+        out["index"].append(batch["index"].to(torch.int64).cpu())
+    if not out["embeddings"]:
+        d, v = model.embed_dim, views  # this rank got no locations: an empty part
+        return {"embeddings": torch.zeros(0, v, d, dtype=dtype), "view_mask": torch.zeros(0, v, dtype=torch.bool),
+                "coords": torch.zeros(0, 3, dtype=torch.float64), "index": torch.zeros(0, dtype=torch.int64)}
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def write_part(out_dir: str | Path, rank: int, tensors: dict[str, torch.Tensor], config_hash: str) -> Path:
+    path = Path(out_dir) / part_name(rank)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_save_file(contiguous, path, metadata={"format": FORMAT, "config_hash": config_hash})
+    return path
+
+
+def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dtype: str, counts: list[int]) -> dict:
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config_hash": config_hash,
+        "embed_dim": dim,
+        "views": views,
+        "dtype": dtype,
+        "count": int(sum(counts)),
+        "parts": [{"name": part_name(r), "count": int(c)} for r, c in enumerate(counts)],
+    }
+    atomic_write_json(Path(out_dir) / HEADER, header)
+    return header
+
+
+def build_index(model, loader, out_dir: str | Path, dtype: str = "float32") -> dict:
+    """Encode this rank's locations and write its part; rank 0 writes the header. Returns the header.
+
+    Under torch.distributed every rank calls this with its own eval loader; the only
+    collective is one gather of the part sizes at the end.
+    """
+    from text4vpr.retrieval.search import distributed_world
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"index dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    rank, world = distributed_world()
+    tensors = encode_database(model, loader, _DTYPES[dtype])
+    write_part(out_dir, rank, tensors, model.config_hash())
+    counts = [len(tensors["index"])]
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, counts[0])
+        counts = gathered
+    v, d = tensors["embeddings"].shape[1:]
+    header = {"count": sum(counts)}
+    if rank == 0:
+        header = write_header(out_dir, model.config_hash(), int(d), int(v), dtype, counts)
+    if world > 1:
+        torch.distributed.barrier()  # the header exists for everyone once this returns
+    return header
+
+
+def read_header(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / HEADER).is_file():
+        raise RetrievalIndexError(f"{path}: no {HEADER}; not a text4vpr index folder (build one with `text4vpr index build`)")
+    header = json.loads((path / HEADER).read_text())
+    if header.get("format") != FORMAT:
+        raise RetrievalIndexError(f"{path / HEADER}: not a text4vpr index (format={header.get('format')!r})")
+    return header
+
+
+def check_pairing(header: dict, config_hash: str | None = None, embed_dim: int | None = None, where: str = "index") -> None:
+    """Raise RetrievalIndexError when the index was built by another model or with another dimension."""
+    if embed_dim is not None and header["embed_dim"] != embed_dim:
+        raise RetrievalIndexError(f"{where}: built with embedding dimension {header['embed_dim']}, the model has {embed_dim}")
+    if config_hash is not None and header["config_hash"] != config_hash:
+        raise RetrievalIndexError(
+            f"{where}: built by another model (config hash {header['config_hash'][:12]}..., "
+            f"this model {config_hash[:12]}...); rebuild it with `text4vpr index build`"
+        )
+
+
+def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int | None = None,
+               device: str | torch.device = "cpu") -> Index:
+    """Load every part, checking pairing with the model, part presence, sizes and finiteness."""
+    path = Path(path)
+    header = read_header(path)
+    check_pairing(header, config_hash, embed_dim, str(path))
+    parts = []
+    for part in header["parts"]:
+        file = path / part["name"]
+        if not file.is_file():
+            raise RetrievalIndexError(f"{path}: index part {part['name']} is missing ({len(header['parts'])} parts expected)")
+        tensors = load_file(str(file), device=str(device))
+        n = tensors["embeddings"].shape[0]
+        if n != part["count"] or tuple(tensors["embeddings"].shape[1:]) != (header["views"], header["embed_dim"]):
+            raise RetrievalIndexError(f"{file}: holds {tuple(tensors['embeddings'].shape)}, header says "
+                              f"({part['count']}, {header['views']}, {header['embed_dim']})")
+        parts.append(tensors)
+    index = Index(*(torch.cat([p[name] for p in parts]) for name in ("embeddings", "view_mask", "coords", "index")),
+                  header=header)
+    try:
+        check_finite(index.embeddings, "index embeddings")
+    except ValueError as e:
+        raise RetrievalIndexError(f"{path}: {e}") from None
+    index.view_mask = index.view_mask.bool()
+    return index

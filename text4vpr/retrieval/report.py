@@ -1,0 +1,61 @@
+"""Evaluation report: metrics.json, a markdown table, and a PNG of accuracy against radius."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from text4vpr.utils.atomic import atomic_open, atomic_write_json, atomic_write_text
+
+METRICS_JSON = "metrics.json"
+TABLE_MD = "metrics.md"
+PLOT_PNG = "accuracy_vs_radius.png"
+
+
+def markdown_table(metrics: dict) -> str:
+    """One row per k, one column per radius, values in percent."""
+    acc = metrics["accuracy"]
+    radii = list(next(iter(acc.values())).keys())
+    lines = [
+        f"Top-k accuracy within r metres ({metrics['mode']} similarity, {metrics['num_queries']} queries, "
+        f"{metrics['num_database']} database locations)",
+        "",
+        "| k | " + " | ".join(f"{r} m" for r in radii) + " |",
+        "|---|" + "---|" * len(radii),
+    ]
+    for k, row in acc.items():
+        lines.append(f"| {k} | " + " | ".join(f"{100 * row[r]:.1f} %" for r in radii) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(metrics: dict, path: str | Path) -> None:
+    """Accuracy (%) against radius (m), one line per k; Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for k, row in metrics["accuracy"].items():
+        radii = [float(r) for r in row]
+        ax.plot(radii, [100 * v for v in row.values()], marker="o", label=f"top-{k}")
+    ax.set_xlabel("radius r (m)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Text4VPR retrieval ({metrics['mode']}, {metrics['num_queries']} queries)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def write_report(metrics: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write metrics.json, metrics.md and accuracy_vs_radius.png into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / METRICS_JSON, "table": out / TABLE_MD, "plot": out / PLOT_PNG}
+    atomic_write_json(paths["json"], metrics)
+    atomic_write_text(paths["table"], markdown_table(metrics))
+    plot_accuracy(metrics, paths["plot"])
+    return paths
