@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Plain vs tiled InfoNCE, forward+backward: time and peak memory as the batch grows.
 
-Each (method, batch) runs in a fresh subprocess. On CUDA, memory is
-torch.cuda.max_memory_allocated beyond the inputs; on CPU it is the peak resident set
-(getrusage ru_maxrss) beyond the resident set once the inputs exist, so it counts every
-tensor the loss allocates, the embedding gradients included. Fits: tiled memory linear in
+Each (method, batch) runs in a fresh subprocess. Memory is the peak of tensor allocations
+beyond the inputs during one forward+backward, the embedding gradients included: on CUDA
+torch.cuda.max_memory_allocated, on CPU the profiler's allocation events (exact tensor
+accounting, not the resident set). Fits: tiled memory linear in
 B (slope printed, bytes per pair), plain memory a*B^2 + b*B; from the fits, the largest
 batch whose inputs + loss memory fit in 8 GiB (extrapolated when not measured).
 """
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -28,9 +27,24 @@ import torch  # noqa: E402
 BUDGET = 8 * 2**30
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _cpu_peak_allocated(fn) -> int:
+    """Peak bytes of CPU tensors allocated by `fn` beyond those alive before it, from the
+    profiler's allocation events ("Total Allocated" after each allocation or free)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
 
 
 def child(method: str, b: int, d: int, block: int, repeats: int) -> dict:
@@ -55,9 +69,7 @@ def child(method: str, b: int, d: int, block: int, repeats: int) -> dict:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes()
-        run()
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        extra = _cpu_peak_allocated(run)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -156,10 +168,11 @@ def main() -> None:
     from text4vpr.utils.atomic import atomic_write_json
 
     out = Path(args.out or f"benchmarks/results/bench_loss_{'cuda' if cuda else 'cpu'}.json")
+    memory = ("cuda max_memory_allocated beyond inputs" if cuda
+              else "peak CPU tensor allocation beyond inputs (torch.profiler memory events)")
     atomic_write_json(out, {"device": "cuda" if cuda else "cpu",
                             "gpu": torch.cuda.get_device_name() if cuda else None, "dim": args.dim,
-                            "block": block, "sizes": sizes, "memory": "cuda max_memory_allocated" if cuda
-                            else "peak RSS beyond inputs (getrusage)", "torch": torch.__version__,
+                            "block": block, "sizes": sizes, "memory": memory, "torch": torch.__version__,
                             "platform": platform.platform(), "results": rows, "fits": fits})
     print(f"wrote {out}")
 

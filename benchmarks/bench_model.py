@@ -13,7 +13,6 @@ T5-base-shaped encoder, built from configs) is meant for a GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

@@ -85,7 +85,8 @@ def check(name, loss_kwargs, model, ddp, batch, rank, world, cache=False):
     assert n > 10, n
     if loss_fn.log_scale.requires_grad:
         assert rel(loss_fn.log_scale.grad, ref_loss_fn.log_scale.grad) <= 1e-5, name
-    print(f"rank {rank} {name}: loss {float(loss.detach()):.6f} ref {float(ref.detach()):.6f}, {n} grads match", flush=True)
+    got, want = float(loss.detach()), float(ref.detach())
+    print(f"rank {rank} {name}: loss {got:.6f} ref {want:.6f}, {n} grads match", flush=True)
 
 
 def main(out_dir: str) -> None:

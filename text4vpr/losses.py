@@ -248,7 +248,8 @@ class _FusedTiledInfoNCE(torch.autograd.Function):
 
 def _inv_norms(x: torch.Tensor, block: int) -> torch.Tensor:
     """1 / max(||x_n||, 1e-12) per row, in fp32, without an (N, D) temporary (F.normalize's eps)."""
-    return torch.cat([x[a : a + block].float().norm(dim=1) for a in range(0, x.shape[0], block)]).clamp_min(1e-12).reciprocal()
+    norms = torch.cat([x[a : a + block].float().norm(dim=1) for a in range(0, x.shape[0], block)])  # (N,)
+    return norms.clamp_min(1e-12).reciprocal()
 
 
 def _normalize_backward_(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, block: int) -> None:

@@ -179,3 +179,31 @@ def test_config_validation():
         replace(cfg, embed_dim=63)
     with pytest.raises(ValueError, match="trainable_blocks"):
         Text4VPR(replace(cfg, image=replace(cfg.image, trainable_blocks=5)))
+
+
+def test_text_dropout_override_makes_training_deterministic():
+    import dataclasses
+
+    from text4vpr.models import Text4VPR, tiny_config
+
+    cfg = tiny_config(vocab_size=50, image_size=28)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dropout=0.0, residual_dropout=0.0))
+    model = Text4VPR(cfg).train()
+    ids = torch.randint(3, 50, (2, 4, 7))
+    mask = torch.ones_like(ids)
+    a = model.encode_texts(ids, mask)
+    b = model.encode_texts(ids, mask)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    default = Text4VPR(tiny_config(vocab_size=50, image_size=28)).train()
+    assert not torch.equal(default.encode_texts(ids, mask), default.encode_texts(ids, mask))
+
+
+def test_uint8_images_are_normalised_by_the_model():
+    from text4vpr.data.transforms import normalize_images
+    from text4vpr.models import Text4VPR, tiny_config
+
+    model = Text4VPR(tiny_config(vocab_size=50, image_size=28)).eval()
+    raw = torch.randint(0, 256, (2, 4, 3, 28, 28), dtype=torch.uint8)
+    mask = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(raw, mask), model.encode_images(normalize_images(raw), mask))

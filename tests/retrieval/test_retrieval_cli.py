@@ -169,3 +169,36 @@ def test_localize_errors(model_dir, index_dir, tmp_path, tokenizer_dir, capsys):
             t.fill_(float("nan"))
     save_file(weights, str(nan_model / "model.safetensors"), metadata=metadata)
     assert "non-finite" in _err(capsys, ["localize", "--model", str(nan_model), "--index", str(index_dir), "--text", "a"])
+
+
+@pytest.mark.slow
+def test_two_rank_evaluate_and_index_equal_single_process(model_dir, synth_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from text4vpr.retrieval.index import load_index
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    worker = Path(__file__).with_name("dist_eval_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+         str(model_dir), str(synth_shards), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got = json.loads((tmp_path / "metrics.json").read_text())
+    model = Text4VPR.from_pretrained(model_dir)
+    for mode, metrics in got["metrics"].items():
+        want = evaluate(model, _loader(model_dir, synth_shards), (1, 2, 5), (5, 10, 30, 1000), mode)
+        assert metrics == want, mode
+    header = got["header"]
+    assert header["count"] == 6 and len(header["parts"]) == 2 and header["parts"][1]["count"] > 0
+    index = load_index(tmp_path / "index", model.config_hash(), model.embed_dim)
+    enc = encode_split(model, _loader(model_dir, synth_shards))
+    order = torch.argsort(index.index)
+    want_order = torch.argsort(enc["index"])
+    assert torch.equal(index.index[order], enc["index"][want_order])
+    torch.testing.assert_close(index.embeddings[order], enc["database"][want_order])

@@ -52,3 +52,8 @@ def test_main_reports_bad_key(capsys):
 
     assert main(["--config", "configs/tiny_test.yaml", "train.nonsense=1"]) == 2
     assert "train.nonsense" in capsys.readouterr().err
+
+
+def test_yaml_exponent_without_dot_is_a_float():
+    cfg = load_config(RunConfig, None, ["optim.lr=5e-3"])
+    assert cfg.optim.lr == 0.005

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from text4vpr.kernels.topk import MODES
 
@@ -54,9 +53,3 @@ def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
 
-
-def check_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} {p} does not exist")
-    return p

@@ -145,13 +145,13 @@ def _is_prepared(db: torch.Tensor, mask: torch.Tensor, mode: str) -> bool:
     if not bool(mask.all()) and bool((db[~mask] != 0).any()):
         return False
     if mode == "cosine":
-        norms = torch.linalg.vector_norm(db.float(), dim=-1)[mask]
+        norms = torch.linalg.vector_norm(db, dim=-1, dtype=torch.float32)[mask]
         if norms.numel() and float((norms - 1).abs().max()) > _UNIT_TOL.get(db.dtype, 1e-5):
             return False
     return True
 
 
-def prepare_database(database: torch.Tensor, db_mask: torch.Tensor, mode: str, rows: int = 16384) -> torch.Tensor:
+def prepare_database(database: torch.Tensor, db_mask: torch.Tensor, mode: str, rows: int = 8192) -> torch.Tensor:
     """(N, V*D) database for the kernel: used in place when already prepared (the index stores
     zeros for missing views and unit image vectors), else a cleaned copy (zeroed / normalised)."""
     n = database.shape[0]

@@ -74,9 +74,10 @@ def check_mode(mode: str) -> None:
 
 
 def check_finite(x: torch.Tensor, name: str, rows_per_chunk: int = 4096) -> None:
-    """Raise ValueError if `x` holds NaN or inf; walks rows in chunks (no full-size bool copy)."""
-    for s in range(0, x.shape[0], rows_per_chunk):
-        if not bool(torch.isfinite(x[s : s + rows_per_chunk]).all()):
+    """Raise ValueError if `x` holds NaN or inf. One fp32 sum per row chunk: NaN and inf always
+    reach the sum (a false alarm needs sums beyond 3e38, i.e. broken vectors anyway)."""
+    for start in range(0, x.shape[0], rows_per_chunk):
+        if not bool(torch.isfinite(x[start : start + rows_per_chunk].sum(dtype=torch.float32))):
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
@@ -110,7 +111,7 @@ def view_scales(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """(M, V) fp32 per-view weights: the mask, times 1/||x_v|| in cosine mode (0 for zero vectors)."""
     scale = mask.to(torch.float32)
     if mode == "cosine":
-        norms = torch.linalg.vector_norm(x.to(torch.float32), dim=-1)  # (M, V)
+        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (M, V), no fp32 copy of x
         scale = scale * torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
     return scale
 
@@ -143,6 +144,29 @@ def _auto_chunk(rows: int, k: int, budget_bytes: int) -> int:
     return max(k, 256, budget_bytes // per_col)
 
 
+def _chunk_topk_keys(scores: torch.Tensor, start: int, k: int) -> torch.Tensor:
+    """Tie-rule top-k keys of one (Q, C) score chunk whose first column is database row `start`.
+
+    Fast path: float top-(k+1); when every row's (k+1)-th score is strictly below the others
+    there is no tie at the boundary and only those k get keys. Otherwise the chunk is keyed
+    whole. NaN and +inf sort first in torch.topk, so checking the selected values catches them.
+    """
+    num_q, c = scores.shape
+    ids = None
+    if k < c:
+        vals, idx = torch.topk(scores, k + 1, dim=1, sorted=False)  # (Q, k+1)
+        if not bool(torch.isfinite(vals).all()):
+            raise ValueError("queries or database contain non-finite values (NaN or inf)")
+        low, pos = vals.min(dim=1, keepdim=True)  # the (k+1)-th score
+        if bool(((vals == low).sum(dim=1) == 1).all()):  # strictly below the k-th: no boundary tie
+            keep = torch.ones_like(vals, dtype=torch.bool).scatter_(1, pos, False)
+            return encode_keys(vals[keep].view(num_q, k), idx[keep].view(num_q, k) + start)
+    elif not bool(torch.isfinite(scores).all()):
+        raise ValueError("queries or database contain non-finite values (NaN or inf)")
+    ids = torch.arange(start, start + c, device=scores.device).expand(num_q, -1)
+    return torch.topk(encode_keys(scores, ids), min(k, c), dim=1, sorted=False).values
+
+
 def group_topk_torch(
     queries: torch.Tensor,
     query_mask: torch.Tensor | None,
@@ -158,10 +182,13 @@ def group_topk_torch(
 
     Returns (scores (Q, min(k, N)) fp32, ids (Q, min(k, N)) int64), sorted by the tie rule.
     Extra memory: one chunk's (Q*R, C) scores and keys (R = V rotations in any-heading).
+    A non-finite query or database value raises when it reaches a selected score (NaN and
+    +inf always do; a NaN query component makes its whole row NaN). `retrieval.index.load_index`
+    and `retrieval.evaluate` check whole databases up front.
     """
     check_mode(mode)
     query_mask, db_mask = _check_inputs(queries, query_mask, database, db_mask, k)
-    check_finite(queries, "queries")
+    # non-finite queries or database values are caught in the selected scores (_chunk_topk_keys)
     num_q, num_v, _ = queries.shape
     n = database.shape[0]
     kk = min(k, n)
@@ -171,17 +198,18 @@ def group_topk_torch(
 
     compute_dtype = database.dtype if (database.is_cuda and database.dtype in (torch.bfloat16, torch.float16)) else torch.float32
     qs = view_scales(queries, query_mask, mode)  # (Q, V)
-    q = (queries.to(torch.float32) * qs[..., None]).to(compute_dtype)  # (Q, V, D)
+    if mode == "cosine" or not bool(query_mask.all()):
+        q = (queries.to(torch.float32) * qs[..., None]).to(compute_dtype)  # (Q, V, D) weighted views
+    else:
+        q = queries.to(compute_dtype)
     q_rot = _rotations(q, mode).reshape(-1, num_v * queries.shape[2])  # (R*Q, V*D)
-    present_rot = _rotations(qs > 0, mode).to(torch.float32)  # (R, Q, V)
-    rotations = present_rot.shape[0]
+    rotations = num_v if mode == "any-heading" else 1
     unit_db = mode != "cosine" and bool(db_mask.all())
 
     chunk = chunk_size or _auto_chunk(num_q * rotations, k, memory_budget)
     run_keys = None
     for start in range(0, n, chunk):
         db = database[start : start + chunk]  # (C, V, D)
-        check_finite(db, "database")
         ds = view_scales(db, db_mask[start : start + chunk], mode)  # (C, V)
         if unit_db:
             dbc = db.to(compute_dtype)
@@ -190,12 +218,10 @@ def group_topk_torch(
         scores = _matmul_fp32(q_rot, dbc.reshape(db.shape[0], -1).T)  # (R*Q, C)
         scores = scores.view(rotations, num_q, -1)  # (R, Q, C)
         if mode == "cosine":
-            count = present_rot[0] @ (ds > 0).to(torch.float32).T  # (Q, C)
+            count = query_mask.to(torch.float32) @ db_mask[start : start + chunk].to(torch.float32).T  # (Q, C)
             scores = scores / count.clamp_min(1.0)
-        scores = scores.amax(dim=0)  # (Q, C)
-        ids = torch.arange(start, start + db.shape[0], device=dev).expand(num_q, -1)
-        keys = encode_keys(scores, ids)  # (Q, C)
-        keys = torch.topk(keys, min(kk, keys.shape[1]), dim=1, sorted=False).values
+        scores = scores[0] if rotations == 1 else scores.amax(dim=0)  # (Q, C)
+        keys = _chunk_topk_keys(scores, start, kk)  # (Q, <= k)
         if run_keys is not None:
             keys = torch.cat([run_keys, keys], dim=1)  # (Q, <= 2k)
             keys = torch.topk(keys, min(kk, keys.shape[1]), dim=1, sorted=False).values

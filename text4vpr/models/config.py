@@ -57,6 +57,7 @@ class TextEncoderConfig:
     num_layers: int = 12
     num_heads: int = 12
     freeze_backbone: bool = False  # SPEC trains the T5 encoder; True keeps it fixed
+    dropout: float | None = None  # override the backbone's dropout (T5 dropout_rate); None keeps it
     num_residual_layers: int = 2
     residual_heads: int = 4
     residual_ff: int = 8192

@@ -29,13 +29,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if x.dim() != 2:
             raise ValueError(f"GlobalBatchNorm1d expects (N, C) input, got {tuple(x.shape)}")
         xf = x.float()
-        # one reduce of [count, sum(C), sum of squares(C)]
-        stats = torch.cat([xf.new_tensor([float(x.shape[0])]), xf.sum(0), (xf * xf).sum(0)])
-        stats = _all_reduce_with_grad(stats)
-        n = stats[0].detach()
         c = x.shape[1]
-        mean = stats[1 : 1 + c] / n
-        var = stats[1 + c :] / n - mean * mean  # biased, used to normalise
+        # two passes, as BatchNorm does: mean first, then the centred sum of squares (a
+        # single E[x^2] - E[x]^2 pass loses precision when |mean| >> std)
+        stats = _all_reduce_with_grad(torch.cat([xf.new_tensor([float(x.shape[0])]), xf.sum(0)]))
+        n = stats[0].detach()
+        mean = stats[1:] / n
+        var = _all_reduce_with_grad(((xf - mean) ** 2).sum(0)) / n  # biased, used to normalise
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1

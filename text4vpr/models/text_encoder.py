@@ -6,8 +6,9 @@ x <- x + TransformerEncoderLayer(x) on a length-1 sequence. Output is not normal
 
 `freeze_projection_at_init=True` reproduces the upstream accident: upstream encodes one
 description at a time and, for a batch of one, ran the projection in eval mode under
-no_grad, so it kept its random init and BatchNorm its initial running statistics. Off by
-default: the intended design trains it.
+no_grad, so it kept its random init and BatchNorm its initial running statistics, and no
+gradient reached the T5 encoder behind it (so it is frozen too in this mode). Off by
+default: the intended design trains both.
 """
 
 from __future__ import annotations
@@ -18,8 +19,30 @@ from torch import nn
 from text4vpr.models.config import TextEncoderConfig
 
 
+DROPOUT_KEYS = ("dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+
+
 def build_text_backbone(cfg: TextEncoderConfig) -> nn.Module:
-    """T5EncoderModel (or AutoModel for other encoders) from a folder, a config dict, or shapes."""
+    """T5EncoderModel (or AutoModel for other encoders) from a folder, a config dict, or shapes;
+    `cfg.dropout`, when set, replaces every dropout probability of the backbone's config."""
+    backbone = _build_text_backbone(cfg)
+    if cfg.dropout is not None:
+        _set_dropout(backbone, cfg.dropout)
+    return backbone
+
+
+def _set_dropout(backbone: nn.Module, p: float) -> None:
+    for key in DROPOUT_KEYS:
+        if hasattr(backbone.config, key):
+            setattr(backbone.config, key, p)
+    for m in backbone.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):  # e.g. T5Attention keeps a float p
+            m.dropout = p
+
+
+def _build_text_backbone(cfg: TextEncoderConfig) -> nn.Module:
     from transformers import AutoConfig, AutoModel, T5Config, T5EncoderModel
 
     if cfg.backbone_config is not None:
@@ -65,7 +88,9 @@ class TextEncoder(nn.Module):
             for _ in range(cfg.num_residual_layers)
         )
         self.freeze_projection = cfg.freeze_projection_at_init
-        if cfg.freeze_backbone:
+        # Upstream ran the projection under no_grad, so no gradient ever reached T5 either:
+        # freeze it too (a trainable parameter that never gets a gradient breaks DDP's reducer).
+        if cfg.freeze_backbone or self.freeze_projection:
             self.backbone.requires_grad_(False)
         if self.freeze_projection:
             self.projection.requires_grad_(False)

@@ -60,7 +60,8 @@ def _attention_names(target_keys: set[str]) -> tuple[tuple[str, str, str], str]:
     """(q, k, v) and output projection module names of the installed Dinov2 attention."""
     if any(".attention.q_proj." in k for k in target_keys):
         return ("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.o_proj"
-    return ("attention.attention.query", "attention.attention.key", "attention.attention.value"), "attention.output.dense"
+    old = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+    return old, "attention.output.dense"
 
 
 def _prefix_of(keys, suffix: str, what: str) -> str:

@@ -23,6 +23,7 @@ from text4vpr.retrieval.search import distributed_world, sharded_group_topk
 @torch.no_grad()
 def encode_split(model, loader, device=None) -> dict[str, torch.Tensor]:
     """Text (queries) and image (database) vectors of every location this rank's loader yields, on CPU."""
+    model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the Text4VPR model
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -106,6 +106,7 @@ def build_index(model, loader, out_dir: str | Path, dtype: str = "float32") -> d
     if dtype not in _DTYPES:
         raise ValueError(f"index dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     rank, world = distributed_world()
+    model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the Text4VPR model
     tensors = encode_database(model, loader, _DTYPES[dtype])
     write_part(out_dir, rank, tensors, model.config_hash())
     counts = [len(tensors["index"])]

@@ -32,6 +32,7 @@ class SyntheticConfig:
     locations: int = 0  # 0 = use the shard paths below instead
     image_size: int = 96
     seed: int = 0
+    shard_size: int = 32  # locations per shard
     cache_dir: str = ".cache/text4vpr"
 
 

@@ -29,7 +29,7 @@ class DataPaths:
 
 def synthetic_root(cfg) -> Path:
     s = cfg.synthetic
-    return Path(s.cache_dir) / f"synth-n{s.locations}-px{s.image_size}-seed{s.seed}"
+    return Path(s.cache_dir) / f"synth-n{s.locations}-px{s.image_size}-seed{s.seed}-shard{s.shard_size}"
 
 
 def ensure_synthetic(root: Path, s, vocab_size: int = 1000) -> None:
@@ -41,9 +41,9 @@ def ensure_synthetic(root: Path, s, vocab_size: int = 1000) -> None:
     write_synthetic(raw, SynthConfig(locations=s.locations, seed=s.seed, image_size=s.image_size), progress=True)
     for split in SPLITS:
         build_shards(raw / f"{split}_description.xlsx", raw / "Street360Loc_images", root / "shards" / split,
-                     BuildOptions(max_count=32), progress=False)
+                     BuildOptions(max_count=s.shard_size), progress=False)
     train_tokenizer(shard_descriptions(root / "shards" / "train"), root / "tokenizer", vocab_size=vocab_size)
-    atomic_write_json(root / "READY.json", {"locations": s.locations, "seed": s.seed, "image_size": s.image_size})
+    atomic_write_json(root / "READY.json", dataclasses.asdict(s))
 
 
 def prepare_data(cfg, acc) -> DataPaths:

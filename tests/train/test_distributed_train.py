@@ -1,0 +1,56 @@
+"""A real 2-rank gloo run equals a 1-rank run with the same global batch (fp32, CPU)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from text4vpr.train.logs import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+# One shard and no shuffle buffer: rank r of 2 reads samples r, r+2, ... so global batch j
+# of the 2-rank run holds the same locations as batch j of the 1-rank run. Dropout off, so
+# both runs compute the same function; BatchNorm statistics span both ranks. Adam's eps is
+# raised because several parameters have an exactly zero true gradient (attention key
+# biases, length-1 attention q/k, the bias before BatchNorm, Sinkhorn row shifts): there the
+# gradient is pure summation-order noise (~1e-10), which Adam with eps=1e-8 turns into ±lr
+# steps that differ between any two summation orders, one process or two.
+COMMON = [
+    "data.synthetic.shard_size=1000", "data.loader.shuffle_buffer=1", "data.loader.num_workers=0",
+    "model.config.text.dropout=0.0", "model.config.text.residual_dropout=0.0", "model.config.aggregation.dropout=0.0",
+    "train.max_steps=4", "eval.final=false", "eval.every_steps=100", "train.log_every_steps=1",
+    "optim.lr=5e-3", "optim.eps=1e-3", "loss.learnable=true",
+]
+
+
+def _cmd(cache, out, launcher, batch):
+    return [*launcher, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_test.yaml"),
+            f"data.synthetic.cache_dir={cache}", f"train.output_dir={out}", f"data.loader.batch_size={batch}", *COMMON]
+
+
+def _ckpt(run):
+    return load_file(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(tmp_path, train_cache):
+    one = subprocess.run(_cmd(train_cache, tmp_path / "one", [sys.executable], 4), cwd=REPO, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    two = subprocess.run(_cmd(train_cache, tmp_path / "two", torchrun, 2), cwd=REPO, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _ckpt(tmp_path / "one"), _ckpt(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    losses = [_losses(tmp_path / run) for run in ("one", "two")]
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+
+
+def _losses(run):
+    return [e["loss"] for e in read_metrics(run / "metrics.jsonl") if e["kind"] == "train"]
