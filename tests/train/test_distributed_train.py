@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from text4vpr.train.logs import read_metrics
+from text4vpr.utils.testing import assert_close_by_norm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,8 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMMON = [
     "data.synthetic.shard_size=1000", "data.loader.shuffle_buffer=1", "data.loader.num_workers=0",
     "model.config.text.dropout=0.0", "model.config.text.residual_dropout=0.0", "model.config.aggregation.dropout=0.0",
-    "train.max_steps=4", "eval.final=false", "eval.every_steps=100", "train.log_every_steps=1",
-    "optim.lr=5e-3", "optim.eps=1e-3", "loss.learnable=true",
+    "eval.final=false", "eval.every_steps=100", "train.log_every_steps=1",
+    "train.max_steps=3", "optim.lr=1e-3", "optim.eps=1e-3", "loss.learnable=true",
 ]
 
 
@@ -45,10 +46,10 @@ def test_two_ranks_equal_one_rank(tmp_path, train_cache):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _ckpt(tmp_path / "one"), _ckpt(tmp_path / "two")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in a:  # relative to each tensor's norm; the floor covers tensors that stay ~0
+        assert_close_by_norm(b[k], a[k], rel=1e-5, floor=1e-7, name=k)
     losses = [_losses(tmp_path / run) for run in ("one", "two")]
-    assert len(losses[0]) == 4
+    assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
 
 

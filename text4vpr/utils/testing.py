@@ -1,0 +1,21 @@
+"""Comparison helpers for tests and benchmarks (tensor equality up to summation order)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (inf when expected is 0 and actual is not)."""
+    diff = (actual.double() - expected.double()).norm().item()
+    ref = expected.double().norm().item()
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def assert_close_by_norm(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, floor: float = 1e-7, name: str = "") -> None:
+    """Norm-relative closeness: ‖a − e‖ ≤ rel·‖e‖ + floor·sqrt(numel). Element-wise rtol is
+    too strict for near-zero entries of a gradient; the floor covers tensors that stay ~0."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).norm().item()
+    bound = rel * expected.double().norm().item() + floor * expected.numel() ** 0.5
+    assert err <= bound, f"{name}: ‖diff‖ = {err:.3e} > {bound:.3e} (rel {relative_error(actual, expected):.2e})"
