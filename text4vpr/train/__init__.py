@@ -35,9 +35,20 @@ def run(config: str | None = None, overrides: list[str] = (), resume: str | None
     return Trainer(cfg).train()
 
 
+def _quiet_cpu_only_warnings() -> None:
+    """DeepSpeed, imported by Accelerate, warns on every CPU-only start; name the CPU instead."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     from text4vpr.config import ConfigError
 
+    _quiet_cpu_only_warnings()
     parser = argparse.ArgumentParser(prog="train.py", description="Train Text4VPR (launch with `accelerate launch`).")
     add_arguments(parser)
     args = parser.parse_args(argv)
