@@ -58,21 +58,43 @@ class ImageEncoder(nn.Module):
     def trainable_layers(self) -> nn.ModuleList:
         return self.backbone.encoder.layer[self.num_frozen :]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = images.shape
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        layers = self.backbone.encoder.layer
-        with torch.no_grad():
-            x = self.backbone.embeddings(images)  # (N, 1 + hw, C)
-            for layer in layers[: self.num_frozen]:
-                x = layer(x)
-        for layer in layers[self.num_frozen :]:
+    @property
+    def frozen_is_deterministic(self) -> bool:
+        """True when the frozen blocks have no dropout / drop-path (so their output can be cached)."""
+        c = self.backbone.config
+        return all(float(getattr(c, k, 0.0) or 0.0) == 0.0 for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"))
+
+    def _check_size(self, h: int, w: int) -> None:
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+
+    @torch.no_grad()
+    def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings and the frozen blocks: (N, 3, H, W) -> (N, 1 + hw, C), no gradient.
+
+        Deterministic for a given image (no augmentation in the SPEC), so a trainer may cache
+        it and call `forward_from_tokens` in later epochs (the frozen-trunk cache).
+        """
+        self._check_size(*images.shape[-2:])
+        x = self.backbone.embeddings(images)  # (N, 1 + hw, C)
+        for layer in self.backbone.encoder.layer[: self.num_frozen]:
+            x = layer(x)
+        return x
+
+    def forward_from_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The trained blocks on frozen tokens (N, 1 + hw, C) -> patch map (N, C, h, w)."""
+        for layer in self.backbone.encoder.layer[self.num_frozen :]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
         tokens = x[:, 1:]  # drop CLS: (N, hw, C)
-        fmap = tokens.reshape(n, h // p, w // p, -1)  # (N, h, w, C)
+        fmap = tokens.reshape(x.shape[0], grid[0], grid[1], -1)  # (N, h, w, C)
         return fmap.permute(0, 3, 1, 2)  # (N, C, h, w)
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        return h // self.patch_size, w // self.patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C, H/p, W/p)."""
+        return self.forward_from_tokens(self.frozen_tokens(images), self.grid(*images.shape[-2:]))

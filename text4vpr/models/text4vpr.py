@@ -50,15 +50,41 @@ class Text4VPR(nn.Module):
         """
         if images.dtype == torch.uint8:
             images = normalize_images(images)
-        lead = images.shape[:-3]
-        flat = images.reshape(-1, *images.shape[-3:])  # (B*V, 3, H, W)
-        keep = _keep_rows(view_mask, lead, flat.shape[0], images.device)
-        out = flat.new_zeros(flat.shape[0], self.embed_dim, dtype=torch.float32)  # (B*V, D)
+        return self._per_present_view(images, view_mask, 3, lambda x: self.aggregation(self.image_encoder(x)),
+                                      self.embed_dim)
+
+    @torch.no_grad()
+    def frozen_image_tokens(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V, 3, H, W) -> (B, V, 1 + hw, C): output of the frozen DINOv2 blocks (zeros for
+        missing views). Cacheable: `encode_images_from_tokens` continues from it."""
+        if images.dtype == torch.uint8:
+            images = normalize_images(images)
+        enc = self.image_encoder
+        tokens = 1 + images.shape[-2] // enc.patch_size * (images.shape[-1] // enc.patch_size)
+        return self._per_present_view(images, view_mask, 3, enc.frozen_tokens, (tokens, enc.hidden_size))
+
+    def encode_images_from_tokens(self, tokens: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V, 1 + hw, C) frozen tokens (square grid) -> (B, V, D), equal to `encode_images`."""
+        side = int(round((tokens.shape[-2] - 1) ** 0.5))
+        if side * side != tokens.shape[-2] - 1:
+            raise ValueError(f"{tokens.shape[-2] - 1} patch tokens do not form a square grid")
+        fn = lambda x: self.aggregation(self.image_encoder.forward_from_tokens(x, (side, side)))  # noqa: E731
+        return self._per_present_view(tokens, view_mask, 2, fn, self.embed_dim)
+
+    def _per_present_view(self, x, view_mask, item_dims: int, fn, out_shape) -> torch.Tensor:
+        """Apply `fn` to the present views only: x (*lead, *item) -> (*lead, *out_shape), zeros elsewhere."""
+        lead = x.shape[:-item_dims]
+        flat = x.reshape(-1, *x.shape[-item_dims:])  # (B*V, *item)
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        keep = _keep_rows(view_mask, lead, flat.shape[0], x.device)
         if keep is None:
-            out = self.aggregation(self.image_encoder(flat))
-        elif keep.any():
-            out = out.index_put((keep,), self.aggregation(self.image_encoder(flat[keep])))
-        return out.reshape(*lead, self.embed_dim)
+            out = fn(flat)
+        else:
+            out = flat.new_zeros(flat.shape[0], *out_shape, dtype=torch.float32)  # (B*V, *out)
+            if keep.any():
+                res = fn(flat[keep])
+                out = out.to(res.dtype).index_put((keep,), res)
+        return out.reshape(*lead, *out_shape)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, V, L) -> (B, V, D) raw vectors, zeros where the mask is all 0; (N, L) -> (N, D)."""
@@ -76,9 +102,17 @@ class Text4VPR(nn.Module):
                 out = out.index_put((keep,), enc)
         return out.reshape(*lead, self.embed_dim)
 
-    def forward(self, images, view_mask, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers on a loader batch: ((B, V, D) image vectors, (B, V, D) text vectors)."""
-        return self.encode_images(images, view_mask), self.encode_texts(input_ids, attention_mask)
+    def forward(self, images, view_mask, input_ids, attention_mask, frozen_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers on a loader batch: ((B, V, D) image vectors, (B, V, D) text vectors).
+
+        With `frozen_tokens` (B, V, 1 + hw, C) from `frozen_image_tokens` (the trainer's
+        frozen-trunk cache) the images are not needed and only the trained blocks run.
+        """
+        if frozen_tokens is not None:
+            img = self.encode_images_from_tokens(frozen_tokens, view_mask)
+        else:
+            img = self.encode_images(images, view_mask)
+        return img, self.encode_texts(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ training helpers
     def backbone_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -76,6 +76,9 @@ class TrainConfig:
     tensorboard: bool = True
     cpu: bool = False  # force CPU (Accelerator(cpu=True)): real gloo ranks under torchrun
     global_batchnorm: bool = True  # BatchNorm statistics over all ranks (exact multi-rank)
+    frozen_cache: bool = False  # cache the frozen DINOv2 blocks' tokens per location (see frozen_cache.py)
+    frozen_cache_dtype: str = "same"  # same (exact) | bfloat16 (half the memory, rounded)
+    frozen_cache_device: str = "auto"  # auto (the training device) | cpu
     nan_at_steps: list[int] = field(default_factory=list)  # test aid: force a NaN loss at these steps
     progress: bool = True
 

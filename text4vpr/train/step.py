@@ -13,7 +13,13 @@ from typing import Callable
 
 import torch
 
-MODEL_KEYS = ("images", "view_mask", "input_ids", "attention_mask")
+
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments: images, or cached frozen tokens instead of them."""
+    inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask")}
+    if "frozen_tokens" in batch:
+        return {**inputs, "images": None, "frozen_tokens": batch["frozen_tokens"]}
+    return {**inputs, "images": batch["images"]}
 
 
 def pairs(batch: dict, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,7 +40,7 @@ def split_batch(batch: dict, n: int) -> list[dict]:
 
 def encode(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     with autocast():
-        img, txt = model(**{k: batch[k] for k in MODEL_KEYS})
+        img, txt = model(**model_inputs(batch))
     return img.float(), txt.float()
 
 
@@ -74,7 +80,7 @@ def cached_backward(
     """Gradient-cached step: equal to `plain_backward` on the whole batch (dropout replayed
     with the same RNG; BatchNorm statistics are per micro-batch, as with any accumulation)."""
     chunks = split_batch(batch, micro_batches)
-    device = batch["images"].device
+    device = batch["view_mask"].device
     saved_buffers = _buffers(model)
     rngs, imgs, txts = [], [], []
     with torch.no_grad():

@@ -63,6 +63,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(self.paths, cfg.data.loader, self.acc.num_processes)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
+        self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
         self.log = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.acc.is_main_process)
@@ -101,6 +102,9 @@ class Trainer:
         t0 = time.perf_counter()
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
         self.model.train()
+        if self.frozen_cache is not None:
+            with self.acc.autocast():
+                batch["frozen_tokens"] = self.frozen_cache.tokens(batch)
         loss = self._forward_backward(batch)
         grad_norm = self._clip()
         if self._skip(loss, grad_norm):
@@ -153,6 +157,15 @@ class Trainer:
             )
         return True
 
+    def _frozen_cache(self):
+        t = self.cfg.train
+        if not t.frozen_cache:
+            return None
+        from text4vpr.train.frozen_cache import FrozenTrunkCache
+
+        device = self.acc.device if t.frozen_cache_device == "auto" else t.frozen_cache_device
+        return FrozenTrunkCache(self.acc.unwrap_model(self.model), device, t.frozen_cache_dtype)
+
     # ------------------------------------------------------------------ around steps
     def after_step(self, loss: float, lr: float, pairs: int, seconds: float) -> None:
         t, s = self.cfg.train, self.state.step
@@ -167,6 +180,8 @@ class Trainer:
     def end_epoch(self) -> None:
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
+        if self.frozen_cache is not None:
+            self.log.log("frozen_cache", self.state.step, **self.frozen_cache.stats())
         if not self.cfg.eval.every_steps:
             self.validate()
         self.save()

@@ -1,0 +1,59 @@
+"""Frozen-trunk cache: the frozen DINOv2 blocks' output tokens, computed once per location.
+
+The SPEC has no augmentation, so the blocks that run without gradient see the same image
+every epoch. The first time a location appears its tokens are computed and stored (bf16 or
+the compute dtype, on the GPU or in host memory); later steps run only the trained blocks,
+the aggregation and the text tower. Per location the cache holds V x (1 + hw) x C values:
+4 x 325 x 768 x 2 bytes = 2.0 MB in bf16 for the paper setup, i.e. 2.0 GB per 1,000 locations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FrozenCacheError(ValueError):
+    """The cache would change results (stochastic frozen blocks, nothing frozen)."""
+
+
+def check_cacheable(model) -> None:
+    enc = model.image_encoder
+    if enc.num_frozen == 0:
+        raise FrozenCacheError("train.frozen_cache: every DINOv2 block is trained (image.trainable_blocks = all); nothing to cache")
+    if not enc.frozen_is_deterministic:
+        raise FrozenCacheError("train.frozen_cache: the frozen DINOv2 blocks use dropout or drop-path, so their output "
+                               "changes every epoch; set them to 0 or turn the cache off")
+
+
+class FrozenTrunkCache:
+    """Location index -> (V, 1 + hw, C) tokens; filled on first sight, reused afterwards."""
+
+    def __init__(self, model, store_device: torch.device | str, dtype: str = "same"):
+        check_cacheable(model)
+        self.model = model
+        self.store_device = torch.device(store_device)
+        self.dtype = None if dtype == "same" else getattr(torch, dtype)
+        self.store: dict[int, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """(B, V, 1 + hw, C) frozen tokens for the batch, computing only unseen locations."""
+        index = batch["index"].tolist()
+        todo = sorted({j for j, i in enumerate(index) if i not in self.store})
+        if todo:
+            rows = torch.tensor(todo, device=batch["images"].device)
+            fresh = self.model.frozen_image_tokens(batch["images"][rows], batch["view_mask"][rows])  # (b, V, T, C)
+            for j, t in zip(todo, fresh):
+                self.store.setdefault(index[j], t.to(self.store_device, self.dtype or t.dtype))
+        self.misses += len(todo)
+        self.hits += len(index) - len(todo)
+        device = batch["view_mask"].device
+        return torch.stack([self.store[i] for i in index]).to(device, non_blocking=True)  # (B, V, T, C)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    def stats(self) -> dict:
+        return {"locations": len(self.store), "hits": self.hits, "misses": self.misses, "bytes": self.nbytes}
