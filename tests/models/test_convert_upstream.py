@@ -35,6 +35,7 @@ def hub_dinov2_names(model: Text4VPR) -> dict:
 def upstream_checkpoint(model: Text4VPR) -> dict:
     image = hub_dinov2_names(model)
     image.update({"1." + k: v.clone() for k, v in model.aggregation.state_dict().items()})
+    image["1.tau"] = image["1.tau"].reshape(())  # upstream's tau is a 0-dim scalar parameter
     text = {"t5." + k: v.clone() for k, v in model.text_encoder.backbone.state_dict().items()}
     text.update({"inter_mlp." + k: v.clone() for k, v in model.text_encoder.projection.state_dict().items()})
     text.update({"inter_module." + k: v.clone() for k, v in model.text_encoder.layers.state_dict().items()})

@@ -40,7 +40,8 @@ class SinkhornAggregation(nn.Module):
         self.iters = cfg.sinkhorn_iters
         self.cluster_features = _conv_head(in_channels, cfg.hidden_dim, cfg.cluster_dim, cfg.dropout)
         self.score = _conv_head(in_channels, cfg.hidden_dim, cfg.num_clusters, cfg.dropout)
-        self.tau = nn.Parameter(torch.tensor(float(cfg.tau_init)))
+        # shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast views params as bytes
+        self.tau = nn.Parameter(torch.full((1,), float(cfg.tau_init)))
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         f = self.cluster_features(fmap).flatten(2)  # (B, D, N)

@@ -78,7 +78,7 @@ def convert_image_state(upstream: dict, target_keys: set[str]) -> tuple[dict, li
     out, unmapped = {}, []
     for key, value in upstream.items():
         if key.startswith("1."):
-            out["aggregation." + key[2:]] = value
+            out["aggregation." + key[2:]] = value.reshape(1) if key == "1.tau" else value  # ours is (1,)
             continue
         if not key.startswith(prefix):
             unmapped.append(key)

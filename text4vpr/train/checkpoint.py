@@ -127,6 +127,35 @@ def save_checkpoint(
     return final
 
 
+def save_accelerate_checkpoint(acc, ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
+    """DeepSpeed path: Accelerate's `save_state` (DeepSpeed's own, partitioned format) into a
+    temp folder that every rank writes, plus our `state.json`; renamed into place when complete."""
+    final = Path(ckpt_dir) / f"step-{step:08d}"
+    tmp = Path(ckpt_dir) / f".tmp-step-{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_write_json(tmp / "state.json", state, indent=None)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_accelerate_checkpoint(acc, path: str | os.PathLike) -> dict[str, Any]:
+    """Counterpart of `save_accelerate_checkpoint`: engine, optimizer, RNG, then our state."""
+    acc.load_state(str(path))
+    with open(Path(path) / "state.json") as f:
+        return json.load(f)
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
 ) -> dict[str, Any]:

@@ -44,12 +44,19 @@ def encode(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     return img.float(), txt.float()
 
 
+def finite(loss: torch.Tensor) -> bool:
+    """The loss value is the global one on every rank, so every rank decides alike."""
+    return bool(torch.isfinite(loss.detach()))
+
+
 def plain_backward(model, batch: dict, loss_fn: Callable, backward: Callable, autocast) -> torch.Tensor:
-    """Encode the whole batch with activations, loss, backward. Returns the detached loss."""
+    """Encode the whole batch with activations, loss, backward (skipped for a non-finite
+    loss, so no engine ever steps on it). Returns the detached loss."""
     img, txt = encode(model, batch, autocast)
     i, t, g = pairs(batch, img, txt)
     loss = loss_fn(i, t, g)
-    backward(loss)
+    if finite(loss):
+        backward(loss)
     return loss.detach()
 
 
@@ -95,6 +102,9 @@ def cached_backward(
     txt = torch.cat(txts).requires_grad_()
     i, t, g = pairs(batch, img, txt)
     loss = loss_fn(i, t, g)
+    if not finite(loss):
+        _set_rng_states(after, device)
+        return loss.detach()
     loss.backward()  # gradients w.r.t. the embeddings only (and loss parameters)
     sizes = [c["view_mask"].shape[0] for c in chunks]
     for j, (c, gi, gt) in enumerate(zip(chunks, img.grad.split(sizes), txt.grad.split(sizes))):

@@ -105,8 +105,8 @@ class Trainer:
         if self.frozen_cache is not None:
             with self.acc.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch)
-        loss = self._forward_backward(batch)
-        grad_norm = self._clip()
+        loss = self._forward_backward(batch)  # no backward when the loss is non-finite
+        grad_norm = self._clip() if torch.isfinite(loss) else None
         if self._skip(loss, grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -141,11 +141,10 @@ class Trainer:
 
     def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.acc.device)
-        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-            bad += 1
-        bad = self.acc.reduce(bad, "sum") if self.acc.num_processes > 1 else bad
-        if bad.item() == 0:
+        # the loss is the global value on every rank, and the clipped norm is taken after DDP's
+        # all-reduce, so every rank reaches the same verdict without a collective
+        bad = not torch.isfinite(loss) or (grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)))
+        if not bad:
             return False
         self.state.nonfinite_total += 1
         self.state.nonfinite_in_row += 1
@@ -209,7 +208,7 @@ class Trainer:
     def save(self) -> None:
         state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
         if self.deepspeed:
-            self.acc.save_state(str(self.ckpt_dir / f"step-{self.state.step:08d}"))
+            ckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
             return
         rngs = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 else [ckpt.rng_state()]
         self.acc.wait_for_everyone()
@@ -222,9 +221,9 @@ class Trainer:
         if path is None:
             return
         if self.deepspeed:
-            self.acc.load_state(str(path))
-            return
-        state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
+            state = ckpt.load_accelerate_checkpoint(self.acc, path)
+        else:
+            state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self.state = TrainState(**state)
         if self.acc.is_main_process:
