@@ -49,13 +49,16 @@ def finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss.detach()))
 
 
-def plain_backward(model, batch: dict, loss_fn: Callable, backward: Callable, autocast) -> torch.Tensor:
-    """Encode the whole batch with activations, loss, backward (skipped for a non-finite
-    loss, so no engine ever steps on it). Returns the detached loss."""
+def plain_backward(model, batch: dict, loss_fn: Callable, backward: Callable, autocast, check_first: bool = False) -> torch.Tensor:
+    """Encode the whole batch with activations, loss, backward. Returns the detached loss.
+
+    `check_first` skips the backward of a non-finite loss (for engines that step inside
+    backward, like DeepSpeed); it costs a device sync, so DDP checks the gradient norm after.
+    """
     img, txt = encode(model, batch, autocast)
     i, t, g = pairs(batch, img, txt)
     loss = loss_fn(i, t, g)
-    if finite(loss):
+    if not check_first or finite(loss):
         backward(loss)
     return loss.detach()
 
@@ -82,7 +85,8 @@ def _set_rng_states(states: tuple, device: torch.device) -> None:
 
 
 def cached_backward(
-    model, batch: dict, loss_fn: Callable, backward: Callable, autocast, micro_batches: int, no_sync: Callable
+    model, batch: dict, loss_fn: Callable, backward: Callable, autocast, micro_batches: int, no_sync: Callable,
+    check_first: bool = False,
 ) -> torch.Tensor:
     """Gradient-cached step: equal to `plain_backward` on the whole batch (dropout replayed
     with the same RNG; BatchNorm statistics are per micro-batch, as with any accumulation)."""
@@ -102,7 +106,7 @@ def cached_backward(
     txt = torch.cat(txts).requires_grad_()
     i, t, g = pairs(batch, img, txt)
     loss = loss_fn(i, t, g)
-    if not finite(loss):
+    if check_first and not finite(loss):
         _set_rng_states(after, device)
         return loss.detach()
     loss.backward()  # gradients w.r.t. the embeddings only (and loss parameters)

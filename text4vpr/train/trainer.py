@@ -100,13 +100,14 @@ class Trainer:
     def step(self, batch: dict) -> tuple[float, int, float]:
         """Forward, backward, clip, optimizer and scheduler step (or a counted skip)."""
         t0 = time.perf_counter()
+        pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
         self.model.train()
         if self.frozen_cache is not None:
             with self.acc.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch)
-        loss = self._forward_backward(batch)  # no backward when the loss is non-finite
-        grad_norm = self._clip() if torch.isfinite(loss) else None
+        loss = self._forward_backward(batch)
+        grad_norm = self._clip()
         if self._skip(loss, grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -115,7 +116,6 @@ class Trainer:
             self.state.nonfinite_in_row = 0
         self.scheduler.step()
         self.state.step += 1
-        pairs = int(batch["view_mask"].sum()) * self.acc.num_processes
         return float(loss), pairs, time.perf_counter() - t0
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
@@ -123,9 +123,9 @@ class Trainer:
         if self.cfg.train.micro_batches > 1:
             return cached_backward(
                 self.model, batch, loss_fn, self.acc.backward, self.acc.autocast,
-                self.cfg.train.micro_batches, self.acc.no_sync,
+                self.cfg.train.micro_batches, self.acc.no_sync, check_first=self.deepspeed,
             )
-        return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.acc.autocast)
+        return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.acc.autocast, check_first=self.deepspeed)
 
     def _loss_with_faults(self, img, txt, groups):
         loss = self.loss_fn(img, txt, groups)
@@ -142,8 +142,8 @@ class Trainer:
     def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
         # the loss is the global value on every rank, and the clipped norm is taken after DDP's
-        # all-reduce, so every rank reaches the same verdict without a collective
-        bad = not torch.isfinite(loss) or (grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)))
+        # all-reduce, so every rank reaches the same verdict without a collective (one sync)
+        bad = not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))))
         if not bad:
             return False
         self.state.nonfinite_total += 1
