@@ -111,8 +111,8 @@ class Setup:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def step(self, batch: dict, cache=None) -> float:
-        """The trainer's step: (cached frozen tokens,) forward, backward, clip, AdamW; float(loss)
-        syncs as the trainer's does."""
+        """The trainer's step (`Trainer.step` minus its bookkeeping): cached frozen tokens, forward,
+        backward, the gradient norm (clipped when optim.grad_clip > 0), the finite check, AdamW."""
         self.model.train()
         if cache is not None:
             with self.acc.autocast():
@@ -122,9 +122,10 @@ class Setup:
                                    self.cfg.train.micro_batches, self.acc.no_sync)
         else:
             loss = plain_backward(self.model, batch, self.loss_fn, self.acc.backward, self.acc.autocast)
-        if self.cfg.optim.grad_clip > 0:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), clip)
+        if bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):  # syncs, as the trainer's check
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
@@ -150,14 +151,14 @@ def measure_full(s: Setup, steps: int, warmup: int, cache=None) -> dict:
     for i in range(warmup + steps):
         sync(s.device)
         t0 = time.perf_counter()
-        batch = s.to_device(next(stream))
+        host = next(stream)
         t1 = time.perf_counter()
-        s.step(batch, cache)
+        s.step(s.to_device(host), cache)
         sync(s.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             waits.append(t1 - t0)
-            pairs += int(batch["view_mask"].sum())
+            pairs += int(host["view_mask"].sum())
     total = sum(times)
     out = {"pairs_per_s": pairs / total, "step_s": statistics.median(times), "steps": steps,
            "loader_wait_fraction": sum(waits) / total, "pairs": pairs}
@@ -258,7 +259,7 @@ def parse_args(argv=None):
                    f"with {' '.join(TINY_OVERRIDES)})")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=10, help="timed steps of (a), (b), (d)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of (a), (b), (d)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--upstream-steps", type=int, default=2, help="timed steps of (c) (after one warm-up)")
     p.add_argument("--upstream-locations", type=int, default=None,
@@ -280,6 +281,7 @@ def main(argv=None) -> int:
     pairs = int(batch["view_mask"].sum())
     print(f"config={args.config} device={s.device} batch={batch['view_mask'].shape[0]} locations ({pairs} pairs) "
           f"image={batch['images'].shape[-1]}px text={batch['input_ids'].shape[-1]} tokens "
+          f"(mean real {float(first['attention_mask'].sum(-1).float().mean()):.0f}) "
           f"precision={cfg.train.mixed_precision} compile={cfg.train.compile} workers={cfg.data.loader.num_workers}")
 
     res: dict = {}
@@ -356,7 +358,8 @@ def main(argv=None) -> int:
     atomic_write_json(out, {"summary": summary, "results": res, "gemm": gemm, "flops_per_step": flops,
                             "flops_per_cached_step": cflops, "config": args.config, "overrides": args.overrides,
                             "resolved": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                            "batch_pairs": pairs, "device": str(s.device), "machine": machine(),
+                            "batch_pairs": pairs, "text_tokens_mean": float(first["attention_mask"].sum(-1).float().mean()),
+                            "device": str(s.device), "machine": machine(),
                             "command": " ".join(sys.argv)})
     print(f"wrote {out}")
     return 0

@@ -268,3 +268,15 @@ def test_torchrun_two_processes_split_eval_exactly_and_train_evenly(train_shards
     ranks = json.loads(out.read_text())
     assert sorted(i for r in ranks for i in r["eval"]) == list(range(1, 29))
     assert [r["train_steps"] for r in ranks] == [r["expected"] for r in ranks] == [28 // 6] * 2
+
+
+def test_long_descriptions_are_cut_and_counted(synth_shards, tokenizer_dir):
+    from text4vpr.data.loader import LoaderConfig, ShardStream
+
+    cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(tokenizer_dir), batch_size=2, image_size=28,
+                       num_workers=0, max_text_length=8)
+    stream = ShardStream(cfg, "eval", 0, 0, 1)
+    batches = list(stream)
+    assert all(b["input_ids"].shape[-1] == 8 for b in batches)
+    views = sum(int(b["view_mask"].sum()) for b in batches)
+    assert stream.stats.texts_truncated == views  # every synthetic description is longer than 8 tokens

@@ -146,6 +146,7 @@ class _Stats:
     def __init__(self):
         self.samples_skipped = 0
         self.shards_truncated = 0
+        self.texts_truncated = 0  # descriptions longer than max_text_length tokens (cut, counted)
         self.messages: list[str] = []
 
     def record(self, message: str, samples: int = 1, truncated: bool = False) -> None:
@@ -331,6 +332,10 @@ class ShardStream(IterableDataset):
         att = np.zeros((b * v, length), dtype=np.int64)
         if enc is not None:
             ids[present], att[present] = enc["input_ids"], enc["attention_mask"]
+            cut = sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
+            if cut and not self.stats.texts_truncated:
+                log.warning("descriptions longer than max_text_length=%d tokens are cut (counted)", self.cfg.max_text_length)
+            self.stats.texts_truncated += cut
         return torch.from_numpy(ids).view(b, v, length), torch.from_numpy(att).view(b, v, length)  # (B, V, L)
 
     def _batches(self, raw: Iterator, limit: int | None) -> Iterator[dict]:
@@ -375,6 +380,9 @@ class ShardStream(IterableDataset):
             if self.stats.samples_skipped:
                 log.warning("rank %d worker %d: skipped %d samples (%d truncated shards)", self.rank, p,
                             self.stats.samples_skipped, self.stats.shards_truncated)
+            if self.stats.texts_truncated:
+                log.warning("rank %d worker %d: %d descriptions cut to max_text_length=%d tokens", self.rank, p,
+                            self.stats.texts_truncated, self.cfg.max_text_length)
 
 
 def _shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# All GPU work of the GPU issue in one go, within ~8 minutes of GPU time (BUDGET_S):
+# installs the wheels carried in .whl/ (benchmarks/fetch_gpu_wheels.sh), prints versions and
+# nvidia-smi, runs the GPU-only tests (Triton kernel compiled for real vs the torch path), a
+# short bf16 training run, a DeepSpeed ZeRO-2 single-GPU smoke run, then the benchmarks at GPU
+# sizes, and ends with ONE summary table (benchmarks/summarize_gpu.py) and $OUT/gpu_summary.json.
+#
+#   bash benchmarks/gpu_check.sh             # on the GPU machine (repo root or anywhere)
+#   bash benchmarks/gpu_check.sh --dry-run   # CPU, tiny sizes, CUDA-only steps skipped (< ~3 min)
+#
+# Env: OUT (default bench_out) gets exactly 8 files, the most the device tool brings back:
+# gpu_check.log, bench_{train,train_640,search,loss,eval,model}.json, gpu_summary.json.
+# WORK (default a fresh /tmp folder) holds synthetic data, run folders and the step log.
+# BUDGET_S (default 540 GPU, 300 dry run): a step that would start past it is skipped, and
+# each step's timeout is cut to what is left. LOSS_SIZES (default 16384,...,131072; fp32
+# loss: 262144 adds ~50 s, 524288 ~3 min on an H100). PYTHON (default python3).
+# The exit status is 0 when every step passed or was skipped with a reason, 1 otherwise.
+set -uo pipefail
+
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$WORK"
+PY=${PYTHON:-python3}
+STEPS="$WORK/steps.tsv"
+: >"$STEPS"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+START=$SECONDS
+FAILED=0
+if ((DRY)); then BUDGET_S=${BUDGET_S:-300}; DEV=cpu; else BUDGET_S=${BUDGET_S:-540}; DEV=cuda; fi
+CACHE="data.synthetic.cache_dir=$WORK/cache"
+
+record() {  # name status seconds note
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$STEPS"
+}
+
+skip() {  # name reason
+  echo "=== $1: skipped ($2)"
+  record "$1" skipped 0 "$2"
+}
+
+step() {  # name timeout_s command...: run with a timeout, cut to the budget left
+  local name=$1 limit=$2 left rc t0 status
+  shift 2
+  left=$((BUDGET_S - (SECONDS - START)))
+  if ((left < 20)); then skip "$name" "budget of ${BUDGET_S}s spent"; return; fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (timeout ${limit}s, $((SECONDS - START))s elapsed): $*"
+  t0=$SECONDS
+  timeout -k 10 "$limit" "$@"
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    5) status=ok ;;  # pytest: no test selected here
+    124 | 137) status=TIMEOUT; FAILED=1 ;;
+    *) status="FAILED (rc $rc)"; FAILED=1 ;;
+  esac
+  echo "=== $name: $status in $((SECONDS - t0))s"
+  record "$name" "$status" $((SECONDS - t0)) ""
+}
+
+# ---------------------------------------------------------------------------- environment
+echo "gpu_check: dry_run=$DRY device=$DEV OUT=$OUT WORK=$WORK budget=${BUDGET_S}s $(date -u +%FT%TZ)"
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+  skip install "no .whl/ folder (run benchmarks/fetch_gpu_wheels.sh here and carry .whl)"
+elif ((DRY)); then
+  skip install "dry run: this environment's packages are used"
+else
+  t0=$SECONDS
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    record install ok $((SECONDS - t0)) "$(ls .whl | tr '\n' ' ')"
+  else
+    record install "FAILED" $((SECONDS - t0)) ""; FAILED=1
+  fi
+fi
+"$PY" - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "triton", "transformers", "accelerate", "deepspeed", "webdataset", "openpyxl", "tokenizers"):
+    try:
+        print(f"{name:13s}", getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(f"{name:13s} not importable ({type(e).__name__}: {str(e)[:80]})")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not here"
+if ((!DRY)) && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device here: run with --dry-run" >&2
+  exit 2
+fi
+
+# ---------------------------------------------------------------------------- GPU-only tests
+step pytest_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/models tests/test_losses.py -k "cuda or gpu"
+if ((DRY)); then
+  step kernel_check 120 env TRITON_INTERPRET=1 "$PY" benchmarks/gpu_kernel_check.py --device cpu --queries 8 --database 256 --dim 32 --ks 10
+else
+  step kernel_check 120 "$PY" benchmarks/gpu_kernel_check.py
+fi
+if ((DRY)); then PREC=(train.cpu=true "train.mixed_precision='no'"); else PREC=(train.cpu=false train.mixed_precision=bf16); fi
+step train_tiny 150 "$PY" train.py --config configs/tiny_test.yaml "${PREC[@]}" train.max_steps=6 \
+  "train.output_dir=$WORK/runs/tiny" "$CACHE"
+if ((DRY)); then
+  skip deepspeed_zero2 "CUDA step; on CPU see tests/train/test_deepspeed_train.py (slow)"
+elif ! reason=$("$PY" -c "import deepspeed" 2>&1 | tail -1); then
+  skip deepspeed_zero2 "deepspeed not importable (${reason:-?}); carry a built wheel, see fetch_gpu_wheels.sh"
+else
+  step deepspeed_zero2 150 "$PY" -m accelerate.commands.launch --config_file launch/accelerate_deepspeed_zero2.yaml \
+    --num_processes 1 --main_process_port 29571 train.py --config configs/tiny_test.yaml train.cpu=false \
+    train.mixed_precision=bf16 train.max_steps=3 eval.final=false "train.output_dir=$WORK/runs/ds" "$CACHE"
+fi
+
+# ---------------------------------------------------------------------------- benchmarks
+if ((DRY)); then
+  step bench_train 150 "$PY" benchmarks/bench_train.py --device cpu --steps 2 --warmup 1 --upstream-steps 1 \
+    --loader-batches 3 --out "$OUT/bench_train.json" "$CACHE"
+  step bench_search 60 "$PY" benchmarks/bench_search.py --device cpu --sizes 64x512 --ks 10 --repeats 1 --skip faiss \
+    --out "$OUT/bench_search.json"
+  step bench_loss 90 "$PY" benchmarks/bench_loss.py --sizes 256,512 --repeats 1 --out "$OUT/bench_loss.json"
+  step bench_eval 120 "$PY" benchmarks/bench_eval.py --device cpu --locations 24 --upstream-sample 8 --workers 0 \
+    --workdir "$WORK/cache" --out "$OUT/bench_eval.json"
+  step bench_model 60 "$PY" benchmarks/bench_model.py --config tiny --batch 4 --steps 1 --warmup 1 --out "$OUT/bench_model.json"
+  step bench_train_640 120 "$PY" benchmarks/bench_train.py --device cpu --steps 2 --warmup 1 --loader-batches 3 \
+    --skip model cached upstream --out "$OUT/bench_train_640.json" "$CACHE" data.synthetic.image_size=64
+else
+  step bench_train 240 "$PY" benchmarks/bench_train.py --config configs/street360loc.yaml --device cuda --steps 10 \
+    --warmup 3 --upstream-locations 16 --out "$OUT/bench_train.json" "$CACHE" \
+    data.synthetic.locations=1200 data.synthetic.image_size=252
+  step bench_search 150 "$PY" benchmarks/bench_search.py --device cuda --sizes 16384x1048576 --ks 10 100 --repeats 3 \
+    --out "$OUT/bench_search.json"
+  step bench_loss 150 "$PY" benchmarks/bench_loss.py --sizes "${LOSS_SIZES:-16384,32768,65536,131072}" --repeats 2 \
+    --out "$OUT/bench_loss.json"
+  step bench_eval 180 "$PY" benchmarks/bench_eval.py --device cuda --locations 1000 --upstream-sample 50 \
+    --workdir "$WORK/cache" --out "$OUT/bench_eval.json"
+  step bench_model 120 "$PY" benchmarks/bench_model.py --config paper --text-length 256 --steps 3 --warmup 1 --upstream-batch 4 \
+    --out "$OUT/bench_model.json"
+  step bench_train_640 120 "$PY" benchmarks/bench_train.py --config configs/street360loc.yaml --device cuda --steps 6 \
+    --warmup 2 --loader-batches 8 --skip model cached upstream --out "$OUT/bench_train_640.json" "$CACHE" \
+    data.synthetic.locations=800 data.synthetic.image_size=640
+fi
+
+# ---------------------------------------------------------------------------- summary
+echo "=== summary ($((SECONDS - START))s elapsed)"
+DRYFLAG=()
+((DRY)) && DRYFLAG=(--dry-run)
+"$PY" benchmarks/summarize_gpu.py "$OUT" --steps "$STEPS" "${DRYFLAG[@]}" || FAILED=1
+echo "gpu_check: $((SECONDS - START))s, $([ $FAILED = 0 ] && echo 'all steps ok or skipped' || echo 'SOME STEPS FAILED')"
+exit $FAILED

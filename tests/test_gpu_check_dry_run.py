@@ -1,0 +1,27 @@
+"""benchmarks/gpu_check.sh --dry-run: the whole GPU script on CPU at tiny sizes, before GPU time is spent."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("train_pairs_per_s", "train_mfu", "train_cached_pairs_per_s", "upstream_loop_pairs_per_s",
+        "plain_batched_pairs_per_s", "search_fused_tflops", "search_torch_tflops", "gemm_tflops",
+        "loss_tiled_extra_gb_128k", "eval_speedup_vs_upstream")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "gpu_summary.json").read_text())
+    assert set(KEYS) <= set(summary)
+    assert summary["dry_run"] is True
+    assert summary["train_pairs_per_s"] > 0 and summary["eval_speedup_vs_upstream"] > 0
+    assert all(s["status"] in ("ok", "skipped") for s in summary["steps"]), summary["steps"]
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # the most files the device tool brings back
