@@ -207,3 +207,17 @@ def test_uint8_images_are_normalised_by_the_model():
     mask = torch.tensor([[True, True, False, True], [True, True, True, True]])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_images(raw, mask), model.encode_images(normalize_images(raw), mask))
+
+
+def test_forward_compiles_without_graph_breaks():
+    """torch.compile sees one graph when the trainer says every view is present."""
+    import torch._dynamo
+
+    from text4vpr.models import Text4VPR, tiny_config
+
+    model = Text4VPR(tiny_config(vocab_size=50, image_size=28)).train()
+    images = torch.randint(0, 256, (2, 4, 3, 28, 28), dtype=torch.uint8)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    ids = torch.randint(3, 50, (2, 4, 9))
+    explanation = torch._dynamo.explain(model)(images, mask, ids, torch.ones_like(ids), views_complete=True)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

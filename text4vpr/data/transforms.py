@@ -9,6 +9,8 @@ bit-identical float32 results on the CPU.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -31,7 +33,7 @@ def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def empty_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor; large ones are allocated by numpy, which madvises huge
     pages (torch's allocator does not by default), so first-touch page faults stay cheap."""
-    numel = int(np.prod(shape)) if shape else 1
+    numel = math.prod(shape)  # not np.prod: a graph break under torch.compile
     if numel * torch.empty((), dtype=dtype).element_size() < _HUGE:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))

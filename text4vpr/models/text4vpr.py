@@ -42,16 +42,18 @@ class Text4VPR(nn.Module):
         return self.config.embed_dim
 
     # ------------------------------------------------------------------ encoding
-    def encode_images(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                      views_complete: bool | None = None) -> torch.Tensor:
         """(B, V, 3, H, W) -> (B, V, D) L2-normalised, zeros for missing views; (N, 3, H, W) -> (N, D).
 
         uint8 images (the loader's `image_dtype="uint8"` batches) are ImageNet-normalised here,
-        on the model's device: 4x fewer bytes cross the host-to-device link.
+        on the model's device: 4x fewer bytes cross the host-to-device link. `views_complete`
+        (known on the host) spares the device sync of checking the mask, and a graph break.
         """
         if images.dtype == torch.uint8:
             images = normalize_images(images)
         return self._per_present_view(images, view_mask, 3, lambda x: self.aggregation(self.image_encoder(x)),
-                                      self.embed_dim)
+                                      self.embed_dim, views_complete)
 
     @torch.no_grad()
     def frozen_image_tokens(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,20 +65,21 @@ class Text4VPR(nn.Module):
         tokens = 1 + images.shape[-2] // enc.patch_size * (images.shape[-1] // enc.patch_size)
         return self._per_present_view(images, view_mask, 3, enc.frozen_tokens, (tokens, enc.hidden_size))
 
-    def encode_images_from_tokens(self, tokens: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images_from_tokens(self, tokens: torch.Tensor, view_mask: torch.Tensor | None = None,
+                                  views_complete: bool | None = None) -> torch.Tensor:
         """(B, V, 1 + hw, C) frozen tokens (square grid) -> (B, V, D), equal to `encode_images`."""
         side = int(round((tokens.shape[-2] - 1) ** 0.5))
         if side * side != tokens.shape[-2] - 1:
             raise ValueError(f"{tokens.shape[-2] - 1} patch tokens do not form a square grid")
         fn = lambda x: self.aggregation(self.image_encoder.forward_from_tokens(x, (side, side)))  # noqa: E731
-        return self._per_present_view(tokens, view_mask, 2, fn, self.embed_dim)
+        return self._per_present_view(tokens, view_mask, 2, fn, self.embed_dim, views_complete)
 
-    def _per_present_view(self, x, view_mask, item_dims: int, fn, out_shape) -> torch.Tensor:
+    def _per_present_view(self, x, view_mask, item_dims: int, fn, out_shape, complete: bool | None = None) -> torch.Tensor:
         """Apply `fn` to the present views only: x (*lead, *item) -> (*lead, *out_shape), zeros elsewhere."""
         lead = x.shape[:-item_dims]
         flat = x.reshape(-1, *x.shape[-item_dims:])  # (B*V, *item)
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
-        keep = _keep_rows(view_mask, lead, flat.shape[0], x.device)
+        keep = None if complete else _keep_rows(view_mask, lead, flat.shape[0], x.device)
         if keep is None:
             out = fn(flat)
         else:
@@ -86,13 +89,14 @@ class Text4VPR(nn.Module):
                 out = out.to(res.dtype).index_put((keep,), res)
         return out.reshape(*lead, *out_shape)
 
-    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     views_complete: bool | None = None) -> torch.Tensor:
         """(B, V, L) -> (B, V, D) raw vectors, zeros where the mask is all 0; (N, L) -> (N, D)."""
         lead = input_ids.shape[:-1]
         ids = input_ids.reshape(-1, input_ids.shape[-1])  # (B*V, L)
         mask = attention_mask.reshape(ids.shape)  # (B*V, L)
         keep = mask.bool().any(dim=1)  # (B*V,)
-        if bool(keep.all()):
+        if views_complete or bool(keep.all()):
             out = self.text_encoder(ids, mask)
         else:
             enc = self.text_encoder(ids[keep], mask[keep]) if keep.any() else None
@@ -102,17 +106,19 @@ class Text4VPR(nn.Module):
                 out = out.index_put((keep,), enc)
         return out.reshape(*lead, self.embed_dim)
 
-    def forward(self, images, view_mask, input_ids, attention_mask, frozen_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images, view_mask, input_ids, attention_mask, frozen_tokens=None,
+                views_complete: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers on a loader batch: ((B, V, D) image vectors, (B, V, D) text vectors).
 
         With `frozen_tokens` (B, V, 1 + hw, C) from `frozen_image_tokens` (the trainer's
         frozen-trunk cache) the images are not needed and only the trained blocks run.
+        `views_complete=True` promises every view is present (the trainer checks on the host).
         """
         if frozen_tokens is not None:
-            img = self.encode_images_from_tokens(frozen_tokens, view_mask)
+            img = self.encode_images_from_tokens(frozen_tokens, view_mask, views_complete)
         else:
-            img = self.encode_images(images, view_mask)
-        return img, self.encode_texts(input_ids, attention_mask)
+            img = self.encode_images(images, view_mask, views_complete)
+        return img, self.encode_texts(input_ids, attention_mask, views_complete)
 
     # ------------------------------------------------------------------ training helpers
     def backbone_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -17,6 +17,8 @@ import torch
 def model_inputs(batch: dict) -> dict:
     """The model's keyword arguments: images, or cached frozen tokens instead of them."""
     inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask")}
+    if "views_complete" in batch:
+        inputs["views_complete"] = batch["views_complete"]
     if "frozen_tokens" in batch:
         return {**inputs, "images": None, "frozen_tokens": batch["frozen_tokens"]}
     return {**inputs, "images": batch["images"]}
@@ -35,7 +37,7 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     if n > size:
         raise ValueError(f"train.micro_batches={n} exceeds the per-rank batch of {size} locations")
     bounds = torch.linspace(0, size, n + 1).round().long().tolist()
-    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+    return [{k: v[a:b] if torch.is_tensor(v) else v for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def encode(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:

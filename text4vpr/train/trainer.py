@@ -101,7 +101,9 @@ class Trainer:
         """Forward, backward, clip, optimizer and scheduler step (or a counted skip)."""
         t0 = time.perf_counter()
         pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
+        complete = bool(batch["view_mask"].all())  # on the host too: the model skips its mask check
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+        batch["views_complete"] = complete
         self.model.train()
         if self.frozen_cache is not None:
             with self.acc.autocast():
