@@ -29,23 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            p.set_defaults(_module=None, _name=name)
-            continue
-        mod.add_arguments(p)
-        p.set_defaults(_module=module, _name=name)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args._module is None:
-        print(f"text4vpr {args._name}: not available in this build", file=sys.stderr)
-        return 2
     mod = importlib.import_module(args._module)
     try:
         return int(mod.run(args) or 0)

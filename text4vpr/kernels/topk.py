@@ -126,9 +126,12 @@ def _rotations(x: torch.Tensor, mode: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- torch path
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (K, C) with fp32 output; half inputs keep tensor cores on CUDA."""
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (K, C) with fp32 output; half inputs keep tensor cores on CUDA. A reused
+    `out` buffer (fp32 inputs) spares a fresh allocation and its page faults per chunk."""
     if a.dtype == torch.float32:
+        if out is not None and out.shape == (a.shape[0], b.shape[1]):
+            return torch.mm(a, b, out=out)
         return a @ b
     if a.is_cuda:
         try:
@@ -208,6 +211,7 @@ def group_topk_torch(
 
     chunk = chunk_size or _auto_chunk(num_q * rotations, k, memory_budget)
     run_keys = None
+    buf = torch.empty(q_rot.shape[0], min(chunk, n), device=dev) if compute_dtype == torch.float32 else None
     for start in range(0, n, chunk):
         db = database[start : start + chunk]  # (C, V, D)
         ds = view_scales(db, db_mask[start : start + chunk], mode)  # (C, V)
@@ -215,7 +219,7 @@ def group_topk_torch(
             dbc = db.to(compute_dtype)
         else:
             dbc = (db.to(torch.float32) * ds[..., None]).to(compute_dtype)
-        scores = _matmul_fp32(q_rot, dbc.reshape(db.shape[0], -1).T)  # (R*Q, C)
+        scores = _matmul_fp32(q_rot, dbc.reshape(db.shape[0], -1).T, buf)  # (R*Q, C)
         scores = scores.view(rotations, num_q, -1)  # (R, Q, C)
         if mode == "cosine":
             count = query_mask.to(torch.float32) @ db_mask[start : start + chunk].to(torch.float32).T  # (Q, C)

@@ -1,0 +1,27 @@
+"""Atomic writes: a failed write leaves the old file and no temp file behind."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from text4vpr.utils.atomic import atomic_open, atomic_save_file, atomic_write_json
+
+
+def test_failed_write_keeps_old_content(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write_json(path, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(path, "w") as f:
+            f.write('{"v": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_safetensors_round_trip(tmp_path):
+    t = {"x": torch.randn(3, 4), "i": torch.arange(5)}
+    atomic_save_file(t, tmp_path / "sub" / "t.safetensors", metadata={"k": "v"})
+    back = load_file(tmp_path / "sub" / "t.safetensors")
+    assert torch.equal(back["x"], t["x"]) and torch.equal(back["i"], t["i"])
