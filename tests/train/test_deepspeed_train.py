@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 through Accelerate (one CPU process): trains, checkpoints, resumes exactly."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,14 @@ def test_zero2_trains_and_resumes_bitwise(train_cache, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_zero2_bf16_autocast_runs(train_cache, tmp_path):
+    """DeepSpeed's own bf16 is off (launch/); the forward runs under torch.autocast(bf16)."""
+    import json
+
+    _launch(train_cache, tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=2", "train.save_every_steps=0")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

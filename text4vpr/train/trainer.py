@@ -106,7 +106,7 @@ class Trainer:
         batch["views_complete"] = complete
         self.model.train()
         if self.frozen_cache is not None:
-            with self.acc.autocast():
+            with self.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch)
         loss = self._forward_backward(batch)
         grad_norm = self._clip()
@@ -124,10 +124,16 @@ class Trainer:
         loss_fn = self._loss_with_faults
         if self.cfg.train.micro_batches > 1:
             return cached_backward(
-                self.model, batch, loss_fn, self.acc.backward, self.acc.autocast,
+                self.model, batch, loss_fn, self.acc.backward, self.autocast,
                 self.cfg.train.micro_batches, self.acc.no_sync, check_first=self.deepspeed,
             )
-        return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.acc.autocast, check_first=self.deepspeed)
+        return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.autocast, check_first=self.deepspeed)
+
+    def autocast(self):
+        """Accelerate's autocast; under DeepSpeed (whose own bf16 mode is off, see launch/) torch's."""
+        if self.deepspeed and self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
+        return self.acc.autocast()
 
     def _loss_with_faults(self, img, txt, groups):
         loss = self.loss_fn(img, txt, groups)
@@ -201,7 +207,7 @@ class Trainer:
         loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
         model = self.acc.unwrap_model(self.model)
         model.eval()
-        with self.acc.autocast():
+        with self.autocast():
             metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device)
         model.train()
         return metrics
