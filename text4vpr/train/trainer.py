@@ -55,6 +55,12 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed and cfg.loss.learnable:
+            raise ValueError("loss.learnable=true is not supported under DeepSpeed: the engine optimises only the "
+                             "model's parameters and the temperature lives in the loss; use DDP or a fixed temperature")
+        if self.deepspeed and t.micro_batches > 1:
+            raise ValueError("train.micro_batches > 1 (gradient caching) is not supported under DeepSpeed, whose "
+                             "backward also steps the optimizer; use DDP for gradient caching")
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
