@@ -1,10 +1,12 @@
 """Frozen-trunk cache: the frozen DINOv2 blocks' output tokens, computed once per location.
 
 The SPEC has no augmentation, so the blocks that run without gradient see the same image
-every epoch. The first time a location appears its tokens are computed and stored (bf16 or
-the compute dtype, on the GPU or in host memory); later steps run only the trained blocks,
-the aggregation and the text tower. Per location the cache holds V x (1 + hw) x C values:
-4 x 325 x 768 x 2 bytes = 2.0 MB in bf16 for the paper setup, i.e. 2.0 GB per 1,000 locations.
+every epoch. The first time a location appears its tokens are computed and stored (in the
+dtype they were computed in, which keeps training bitwise identical, or in bf16; on the GPU
+or in host memory); later steps run only the trained blocks, the aggregation and the text
+tower. Per location the cache holds V x (1 + hw) x C values: 4 x 325 x 768 = 1.0 M values,
+4.0 MB in fp32 (DINOv2's residual stream stays fp32 under autocast) or 2.0 MB in bf16 for
+the paper setup, i.e. 4.0 or 2.0 GB per 1,000 locations.
 """
 
 from __future__ import annotations
