@@ -108,7 +108,9 @@ class Setup:
         self.raw = self.acc.unwrap_model(self.model)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """As the trainer does: host-side flags first, then the tensors to the device."""
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        return {**out, "views_complete": bool(batch["view_mask"].all()), "index_host": batch["index"].tolist()}
 
     def step(self, batch: dict, cache=None) -> float:
         """The trainer's step (`Trainer.step` minus its bookkeeping): cached frozen tokens, forward,
@@ -116,7 +118,7 @@ class Setup:
         self.model.train()
         if cache is not None:
             with self.acc.autocast():
-                batch = {**batch, "frozen_tokens": cache.tokens(batch)}
+                batch = {**batch, "frozen_tokens": cache.tokens(batch, batch["index_host"])}
         if self.cfg.train.micro_batches > 1:
             loss = cached_backward(self.model, batch, self.loss_fn, self.acc.backward, self.acc.autocast,
                                    self.cfg.train.micro_batches, self.acc.no_sync)

@@ -49,7 +49,7 @@ def test_exclusion_matches_reference_and_default_keeps_views():
     loss = ContrastiveLoss(exclude_same_location=True)(img, txt, groups)
     assert rel_err(loss, reference_loss(img, txt, 0.1, groups)) <= 1e-5
     # default: other views stay negatives, group ids are ignored
-    assert torch.equal(ContrastiveLoss()(img, txt, groups), info_nce(img, txt))
+    assert rel_err(ContrastiveLoss()(img, txt, groups), reference_loss(img, txt, 0.1)) <= 1e-5
 
 
 @pytest.mark.parametrize("exclude", [False, True])

@@ -72,7 +72,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         sizes, rank = ctx.sizes, ctx.rank
         start = sum(sizes[:rank])
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # never reduce autograd's incoming buffer in place
         if dist.get_backend() == "nccl" and len(set(sizes)) == 1:
             out = grad.new_empty((sizes[rank], *grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad)

@@ -92,3 +92,13 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(train_cache, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_validation_without_top1_keeps_running(train_cache, tmp_path):
+    """Best-model choice needs top-1 within 5 m; other ks / radii must not crash validation."""
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=2", "eval.every_steps=1",
+                           "eval.ks=[5]", "eval.radii=[7.5]", "eval.final=false"))
+    trainer.train()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [e for e in events if e["kind"] == "val"]
+    assert len(vals) == 2 and set(vals[0]["accuracy"]) == {"5"} and set(vals[0]["accuracy"]["5"]) == {"7.5"}

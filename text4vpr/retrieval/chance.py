@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from text4vpr.retrieval.metrics import key
+
 
 def chance_accuracy(
     query_coords: torch.Tensor, db_coords: torch.Tensor, ks=(1, 5, 10), radii=(5.0, 10.0, 15.0, 30.0)
@@ -19,16 +21,12 @@ def chance_accuracy(
     d = db_coords.to(torch.float64)
     n = d.shape[0]
     dist = torch.cdist(q, d)  # (Q, N)
+    within = {r: (dist <= r).sum(dim=1).tolist() for r in radii}  # m per query and radius
     out: dict[str, dict[str, float]] = {}
     for k in ks:
         kk = min(k, n)
-        out[str(k)] = {}
-        for r in radii:
-            m = (dist <= r).sum(dim=1).tolist()
+        out[key(k)] = {}
+        for r, m in within.items():
             miss = [math.comb(n - mi, kk) / math.comb(n, kk) if n - mi >= kk else 0.0 for mi in m]
-            out[str(k)][_rkey(r)] = 1.0 - sum(miss) / max(1, len(miss))
+            out[key(k)][key(r)] = 1.0 - sum(miss) / max(1, len(miss))
     return out
-
-
-def _rkey(r: float) -> str:
-    return str(int(r)) if float(r).is_integer() else str(r)

@@ -21,8 +21,9 @@ from text4vpr.retrieval.search import distributed_world, sharded_group_topk
 
 
 @torch.no_grad()
-def encode_split(model, loader, device=None) -> dict[str, torch.Tensor]:
-    """Text (queries) and image (database) vectors of every location this rank's loader yields, on CPU."""
+def encode_split(model, loader, device=None, images: bool = True) -> dict[str, torch.Tensor]:
+    """Text (queries) and image (database) vectors of every location this rank's loader yields, on CPU.
+    `images=False` skips the image tower (the database then comes from an index)."""
     model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the Text4VPR model
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -32,21 +33,38 @@ def encode_split(model, loader, device=None) -> dict[str, torch.Tensor]:
         for batch in loader:
             view_mask = batch["view_mask"].bool()
             text = model.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, V, D)
-            images = model.encode_images(batch["images"].to(device), view_mask.to(device))  # (B, V, D)
             out["queries"].append(text.float().cpu())
             out["query_mask"].append(view_mask & batch["attention_mask"].bool().any(-1))
-            out["database"].append(images.float().cpu())
-            out["db_mask"].append(view_mask)
+            if images:
+                img = model.encode_images(batch["images"].to(device), view_mask.to(device))  # (B, V, D)
+                out["database"].append(img.float().cpu())
+                out["db_mask"].append(view_mask)
             out["coords"].append(batch["coords"].to(torch.float64))
             out["index"].append(batch["index"].to(torch.int64))
     finally:
         model.train(was_training)
+    if not images:
+        del out["database"], out["db_mask"]
     if not out["queries"]:
         d = model.embed_dim
         return {"queries": torch.zeros(0, 4, d), "query_mask": torch.zeros(0, 4, dtype=torch.bool),
                 "database": torch.zeros(0, 4, d), "db_mask": torch.zeros(0, 4, dtype=torch.bool),
                 "coords": torch.zeros(0, 3, dtype=torch.float64), "index": torch.zeros(0, dtype=torch.int64)}
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _check_finite_everywhere(database: torch.Tensor) -> None:
+    """Raise on every rank when any rank's database slice is non-finite (a rank raising
+    alone would leave the others waiting in the result gather)."""
+    ok = torch.tensor([1 if bool(torch.isfinite(database).all()) else 0])
+    _, world = distributed_world()
+    if world > 1:
+        if torch.distributed.get_backend() == "nccl":
+            ok = ok.cuda()
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if int(ok.item()) == 0:
+        check_finite(database, "database vectors")  # names this rank's problem when it is here
+        raise ValueError("database vectors contain non-finite values (NaN or inf) on another rank")
 
 
 def _gather_queries(local: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -80,7 +98,7 @@ def search_metrics(
     `id_offset`); `db_coords` covers the whole database; queries are the same on every rank."""
     check_mode(mode)
     check_finite(queries, "query vectors")
-    check_finite(database, "database vectors")
+    _check_finite_everywhere(database)
     device = torch.device(device) if device is not None else database.device
     k = max(ks)
     total = db_coords.shape[0]
@@ -114,7 +132,7 @@ def evaluate(
     """
     check_mode(mode)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    local = encode_split(model, loader, device)
+    local = encode_split(model, loader, device, images=index is None)
     everyone, offset = _gather_queries(local)
     if everyone["queries"].shape[0] == 0:
         raise ValueError("the evaluation loader yielded no locations")

@@ -119,12 +119,21 @@ def save_checkpoint(
         save_file(tensors, tmp / f"rng-rank{r}.safetensors")
         rng_meta.append(meta)
     atomic_write_json(tmp / "state.json", {**state, "optimizer": opt_meta, "rng": rng_meta}, indent=None)
+    _swap_in(tmp, final, ckpt_dir, keep_last)
+    return final
+
+
+def _swap_in(tmp: Path, final: Path, ckpt_dir, keep_last: int) -> None:
+    """Rename the complete temp folder into place; an older folder of the same step is moved
+    aside first and deleted after, so some complete copy exists at every instant."""
+    aside = final.with_name(f".old-{final.name}")
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save_accelerate_checkpoint(acc, ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
@@ -140,11 +149,7 @@ def save_accelerate_checkpoint(acc, ckpt_dir: str | os.PathLike, step: int, stat
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_write_json(tmp / "state.json", state, indent=None)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, final, ckpt_dir, keep_last)
     acc.wait_for_everyone()
     return final
 

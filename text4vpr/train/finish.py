@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
-
+from text4vpr.models import Text4VPR
 from text4vpr.retrieval.chance import chance_accuracy
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
@@ -15,11 +14,11 @@ from text4vpr.utils.atomic import atomic_write_json
 
 def _load_best(trainer) -> str:
     """Load best_model weights into the live model when validation chose one; say which."""
-    best = trainer.run_dir / "best_model" / "model.safetensors"
-    if not best.exists():
+    best = trainer.run_dir / "best_model"
+    if not (best / "model.safetensors").exists():
         return f"final (step {trainer.state.step})"
     model = trainer.acc.unwrap_model(trainer.model)
-    model.load_state_dict(load_file(best), strict=False)
+    model.load_state_dict(Text4VPR.from_pretrained(best).state_dict(), strict=True)  # tied weights restored
     return f"best by validation top-1 within 5 m (step {trainer.state.best_step})"
 
 
@@ -29,13 +28,13 @@ def finish_run(trainer) -> dict:
         return {}
     which = _load_best(trainer)
     split = "test" if cfg.data.test_shards or trainer.paths.test != trainer.paths.val else "val"
-    metrics = trainer._evaluate(trainer.paths.test)
-    coords = read_coords(trainer.paths.test)
-    metrics["chance"] = chance_accuracy(coords, coords, tuple(cfg.eval.ks), tuple(cfg.eval.radii))
+    metrics = trainer._evaluate(trainer.paths.test)  # every rank takes part
     metrics["split"] = split
     metrics["model"] = which
     if not trainer.acc.is_main_process:
         return metrics
+    coords = read_coords(trainer.paths.test)
+    metrics["chance"] = chance_accuracy(coords, coords, tuple(cfg.eval.ks), tuple(cfg.eval.radii))
     run_dir: Path = trainer.run_dir
     atomic_write_json(run_dir / "final_metrics.json", metrics)
     summary = {

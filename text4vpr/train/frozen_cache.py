@@ -39,9 +39,9 @@ class FrozenTrunkCache:
         self.hits = 0
         self.misses = 0
 
-    def tokens(self, batch: dict) -> torch.Tensor:
-        """(B, V, 1 + hw, C) frozen tokens for the batch, computing only unseen locations."""
-        index = batch["index"].tolist()
+    def tokens(self, batch: dict, index: list[int]) -> torch.Tensor:
+        """(B, V, 1 + hw, C) frozen tokens for the batch (`index`: its location ids, from the
+        host copy so no device sync), computing only unseen locations."""
         todo = sorted({j for j, i in enumerate(index) if i not in self.store})
         if todo:
             rows = torch.tensor(todo, device=batch["images"].device)

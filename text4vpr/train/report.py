@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from text4vpr.utils.atomic import atomic_write_text
+from text4vpr.utils.atomic import atomic_open, atomic_write_text
 
 
 def accuracy_table(accuracy: dict, chance: dict | None = None) -> str:
@@ -25,9 +25,8 @@ def accuracy_table(accuracy: dict, chance: dict | None = None) -> str:
 
 
 def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
 
 
 def plot_loss(events: list[dict], path: Path) -> None:

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from text4vpr.config import dump_yaml
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
+from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import DataPaths, eval_loader, prepare_data, steps_per_epoch, train_loader
@@ -108,12 +109,13 @@ class Trainer:
         t0 = time.perf_counter()
         pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
         complete = bool(batch["view_mask"].all())  # on the host too: the model skips its mask check
+        index = batch["index"].tolist()  # host copy for the frozen cache
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
         batch["views_complete"] = complete
         self.model.train()
         if self.frozen_cache is not None:
             with self.autocast():
-                batch["frozen_tokens"] = self.frozen_cache.tokens(batch)
+                batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
         loss = self._forward_backward(batch)
         grad_norm = self._clip()
         if self._skip(loss, grad_norm):
@@ -157,7 +159,8 @@ class Trainer:
         """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
         # the loss is the global value on every rank, and the clipped norm is taken after DDP's
         # all-reduce, so every rank reaches the same verdict without a collective (one sync)
-        bad = not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))))
+        checked = loss if grad_norm is None else torch.stack([loss.float(), torch.as_tensor(grad_norm, device=loss.device).float()])
+        bad = not bool(torch.isfinite(checked).all())
         if not bad:
             return False
         self.state.nonfinite_total += 1
@@ -187,7 +190,8 @@ class Trainer:
                          epoch=self.state.epoch, nonfinite_total=self.state.nonfinite_total)
         if self.cfg.eval.every_steps and s % self.cfg.eval.every_steps == 0:
             self.validate()
-        if (t.save_every_steps and s % t.save_every_steps == 0) or self.done:
+        epoch_end = self.state.batch_in_epoch >= self.steps_per_epoch  # end_epoch() saves then
+        if ((t.save_every_steps and s % t.save_every_steps == 0) or self.done) and not epoch_end:
             self.save()
 
     def end_epoch(self) -> None:
@@ -201,7 +205,7 @@ class Trainer:
 
     def validate(self) -> dict:
         metrics = self._evaluate(self.paths.val)
-        top1 = metrics["accuracy"]["1"][_rkey(5.0)] if _rkey(5.0) in metrics["accuracy"]["1"] else -1.0
+        top1 = metrics["accuracy"].get(key(1), {}).get(key(5.0), -1.0)  # upstream's choice; -1 if not evaluated
         self.log.log("val", self.state.step, accuracy=metrics["accuracy"], epoch=self.state.epoch)
         if top1 > self.state.best_top1_5m:
             self.state.best_top1_5m, self.state.best_step = top1, self.state.step
@@ -262,10 +266,6 @@ class Trainer:
         result = finish_run(self)
         self.log.close()
         return result
-
-
-def _rkey(r: float) -> str:
-    return str(int(r)) if float(r).is_integer() else str(r)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
