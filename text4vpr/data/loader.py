@@ -152,7 +152,8 @@ class _Stats:
     def record(self, message: str, samples: int = 1, truncated: bool = False) -> None:
         self.samples_skipped += samples
         self.shards_truncated += int(truncated)
-        self.messages.append(message)
+        if len(self.messages) < 100:  # the counts stay exact; the endless train stream may repeat a bad shard
+            self.messages.append(message)
         log.warning("skipped: %s", message)
 
 

@@ -172,7 +172,7 @@ def _view_bits(mask: torch.Tensor) -> torch.Tensor:
     return (mask.to(torch.int32) * weights).sum(1, dtype=torch.int32)
 
 
-def _default_blocks(k: int, interpreting: bool) -> tuple[int, int, int]:
+def _default_blocks(interpreting: bool) -> tuple[int, int, int]:
     """(BQ, BN, BK). GPU: 64x64x64 with 8 warps, 4 stages compiles for sm_90 with no
     register spills at k <= 64 (a few bytes at k = 128); larger tiles spill."""
     if interpreting:
@@ -222,7 +222,7 @@ def group_topk_triton(
         return torch.zeros(num_q, kk, device=dev), torch.zeros(num_q, kk, dtype=torch.int64, device=dev)
 
     interpreting = _interpreting()
-    bq, bn, bk = _default_blocks(kk, interpreting)
+    bq, bn, bk = _default_blocks(interpreting)
     bq, bn, bk = block_q or bq, block_n or bn, block_k or bk
     query_mask, db_mask = query_mask.to(dev), db_mask.to(dev)
     qs = view_scales(queries.to(dev), query_mask, mode)  # (Q, V)

@@ -12,8 +12,9 @@ PLOT_PNG = "accuracy_vs_radius.png"
 
 
 def markdown_table(metrics: dict) -> str:
-    """One row per k, one column per radius, values in percent."""
-    acc = metrics["accuracy"]
+    """One row per k, one column per radius, values in percent (chance beside them when the
+    metrics carry a `chance` entry of the same shape)."""
+    acc, chance = metrics["accuracy"], metrics.get("chance")
     radii = list(next(iter(acc.values())).keys())
     lines = [
         f"Top-k accuracy within r metres ({metrics['mode']} similarity, {metrics['num_queries']} queries, "
@@ -23,7 +24,8 @@ def markdown_table(metrics: dict) -> str:
         "|---|" + "---|" * len(radii),
     ]
     for k, row in acc.items():
-        lines.append(f"| {k} | " + " | ".join(f"{100 * row[r]:.1f} %" for r in radii) + " |")
+        cells = [f"{100 * row[r]:.1f} %" + (f" (chance {100 * chance[k][r]:.1f} %)" if chance else "") for r in radii]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

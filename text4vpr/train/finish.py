@@ -8,7 +8,8 @@ from text4vpr.models import Text4VPR
 from text4vpr.retrieval.chance import chance_accuracy
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
-from text4vpr.train.report import accuracy_table, write_report
+from text4vpr.retrieval.report import markdown_table
+from text4vpr.train.report import write_report
 from text4vpr.utils.atomic import atomic_write_json
 
 
@@ -46,6 +47,6 @@ def finish_run(trainer) -> dict:
     }
     write_report(run_dir, metrics, read_metrics(run_dir / "metrics.jsonl"), summary)
     print(f"\nHeld-out {split} split, {metrics['num_queries']} queries, model: {which}")
-    print(accuracy_table(metrics["accuracy"], metrics["chance"]))
+    print(markdown_table(metrics), end="")
     print(f"\nrun directory: {run_dir} (report.md, final_metrics.json, plots, model/)")
     return metrics

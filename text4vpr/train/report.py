@@ -5,23 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from text4vpr.retrieval.report import markdown_table
 from text4vpr.utils.atomic import atomic_open, atomic_write_text
-
-
-def accuracy_table(accuracy: dict, chance: dict | None = None) -> str:
-    """Markdown table, one row per k, one column per radius; chance in brackets when given."""
-    ks = list(accuracy)
-    radii = list(accuracy[ks[0]])
-    lines = ["| top-k | " + " | ".join(f"≤ {r} m" for r in radii) + " |", "|---" * (len(radii) + 1) + "|"]
-    for k in ks:
-        cells = []
-        for r in radii:
-            cell = f"{100 * accuracy[k][r]:.1f} %"
-            if chance is not None:
-                cell += f" (chance {100 * chance[k][r]:.1f} %)"
-            cells.append(cell)
-        lines.append(f"| top-{k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -79,10 +64,9 @@ def write_report(run_dir: str | os.PathLike, final: dict, events: list[dict], su
         "",
         *(f"- {k}: {v}" for k, v in summary.items()),
         "",
-        f"## Final evaluation ({final.get('split', 'held-out')} split, mode `{final.get('mode')}`, "
-        f"{final.get('num_queries')} queries × {final.get('num_database')} locations)",
+        f"## Final evaluation ({final.get('split', 'held-out')} split)",
         "",
-        accuracy_table(final["accuracy"], final.get("chance")),
+        markdown_table(final),
         "",
         "![loss](loss.png)",
         "",
