@@ -14,7 +14,6 @@ in machine load hits them all alike. Prints a table with ratios and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

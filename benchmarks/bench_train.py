@@ -14,7 +14,10 @@ One run measures, with the trainer's own pieces (`text4vpr.train.data` for data 
       (all hits) run only the trained blocks, the aggregation and the text tower; from shards
       as (a), and model only as (b). The loader still decodes the images (the trainer's does);
   (e) loader capacity: batches/s the train loader alone delivers, against the step's demand
-      (1 / model-only step time).
+      (1 / model-only step time);
+  (f) the profile: the model-only step split into phases (frozen image blocks, trained image
+      blocks + aggregation, text tower, loss, each tower's backward, clip + AdamW), each timed
+      alone between syncs, with its share and achieved TFLOP/s (what to fix next).
 Ratios are against (c). Writes JSON.
 
 MFU = FLOPs per step / step time / measured dense matmul rate (bf16 8192^3 torch.matmul on
@@ -48,6 +51,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,17 +62,14 @@ import torch  # noqa: E402
 from benchmarks.common import V, build_upstream, gemm_tflops, machine, print_table, step_upstream, sync, time_steps  # noqa: E402
 from text4vpr.config import load_config  # noqa: E402
 from text4vpr.data.transforms import normalize_images  # noqa: E402
-from text4vpr.losses import ContrastiveLoss  # noqa: E402
-from text4vpr.train.config import RunConfig, TrainConfig  # noqa: E402
-from text4vpr.train.data import prepare_data, train_loader  # noqa: E402
-from text4vpr.train.model import build_model  # noqa: E402
-from text4vpr.train.optim import build_optimizer  # noqa: E402
-from text4vpr.train.step import cached_backward, plain_backward  # noqa: E402
+from text4vpr.train.config import RunConfig  # noqa: E402
+from text4vpr.train.data import train_loader  # noqa: E402
+from text4vpr.train.step import pairs  # noqa: E402
 from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny_test.yaml"
 TINY_OVERRIDES = ["data.synthetic.locations=160", "data.loader.batch_size=16"]  # 7 batches per epoch
-PARTS = ("full", "model", "cached", "upstream", "loader")
+PARTS = ("full", "model", "cached", "upstream", "loader", "phases")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -90,46 +91,29 @@ def load_run_config(args, device: torch.device) -> RunConfig:
 
 
 class Setup:
-    """Accelerator, data, model, loss and optimizer exactly as the trainer builds them."""
+    """The real `Trainer` (its Accelerator, data, model, loss, optimizer), run folder in a temp dir;
+    every timed step is `Trainer.step`, the step `train()` runs (minus logging and checkpoints)."""
 
-    def __init__(self, cfg: RunConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+    def __init__(self, cfg: RunConfig, run_dir: str):
+        from text4vpr.train.trainer import Trainer
 
+        cfg.train.output_dir, cfg.train.resume = run_dir, ""
+        cfg.train.tensorboard = cfg.train.progress = False
+        cfg.train.frozen_cache = False  # (d) attaches its own cache
         self.cfg = cfg
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu)
-        set_seed(cfg.train.seed)
+        self.trainer = Trainer(cfg)
+        self.acc, self.paths, self.loss_fn = self.trainer.acc, self.trainer.paths, self.trainer.loss_fn
         self.device = self.acc.device
-        self.paths = prepare_data(cfg.data, self.acc)
-        model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, cfg.train, 1)
-        self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.device)
-        optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.raw = self.acc.unwrap_model(self.model)
+        self.raw = self.acc.unwrap_model(self.trainer.model)
 
-    def to_device(self, batch: dict) -> dict:
-        """As the trainer does: host-side flags first, then the tensors to the device."""
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-        return {**out, "views_complete": bool(batch["view_mask"].all()), "index_host": batch["index"].tolist()}
+    def step(self, host_batch: dict, cache=None) -> None:
+        self.trainer.frozen_cache = cache
+        self.trainer.step(host_batch)
 
-    def step(self, batch: dict, cache=None) -> float:
-        """The trainer's step (`Trainer.step` minus its bookkeeping): cached frozen tokens, forward,
-        backward, the gradient norm (clipped when optim.grad_clip > 0), the finite check, AdamW."""
-        self.model.train()
-        if cache is not None:
-            with self.acc.autocast():
-                batch = {**batch, "frozen_tokens": cache.tokens(batch, batch["index_host"])}
-        if self.cfg.train.micro_batches > 1:
-            loss = cached_backward(self.model, batch, self.loss_fn, self.acc.backward, self.acc.autocast,
-                                   self.cfg.train.micro_batches, self.acc.no_sync)
-        else:
-            loss = plain_backward(self.model, batch, self.loss_fn, self.acc.backward, self.acc.autocast)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), clip)
-        if bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):  # syncs, as the trainer's check
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+    def on_device(self, host_batch: dict) -> dict:
+        """A batch for model-only steps: the big tensors already on the device; the mask and the
+        location ids stay on the host, where the trainer reads them (no device sync)."""
+        return {k: v if k in ("view_mask", "index") else v.to(self.device) for k, v in host_batch.items()}
 
     def batches(self, first_epoch: int = 0):
         """Endless train batches, epoch after epoch (a fresh loader per epoch, as the trainer does)."""
@@ -146,7 +130,7 @@ def measure_full(s: Setup, steps: int, warmup: int, cache=None) -> dict:
     first_epoch = 0
     if cache is not None:
         for batch in train_loader(s.paths, s.cfg.data.loader, s.acc, 0, 0):
-            s.step(s.to_device(batch), cache)
+            s.step(batch, cache)
         first_epoch = 1
     stream = s.batches(first_epoch)
     times, waits, pairs = [], [], 0
@@ -155,7 +139,7 @@ def measure_full(s: Setup, steps: int, warmup: int, cache=None) -> dict:
         t0 = time.perf_counter()
         host = next(stream)
         t1 = time.perf_counter()
-        s.step(s.to_device(host), cache)
+        s.step(host, cache)
         sync(s.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -180,8 +164,6 @@ def measure_model_only(s: Setup, batch: dict, steps: int, warmup: int, cache=Non
 
 def frozen_cache(s: Setup):
     """(cache or None, note): the trainer's FrozenTrunkCache, as train.frozen_cache=true builds it."""
-    if "frozen_cache" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return None, "not available: train.frozen_cache is not in this trainer"
     from text4vpr.train.frozen_cache import FrozenCacheError, FrozenTrunkCache
 
     t = s.cfg.train
@@ -216,6 +198,66 @@ def measure_loader(s: Setup, batches: int) -> dict:
     return {"batches_per_s": n / sec, "batches": n, "workers": s.cfg.data.loader.num_workers}
 
 
+class PhaseTimer:
+    """Seconds per named phase, each timed alone between device syncs (after `skip` rounds)."""
+
+    def __init__(self, device: torch.device, skip: int = 1):
+        self.device, self.skip, self.round = device, skip, 0
+        self.seconds: dict[str, list[float]] = {}
+
+    def __call__(self, name: str, fn):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(self.device)
+        if self.round >= self.skip:
+            self.seconds.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.seconds.items()}
+
+
+PHASE_FLOPS = {  # phase -> (step_flops key, multiple of its forward FLOPs)
+    "image frozen fwd (no grad)": ("frozen_image_fwd", 1), "image trained fwd": ("trained_image_fwd", 1),
+    "text fwd": ("text_fwd", 1), "loss fwd+bwd": ("loss_fwd", 3), "image bwd": ("trained_image_fwd", 2),
+    "text bwd": ("text_bwd", 1),
+}
+
+
+def measure_phases(s: Setup, batch: dict, steps: int, flops: dict) -> dict:
+    """(f) Where the model-only step's time goes: the step split into phases, each timed between
+    syncs (eager pieces of the model, so the sum exceeds a compiled step). Backward is split by
+    detaching the two towers' outputs: loss backward first, then each tower from its gradient."""
+    raw, t = s.raw, s.trainer
+    dev = {k: v.to(s.device) for k, v in batch.items()}
+    vm = dev["view_mask"]
+    timer = PhaseTimer(s.device)
+    for timer.round in range(steps + 1):
+        raw.train()
+        with t.autocast():
+            tokens = timer("image frozen fwd (no grad)", lambda: raw.frozen_image_tokens(dev["images"], vm))
+            img = timer("image trained fwd", lambda: raw.encode_images_from_tokens(tokens, vm, True).float())
+            txt = timer("text fwd", lambda: raw.encode_texts(dev["input_ids"], dev["attention_mask"], True).float())
+        img_l, txt_l = img.detach().requires_grad_(), txt.detach().requires_grad_()
+
+        def loss_fwd_bwd():
+            i, x, g = pairs(dev, img_l, txt_l)
+            s.acc.backward(s.loss_fn(i, x, g))
+        timer("loss fwd+bwd", loss_fwd_bwd)
+        timer("image bwd", lambda: img.backward(img_l.grad))
+        timer("text bwd", lambda: txt.backward(txt_l.grad))
+        timer("clip + optimizer", lambda: (t._clip(), t.optimizer.step(), t.optimizer.zero_grad(set_to_none=True)))
+    med = timer.medians()
+    total = sum(med.values())
+    out = {}
+    for name, sec in med.items():
+        key, mult = PHASE_FLOPS.get(name, (None, 0))
+        tf = flops[key] * mult / sec / 1e12 if key else None
+        out[name] = {"seconds": sec, "fraction": sec / total, "tflops": tf}
+    return {"phases": out, "sum_s": total, "steps": steps}
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -248,7 +290,8 @@ def step_flops(model, batch: dict, cached: bool = False) -> dict:
     loss = 2 * img_n * img_n * E
     total = frozen + 3 * (trained_img + txt_n * head + loss) + (3 if t5_trained else 1) * t5
     return {"total": float(total), "frozen_image_fwd": float(frozen), "trained_image_fwd": float(trained_img),
-            "t5_fwd": float(t5), "text_head_fwd": float(txt_n * head), "loss_fwd": float(loss),
+            "t5_fwd": float(t5), "text_head_fwd": float(txt_n * head), "text_fwd": float(t5 + txt_n * head),
+            "text_bwd": float(2 * txt_n * head + (2 * t5 if t5_trained else 0)), "loss_fwd": float(loss),
             "t5_trained": t5_trained, "text_tokens_per_description": L}
 
 
@@ -268,6 +311,7 @@ def parse_args(argv=None):
                    help="locations per upstream-style step (default: the batch on CPU, 16 on CUDA; "
                         "its time per pair does not depend on it)")
     p.add_argument("--loader-batches", type=int, default=10, help="batches timed for (e)")
+    p.add_argument("--phase-steps", type=int, default=3, help="timed rounds of the phase profile (f)")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/bench_train_<config>_<device>.json)")
     return p.parse_args(argv)
@@ -277,9 +321,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = load_run_config(args, device)
-    s = Setup(cfg)
+    s = Setup(cfg, tempfile.mkdtemp(prefix="bench_train_"))
     first = next(iter(train_loader(s.paths, cfg.data.loader, s.acc, 0, 0)))
-    batch = s.to_device(first)
+    batch = s.on_device(first)
     pairs = int(batch["view_mask"].sum())
     print(f"config={args.config} device={s.device} batch={batch['view_mask'].shape[0]} locations ({pairs} pairs) "
           f"image={batch['images'].shape[-1]}px text={batch['input_ids'].shape[-1]} tokens "
@@ -311,6 +355,8 @@ def main(argv=None) -> int:
         if "step_s" in res.get(key, {}):
             res[key]["tflops"] = f["total"] / res[key]["step_s"] / 1e12
             res[key]["mfu"] = res[key]["tflops"] / gemm["tflops"]
+    if "phases" not in args.skip:
+        res["phases"] = measure_phases(s, first, args.phase_steps, flops)
     up = res.get("upstream", {}).get("pairs_per_s")
     demand = 1 / res["model"]["step_s"] if "model" in res else None
 
@@ -335,6 +381,13 @@ def main(argv=None) -> int:
         res["loader"]["capacity_over_demand"] = cap / demand if demand else None
         print(f"(e) loader capacity {cap:.2f} batches/s ({cfg.data.loader.num_workers} workers) against a demand of "
               f"{demand:.2f} batches/s (model-only step): {cap / demand:.2f}x" if demand else f"(e) loader {cap:.2f} batches/s")
+    if "phases" in res:
+        ph = res["phases"]
+        print_table(["phase (eager, timed alone)", "ms", "share", "TFLOP/s", "of GEMM"],
+                    [[name, 1e3 * r["seconds"], f"{100 * r['fraction']:.1f} %", r["tflops"],
+                      f"{100 * r['tflops'] / gemm['tflops']:.0f} %" if r["tflops"] else None]
+                     for name, r in ph["phases"].items()],
+                    title=f"(f) where the model-only step goes: phases sum to {1e3 * ph['sum_s']:.1f} ms")
     if "full" in res:
         print(f"(a) time waiting for the loader: {100 * res['full']['loader_wait_fraction']:.1f} % of the step")
     print(f"matmul {gemm['n']}^3 {gemm['dtype']}: {gemm['tflops']:.2f} TFLOP/s; FLOPs per step {flops['total']:.3e} "

@@ -46,7 +46,7 @@ def _run(cache, out, *extra):
 
 
 def test_cached_training_equals_uncached(train_cache, tmp_path):
-    plain = _run(train_cache, tmp_path / "plain")
+    _run(train_cache, tmp_path / "plain")
     cached = _run(train_cache, tmp_path / "cached", "train.frozen_cache=true")
     stats = cached.frozen_cache.stats()
     assert stats["hits"] > 0 and stats["misses"] == stats["locations"] > 0

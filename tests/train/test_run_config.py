@@ -57,3 +57,9 @@ def test_main_reports_bad_key(capsys):
 def test_yaml_exponent_without_dot_is_a_float():
     cfg = load_config(RunConfig, None, ["optim.lr=5e-3"])
     assert cfg.optim.lr == 0.005
+
+
+def test_unknown_compile_mode_is_named():
+    with pytest.raises(ConfigError, match=r"train\.compile_mode"):
+        load_config(RunConfig, None, ["train.compile_mode=fastest"])
+    assert load_config(RunConfig, None, ["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"

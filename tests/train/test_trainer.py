@@ -1,7 +1,6 @@
 """Trainer end to end on a tiny synthetic set: run directory, NaN skip, exact SIGKILL resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

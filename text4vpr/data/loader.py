@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from text4vpr.data.shards import MANIFEST, is_shard_dir, load_manifest, shard_descriptions
+from text4vpr.data.shards import MANIFEST, is_shard_dir, iter_tar_samples, load_manifest, shard_descriptions
 from text4vpr.data.tokenizer import normalize_text
 from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, empty_cpu, normalize_images  # noqa: F401 (re-exported)
 
@@ -191,26 +190,16 @@ class ShardStream(IterableDataset):
         """(shard, key, {suffix: bytes}) per sample; truncation is an error or a counted skip."""
         from webdataset import gopen
 
-        key, sample, n = None, {}, 0
+        key, n = None, 0
         try:
             with gopen(url, "rb") as stream:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for info in tar:
-                        if not info.isreg():
-                            continue
-                        base, _, suffix = os.path.basename(info.name).partition(".")
-                        if base != key and sample:
-                            yield url, key, sample
-                            n, sample = n + 1, {}
-                        key = base
-                        sample[suffix] = tar.extractfile(info).read()
+                for key, sample in iter_tar_samples(stream):
+                    yield url, key, sample
+                    n += 1
         except Exception as e:  # tarfile.ReadError, EOFError, OSError, gopen errors
-            self._fail(f"{url}: corrupt or truncated tar after sample {n} (at key {key}): {type(e).__name__}: {e}",
+            self._fail(f"{url}: corrupt or truncated tar after sample {n} (last good key {key}): {type(e).__name__}: {e}",
                        lost=(expected - n) if expected is not None else 1, truncated=True)
             return
-        if sample:
-            yield url, key, sample
-            n += 1
         if expected is not None and n != expected:
             self._fail(f"{url}: {n} samples, manifest says {expected} (truncated?)", lost=max(expected - n, 0), truncated=True)
 

@@ -339,14 +339,19 @@ def load_manifest(shard_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def iter_tar_samples(path: str | Path):
-    """Yield (key, {suffix: bytes}) per sample of a local tar, in order."""
-    with tarfile.open(path, mode="r|") as tar:
+def iter_tar_samples(source):
+    """Yield (key, {suffix: bytes}) per sample of a tar, in order. `source` is a path or a binary
+    stream (read once, front to back); the key is a member's base name up to its first dot."""
+    if isinstance(source, (str, Path)):
+        tar = tarfile.open(source, mode="r|*")
+    else:
+        tar = tarfile.open(fileobj=source, mode="r|*")
+    with tar:
         key, sample = None, {}
         for info in tar:
             if not info.isreg():
                 continue
-            base, _, suffix = info.name.partition(".")
+            base, _, suffix = os.path.basename(info.name).partition(".")
             if base != key and sample:
                 yield key, sample
                 sample = {}

@@ -29,7 +29,6 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if x.dim() != 2:
             raise ValueError(f"GlobalBatchNorm1d expects (N, C) input, got {tuple(x.shape)}")
         xf = x.float()
-        c = x.shape[1]
         # two passes, as BatchNorm does: mean first, then the centred sum of squares (a
         # single E[x^2] - E[x]^2 pass loses precision when |mean| >> std)
         stats = _all_reduce_with_grad(torch.cat([xf.new_tensor([float(x.shape[0])]), xf.sum(0)]))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from text4vpr.config import ConfigError
 from text4vpr.data.loader import LoaderConfig
-from text4vpr.models.config import ModelConfig
 from text4vpr.train.optim import OptimConfig
 
 
@@ -58,6 +58,9 @@ class ModelSection:
     config: dict = field(default_factory=dict)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -67,6 +70,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     output_dir: str = "runs/demo"
     save_every_steps: int = 0  # 0 = at epoch ends only
     keep_last: int = 2
@@ -81,6 +85,10 @@ class TrainConfig:
     frozen_cache_device: str = "auto"  # auto (the training device) | cpu
     nan_at_steps: list[int] = field(default_factory=list)  # test aid: force a NaN loss at these steps
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_mode: unknown mode {self.compile_mode!r} ({' | '.join(COMPILE_MODES)})")
 
 
 @dataclass

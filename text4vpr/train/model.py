@@ -41,5 +41,6 @@ def build_model(section, tokenizer_path: str, loader_cfg, train_cfg, world_size:
     if world_size > 1 and train_cfg.global_batchnorm:
         convert_global_batchnorm(model)
     if train_cfg.compile:
-        model.compile()  # in place: keeps the module type and its state_dict keys
+        mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+        model.compile(mode=mode)  # in place: keeps the module type and its state_dict keys
     return model, tokenizer

@@ -27,7 +27,7 @@ from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler
 from text4vpr.train.progress import Progress
 from text4vpr.train.step import cached_backward, plain_backward
-from text4vpr.utils.atomic import atomic_write_json, atomic_write_text
+from text4vpr.utils.atomic import atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
