@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.topk import check_finite, check_mode
 from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
 from text4vpr.retrieval.search import distributed_world, sharded_group_topk
@@ -43,13 +44,13 @@ def encode_split(model, loader, device=None, images: bool = True) -> dict[str, t
             out["index"].append(batch["index"].to(torch.int64))
     finally:
         model.train(was_training)
+    if not out["queries"]:  # this rank saw no location: empty tensors of the right shapes
+        d, v = model.embed_dim, NUM_VIEWS
+        out = {"queries": [torch.zeros(0, v, d)], "query_mask": [torch.zeros(0, v, dtype=torch.bool)],
+               "database": [torch.zeros(0, v, d)], "db_mask": [torch.zeros(0, v, dtype=torch.bool)],
+               "coords": [torch.zeros(0, 3, dtype=torch.float64)], "index": [torch.zeros(0, dtype=torch.int64)]}
     if not images:
         del out["database"], out["db_mask"]
-    if not out["queries"]:
-        d = model.embed_dim
-        return {"queries": torch.zeros(0, 4, d), "query_mask": torch.zeros(0, 4, dtype=torch.bool),
-                "database": torch.zeros(0, 4, d), "db_mask": torch.zeros(0, 4, dtype=torch.bool),
-                "coords": torch.zeros(0, 3, dtype=torch.float64), "index": torch.zeros(0, dtype=torch.int64)}
     return {k: torch.cat(v) for k, v in out.items()}
 
 

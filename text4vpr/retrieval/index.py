@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.topk import check_finite
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
 
@@ -54,7 +55,7 @@ def part_name(rank: int) -> str:
 
 
 @torch.no_grad()
-def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=None, views: int = 4) -> dict[str, torch.Tensor]:
+def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=None, views: int = NUM_VIEWS) -> dict[str, torch.Tensor]:
     """Image vectors of every location this rank's eval loader yields, on CPU."""
     device = device or next(model.parameters()).device
     model.eval()
