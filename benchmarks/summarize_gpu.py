@@ -1,8 +1,14 @@
 #!/usr/bin/env python
 """Summarise a `gpu_check.sh` run: read the per-benchmark JSONs in a folder, print one table of
-the headline figures against the GPU issue's targets, and write `gpu_summary.json`.
+the headline figures against the GPU issue's targets, and write `gpu_summary.json` and
+`gpu_results.json` (every benchmark JSON, by file stem) to the output folder.
 
-    python benchmarks/summarize_gpu.py OUT_DIR [--steps STEPS.tsv]
+    python benchmarks/summarize_gpu.py JSON_DIR [--out OUT_DIR] [--steps STEPS.tsv]
+
+Training figures: `train_pairs_per_s` / `train_mfu` are the faster of the eager
+(`bench_train.json`) and compiled (`bench_train_compiled.json`) full steps, both kept as
+`train_pairs_per_s_eager` / `_compiled`; cached epochs are compared with the eager step they
+were measured beside.
 
 Keys (null where not measured): train_pairs_per_s, train_mfu, train_cached_pairs_per_s,
 upstream_loop_pairs_per_s, plain_batched_pairs_per_s, search_fused_tflops,
@@ -17,6 +23,10 @@ import datetime
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
 KEYS = ("train_pairs_per_s", "train_mfu", "train_cached_pairs_per_s", "upstream_loop_pairs_per_s",
         "plain_batched_pairs_per_s", "search_fused_tflops", "search_torch_tflops", "gemm_tflops",
@@ -83,14 +93,28 @@ def from_loss(d: dict | None) -> dict:
     return out
 
 
+def from_trains(eager: dict | None, compiled: dict | None) -> dict:
+    """The eager run's figures, with the headline taken from the faster of eager and compiled."""
+    s = from_train(eager)
+    c = from_train(compiled)
+    s["train_pairs_per_s_eager"], s["train_pairs_per_s_compiled"] = s["train_pairs_per_s"], c["train_pairs_per_s"]
+    s["model_only_pairs_per_s_compiled"] = c["model_only_pairs_per_s"]
+    s["train_cached_over_uncached"] = _ratio(s["train_cached_pairs_per_s"], s["train_pairs_per_s"])
+    s["train_headline"] = "eager"
+    if (c["train_pairs_per_s"] or 0) > (s["train_pairs_per_s"] or 0):
+        s["train_pairs_per_s"], s["train_mfu"], s["train_headline"] = c["train_pairs_per_s"], c["train_mfu"], "compiled"
+    s["gemm_tflops"] = s["gemm_tflops"] or c["gemm_tflops"]
+    return s
+
+
 def collect(folder: Path) -> dict:
-    train, train640 = _load(folder / "bench_train.json"), _load(folder / "bench_train_640.json")
+    train = _load(folder / "bench_train.json")
     model = from_model(_load(folder / "bench_model.json"))
-    s = from_train(train)
+    s = from_trains(train, _load(folder / "bench_train_compiled.json"))
     s["upstream_loop_pairs_per_s"] = s.get("upstream_loop_pairs_per_s") or model["upstream_loop_pairs_per_s"]
     for k in ("plain_batched_pairs_per_s", "plain_eager_pairs_per_s", "plain_compiled_pairs_per_s"):
         s[k] = model[k]
-    s["train_pairs_per_s_640px_shards"] = from_train(train640)["train_pairs_per_s"]
+    s["train_pairs_per_s_640px_shards"] = from_train(_load(folder / "bench_train_640.json"))["train_pairs_per_s"]
     s.update(from_search(_load(folder / "bench_search.json")))
     s.update(from_loss(_load(folder / "bench_loss.json")))
     ev = _load(folder / "bench_eval.json") or {}
@@ -107,17 +131,19 @@ def targets(s: dict) -> list[tuple[str, object, str, bool | None]]:
         return None if v is None else bool(ok(v))
 
     tr, up, plain = s.get("train_pairs_per_s"), s.get("upstream_loop_pairs_per_s"), s.get("plain_compiled_pairs_per_s")
-    cached_x = _ratio(s.get("train_cached_pairs_per_s"), tr)
+    cached_x = s.get("train_cached_over_uncached")
     vs_up, vs_plain = _ratio(tr, up), _ratio(tr, plain)
     return [
-        ("train pairs/s (from shards, 252 px)", tr, ">= 4,000 (H200)", check(tr, lambda v: v >= 4000)),
+        (f"train pairs/s (from shards, 252 px; {s.get('train_headline')})", tr, ">= 4,000 (H200)", check(tr, lambda v: v >= 4000)),
+        ("train pairs/s eager / compiled", " / ".join(_fmt(s.get(k)) for k in ("train_pairs_per_s_eager", "train_pairs_per_s_compiled")),
+         "reference", None),
         ("train MFU", s.get("train_mfu"), ">= 60 %", check(s.get("train_mfu"), lambda v: v >= 0.6)),
         ("train / upstream loop", vs_up, ">= 160x", check(vs_up, lambda v: v >= 160)),
         ("train / compiled plain step (bench_model)", vs_plain, ">= 1.3x", check(vs_plain, lambda v: v >= 1.3)),
         ("plain step pairs/s: eager / sdpa / compiled",
          " / ".join(_fmt(s.get(k)) for k in ("plain_eager_pairs_per_s", "plain_batched_pairs_per_s", "plain_compiled_pairs_per_s")),
          "reference (issue: 1,251 / 1,879 / 3,069)", None),
-        ("cached epoch / uncached", cached_x, ">= 2.5x", check(cached_x, lambda v: v >= 2.5)),
+        ("cached epoch / uncached (eager)", cached_x, ">= 2.5x (FLOP ceiling ~1.8x, RESULTS.md)", check(cached_x, lambda v: v >= 2.5)),
         ("loader capacity / step demand", s.get("loader_capacity_over_demand"), ">= 1x",
          check(s.get("loader_capacity_over_demand"), lambda v: v >= 1)),
         ("search fused TFLOP/s (k = 10)", s.get("search_fused_tflops"), ">= 640", check(s.get("search_fused_tflops"), lambda v: v >= 640)),
@@ -147,9 +173,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def results_name(card: str | None) -> str:
+    """`<card>_<date>.json`, e.g. nvidia-h200_2026-11-26.json (the issue's name for the committed run)."""
+    slug = "-".join("".join(c if c.isalnum() else " " for c in (card or "unknown-card").lower()).split())
+    return f"{slug}_{datetime.date.today().isoformat()}.json"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folder", help="the folder holding bench_*.json ($OUT of gpu_check.sh)")
+    p.add_argument("folder", help="the folder holding bench_*.json ($WORK/json of gpu_check.sh)")
+    p.add_argument("--out", default=None, help="where gpu_summary.json and gpu_results.json go (default: the folder)")
     p.add_argument("--steps", default=None, help="gpu_check's step log (name<TAB>status<TAB>seconds<TAB>note)")
     p.add_argument("--dry-run", action="store_true", help="mark the summary as a CPU dry run")
     args = p.parse_args(argv)
@@ -173,9 +206,13 @@ def main(argv=None) -> int:
     summary.update({k: v for k, v in s.items() if k not in summary})
     summary.update({"date": datetime.date.today().isoformat(), "dry_run": args.dry_run, "steps": steps,
                     "targets": [{"figure": n, "value": v, "target": t, "met": m} for n, v, t, m in rows]})
-    out = folder / "gpu_summary.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out}")
+    out = Path(args.out) if args.out else folder
+    atomic_write_json(out / "gpu_summary.json", summary)
+    raw = {p.stem: _load(p) for p in sorted(folder.glob("bench_*.json"))}
+    atomic_write_json(out / "gpu_results.json", {**summary, "benchmarks": raw})  # required keys at the top
+    print(f"wrote {out / 'gpu_summary.json'} and {out / 'gpu_results.json'} ({len(raw)} benchmark files)")
+    if not args.dry_run:
+        print(f"commit gpu_results.json as benchmarks/results/{results_name(s.get('card'))}")
     return 0
 
 
