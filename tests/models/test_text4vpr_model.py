@@ -221,3 +221,24 @@ def test_forward_compiles_without_graph_breaks():
     ids = torch.randint(3, 50, (2, 4, 9))
     explanation = torch._dynamo.explain(model)(images, mask, ids, torch.ones_like(ids), views_complete=True)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_forward_does_not_recompile_on_the_next_step():
+    """A second step with the same shapes reuses the graph (no guard on module-level caches)."""
+    import torch._dynamo
+
+    from text4vpr.data import transforms
+    from text4vpr.models import Text4VPR, tiny_config
+
+    torch._dynamo.reset()
+    transforms._CONSTANTS.clear()  # the state a fresh process starts from
+    model = Text4VPR(tiny_config(vocab_size=50, image_size=28)).train()
+    compiled = torch.compile(model, backend="eager")  # dynamo's guards without inductor's compile time
+    images = torch.randint(0, 256, (2, 4, 3, 28, 28), dtype=torch.uint8)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    ids = torch.randint(3, 50, (2, 4, 9))
+    compiled(images, mask, ids, torch.ones_like(ids), views_complete=True)
+    transforms.normalize_images(images)  # eager use fills the cache, as the loader or a cache fill would
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(images, mask, ids, torch.ones_like(ids), views_complete=True)
+    torch._dynamo.reset()

@@ -25,6 +25,8 @@ _HUGE = 1 << 22  # bytes from which CPU outputs are numpy-allocated (numpy asks 
 
 
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():  # traced, the cache lookup would be a guard: a recompile once filled
+        return _SCALE.view(3, 1, 1).to(device), _BIAS.view(3, 1, 1).to(device)  # (3, 1, 1)
     if device not in _CONSTANTS:
         _CONSTANTS[device] = (_SCALE.view(3, 1, 1).to(device), _BIAS.view(3, 1, 1).to(device))  # (3, 1, 1)
     return _CONSTANTS[device]
