@@ -163,6 +163,25 @@ def test_train_shuffle_changes_per_epoch_and_repeats_per_seed(train_shards, toke
     assert seeded != e0
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fixed_shard_assignment_keeps_each_rank_on_its_shards(train_shards, tokenizer_dir, workers):
+    def per_epoch(cfg, rank):
+        return [_indices(build_loader(cfg, "train", epoch=e, rank=rank, world_size=2)) for e in range(3)]
+
+    def union(epochs):
+        return {i for batches in epochs for b in batches for i in b}
+
+    fixed = _cfg(train_shards, tokenizer_dir, num_workers=workers, fixed_shard_assignment=True)
+    r0, r1 = per_epoch(fixed, 0), per_epoch(fixed, 1)
+    assert not union(r0) & union(r1)  # over all epochs, each location stays on one rank
+    assert r0[0] != r0[1] and r1[0] != r1[1]  # still a new order every epoch
+    assert all(len(e) == batches_per_epoch(fixed, world_size=2) for e in r0 + r1)
+    resumed = _indices(build_loader(fixed, "train", epoch=1, rank=1, world_size=2, start_batch=2))
+    assert resumed == r1[1][2:]
+    default = _cfg(train_shards, tokenizer_dir, num_workers=workers)
+    assert union(per_epoch(default, 0)) & union(per_epoch(default, 1))  # by default ranks trade shards
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_start_batch_resumes_exactly(train_shards, tokenizer_dir, workers):
     cfg = _cfg(train_shards, tokenizer_dir, num_workers=workers)

@@ -65,6 +65,10 @@ class LoaderConfig:
     # resize the rest of the way: much faster for large source JPEGs, but pixel values differ
     # slightly from full decode + resize (no effect on images already at image_size)
     fast_decode: bool = False
+    # train: the same shards go to the same rank (and worker) every epoch, in a new order each
+    # epoch; a rank then meets only its 1/world share of the locations, so a per-rank
+    # frozen-trunk cache holds 1/world of them instead of, over the epochs, nearly all
+    fixed_shard_assignment: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,7 @@ class ShardStream(IterableDataset):
         buffer_rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, logical, 1])
 
         while True:  # one pass over the slot's shards per cycle; the buffer empties between passes
-            order = np.random.default_rng([self.cfg.seed, self.epoch, cycle, 2]).permutation(n).tolist()
+            order = self._pass_order(slot, slots, cycle)
             got = 0
             for item in _shuffle(self._slot_samples(order, slot, slots), self.cfg.shuffle_buffer, buffer_rng):
                 got += 1
@@ -245,6 +249,20 @@ class ShardStream(IterableDataset):
             if got == 0:
                 raise LoaderError(f"slot {slot} of {slots} got no samples from {n} shards")
             cycle += 1
+
+    def _pass_order(self, slot: int, slots: int, cycle: int) -> list[int]:
+        """Shard order of one pass: a new permutation per (epoch, pass); with
+        `fixed_shard_assignment`, a fixed shard -> slot map whose slot entries are permuted."""
+        n = len(self.shards.urls)
+        fresh = np.random.default_rng([self.cfg.seed, self.epoch, cycle, 2]).permutation(n)
+        if not self.cfg.fixed_shard_assignment:
+            return fresh.tolist()
+        fixed = np.random.default_rng([self.cfg.seed, 3]).permutation(n)
+        if n < slots:  # slots take every slots-th sample: a fixed reading order keeps that fixed too
+            return fixed.tolist()
+        mine = fixed[slot::slots]  # this slot's shards, the same every epoch
+        fixed[slot::slots] = mine[fresh[fresh < len(mine)]]  # ... read in a new order each pass
+        return fixed.tolist()
 
     # ---- decoding ----------------------------------------------------------------------
     def _tokenizer_obj(self):

@@ -6,7 +6,8 @@ dtype they were computed in, which keeps training bitwise identical, or in bf16;
 or in host memory); later steps run only the trained blocks, the aggregation and the text
 tower. Per location the cache holds V x (1 + hw) x C values: 4 x 325 x 768 = 1.0 M values,
 4.0 MB in fp32 (DINOv2's residual stream stays fp32 under autocast) or 2.0 MB in bf16 for
-the paper setup, i.e. 4.0 or 2.0 GB per 1,000 locations.
+the paper setup, i.e. 4.0 or 2.0 GB per 1,000 locations. Each rank caches the locations it
+meets: with `data.loader.fixed_shard_assignment=true` that is its 1/world share.
 """
 
 from __future__ import annotations
