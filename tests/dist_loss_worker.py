@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.models import Text4VPR, tiny_config
+from text4vpr.utils.distributed import shutdown_distributed
 
 
 def make_batch(b=5, v=4, size=28, length=9):
@@ -101,7 +102,7 @@ def main(out_dir: str) -> None:
                                        "block_size": 4}, model, ddp, batch, rank, world)
     check("gradient-cache", {"learnable": True}, model, ddp, batch, rank, world, cache=True)
     Path(out_dir, f"ok-{rank}").write_text("ok\n")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

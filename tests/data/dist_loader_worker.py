@@ -7,6 +7,7 @@ import sys
 import torch.distributed as dist
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
+from text4vpr.utils.distributed import shutdown_distributed
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from text4vpr.kernels.topk import group_topk
 from text4vpr.retrieval.search import broadcast_queries, sharded_group_topk
+from text4vpr.utils.distributed import shutdown_distributed
 
 
 def main() -> int:
@@ -38,7 +39,7 @@ def main() -> int:
         ok = torch.equal(i, i_ref) and torch.equal(s, s_ref)
         print(f"rank {rank} case {case} n={n} split={split} k={k} {mode}: {'ok' if ok else 'DIFFER'}", flush=True)
         failures += not ok
-    dist.destroy_process_group()
+    shutdown_distributed()
     return 1 if failures else 0
 
 

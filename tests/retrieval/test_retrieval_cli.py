@@ -65,6 +65,28 @@ def test_index_layout(index_dir):
     assert part["index"].dtype == torch.int64 and part["view_mask"].dtype == torch.bool
 
 
+def test_load_index_rows_reads_a_slice_across_parts(tmp_path):
+    from text4vpr.retrieval.index import RetrievalIndexError, load_index, rank_rows, write_header, write_part
+
+    g = torch.Generator().manual_seed(7)
+    counts, parts = [5, 0, 4], []
+    for r, n in enumerate(counts):  # three parts, the middle one empty (a rank that got no location)
+        parts.append({"embeddings": torch.randn(n, 4, 8, generator=g), "view_mask": torch.rand(n, 4, generator=g) > 0.2,
+                      "coords": torch.randn(n, 3, generator=g, dtype=torch.float64), "index": torch.arange(n) + 10 * r})
+        write_part(tmp_path, r, parts[-1], "h")
+    write_header(tmp_path, "h", 8, 4, "float32", counts)
+    full = load_index(tmp_path, "h", 8)
+    assert len(full) == 9 and full.rows == (0, 9)
+    for rows in [(3, 7), (0, 5), (5, 9), (2, 2), rank_rows(9, 1, 2), (0, 9)]:
+        part = load_index(tmp_path, "h", 8, rows=rows)
+        lo, hi = rows
+        assert part.rows == rows and len(part) == 9
+        assert torch.equal(part.embeddings, full.embeddings[lo:hi]) and torch.equal(part.view_mask, full.view_mask[lo:hi])
+        assert torch.equal(part.coords, full.coords) and torch.equal(part.index, full.index)
+    with pytest.raises(RetrievalIndexError, match="outside"):
+        load_index(tmp_path, "h", 8, rows=(4, 10))
+
+
 def test_evaluate_matches_spec_loop(model_dir, synth_shards):
     model = Text4VPR.from_pretrained(model_dir)
     ks, radii = (1, 2, 5), (5, 10, 15, 30, 1000)
@@ -194,6 +216,7 @@ def test_two_rank_evaluate_and_index_equal_single_process(model_dir, synth_shard
     for mode, metrics in got["metrics"].items():
         want = evaluate(model, _loader(model_dir, synth_shards), (1, 2, 5), (5, 10, 30, 1000), mode)
         assert metrics == want, mode
+    assert got["from_index"] == got["metrics"]["upstream"]  # each rank read only its rows of the index
     header = got["header"]
     assert header["count"] == 6 and len(header["parts"]) == 2 and header["parts"][1]["count"] > 0
     index = load_index(tmp_path / "index", model.config_hash(), model.embed_dim)

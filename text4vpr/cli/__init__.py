@@ -38,10 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mod = importlib.import_module(args._module)
     try:
-        return int(mod.run(args) or 0)
+        rc = int(mod.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if rc == 0:  # under accelerate launch / torchrun: every rank leaves together
+        from text4vpr.utils.distributed import shutdown_distributed
+
+        shutdown_distributed()
+    return rc
 
 
 if __name__ == "__main__":

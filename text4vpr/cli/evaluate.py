@@ -28,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder")
 
 
+def _this_rank_rows(path: str) -> tuple[int, int]:
+    """The index rows this rank searches: each rank reads only those embeddings."""
+    from text4vpr.retrieval.index import rank_rows, read_header
+    from text4vpr.retrieval.search import distributed_world
+
+    rank, world = distributed_world()
+    return rank_rows(int(read_header(path)["count"]), rank, world)
+
+
 def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import evaluate
     from text4vpr.retrieval.index import load_index
@@ -38,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model_on(args.model, device)
         index = None
         if args.index:
-            index = load_index(args.index, model.config_hash(), model.embed_dim)
+            index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index))
         metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode,
                            index=index, backend=args.backend, device=device)
     except (FileNotFoundError, ValueError) as e:

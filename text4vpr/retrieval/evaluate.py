@@ -17,6 +17,7 @@ import torch
 
 from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.topk import check_finite, check_mode
+from text4vpr.retrieval.index import rank_rows
 from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
 from text4vpr.retrieval.search import distributed_world, sharded_group_topk
 
@@ -52,6 +53,19 @@ def encode_split(model, loader, device=None, images: bool = True) -> dict[str, t
     if not images:
         del out["database"], out["db_mask"]
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _rank_slice(index) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's equal share of an index: (embeddings, view masks, first row), from a fully
+    loaded index or one loaded with exactly these rows (`load_index(..., rows=rank_rows(...))`)."""
+    rank, world = distributed_world()
+    lo, hi = rank_rows(len(index), rank, world)
+    held_lo, held_hi = index.rows
+    if (held_lo, held_hi) == (0, len(index)):
+        return index.embeddings[lo:hi], index.view_mask[lo:hi], lo
+    if (held_lo, held_hi) != (lo, hi):
+        raise ValueError(f"the index holds rows {held_lo}..{held_hi}; rank {rank} of {world} searches rows {lo}..{hi}")
+    return index.embeddings, index.view_mask, lo
 
 
 def _check_finite_everywhere(database: torch.Tensor) -> None:
@@ -140,10 +154,8 @@ def evaluate(
     if index is None:
         database, db_mask, db_coords = local["database"], local["db_mask"], everyone["coords"]
     else:
-        rank, world = distributed_world()
-        n = len(index)
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        database, db_mask, db_coords, offset = index.embeddings[lo:hi], index.view_mask[lo:hi], index.coords, lo
+        database, db_mask, offset = _rank_slice(index)
+        db_coords = index.coords
     return search_metrics(
         everyone["queries"], everyone["query_mask"], everyone["coords"], database, db_mask, db_coords,
         ks, radii, mode, id_offset=offset, backend=backend, device=device,

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.topk import check_finite
@@ -38,16 +37,28 @@ class RetrievalIndexError(ValueError):
 
 @dataclass
 class Index:
-    """A loaded index (all parts concatenated in order)."""
+    """A loaded index: every location's coords and ids, and the embeddings of rows [lo, hi)
+    (all rows, or one rank's share: `load_index(..., rows=rank_rows(...))`)."""
 
-    embeddings: torch.Tensor  # (N, V, D)
-    view_mask: torch.Tensor  # (N, V) bool
-    coords: torch.Tensor  # (N, 3) float64
-    index: torch.Tensor  # (N,) int64
+    embeddings: torch.Tensor  # (hi - lo, V, D)
+    view_mask: torch.Tensor  # (hi - lo, V) bool
+    coords: torch.Tensor  # (N, 3) float64, every row
+    index: torch.Tensor  # (N,) int64, every row
     header: dict = field(default_factory=dict)
+    rows: tuple[int, int] | None = None  # (lo, hi) of the embeddings held; None = all rows
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = (0, self.coords.shape[0])
 
     def __len__(self) -> int:
-        return self.embeddings.shape[0]
+        """All rows of the index (not just those whose embeddings are held)."""
+        return self.coords.shape[0]
+
+
+def rank_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows [lo, hi) of an n-row index that rank `rank` of `world` searches (equal shares)."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 def part_name(rank: int) -> str:
@@ -146,27 +157,48 @@ def check_pairing(header: dict, config_hash: str | None = None, embed_dim: int |
 
 
 def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int | None = None,
-               device: str | torch.device = "cpu") -> Index:
-    """Load every part, checking pairing with the model, part presence, sizes and finiteness."""
+               device: str | torch.device = "cpu", rows: tuple[int, int] | None = None) -> Index:
+    """Load an index, checking pairing with the model, part presence, sizes and finiteness.
+
+    `rows=(lo, hi)` reads only those rows' embeddings and view masks (safetensors slices, so
+    a rank of a sharded search holds its share, not the whole database); coords and ids are
+    always read in full (the metrics need every location's position).
+    """
     path = Path(path)
     header = read_header(path)
     check_pairing(header, config_hash, embed_dim, str(path))
-    parts = []
+    total = int(header["count"])
+    lo, hi = rows if rows is not None else (0, total)
+    if not 0 <= lo <= hi <= total:
+        raise RetrievalIndexError(f"{path}: rows {lo}..{hi} outside the index's {total} rows")
+    parts, start = [], 0
     for part in header["parts"]:
-        file = path / part["name"]
-        if not file.is_file():
-            raise RetrievalIndexError(f"{path}: index part {part['name']} is missing ({len(header['parts'])} parts expected)")
-        tensors = load_file(str(file), device=str(device))
-        n = tensors["embeddings"].shape[0]
-        if n != part["count"] or tuple(tensors["embeddings"].shape[1:]) != (header["views"], header["embed_dim"]):
-            raise RetrievalIndexError(f"{file}: holds {tuple(tensors['embeddings'].shape)}, header says "
-                              f"({part['count']}, {header['views']}, {header['embed_dim']})")
-        parts.append(tensors)
+        parts.append(_read_part(path, part, header, max(lo - start, 0), max(min(hi - start, part["count"]), 0), device))
+        start += part["count"]
     index = Index(*(torch.cat([p[name] for p in parts]) for name in ("embeddings", "view_mask", "coords", "index")),
-                  header=header)
+                  header=header, rows=(lo, hi))
     try:
         check_finite(index.embeddings, "index embeddings")
     except ValueError as e:
         raise RetrievalIndexError(f"{path}: {e}") from None
     index.view_mask = index.view_mask.bool()
     return index
+
+
+def _read_part(path: Path, part: dict, header: dict, a: int, b: int, device) -> dict[str, torch.Tensor]:
+    """One part: embeddings and view masks of its rows [a, b) (empty when b <= a), coords and ids of all."""
+    from safetensors import safe_open
+
+    file = path / part["name"]
+    if not file.is_file():
+        raise RetrievalIndexError(f"{path}: index part {part['name']} is missing ({len(header['parts'])} parts expected)")
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        shape = tuple(f.get_slice("embeddings").get_shape())
+        if shape != (part["count"], header["views"], header["embed_dim"]):
+            raise RetrievalIndexError(f"{file}: holds {shape}, header says "
+                                      f"({part['count']}, {header['views']}, {header['embed_dim']})")
+        b = max(a, b)
+        # only these rows are read; clone() so that no tensor outlives the open file's mapping
+        out = {name: f.get_slice(name)[a:b].clone() for name in ("embeddings", "view_mask")}
+        out.update({name: f.get_tensor(name).clone() for name in ("coords", "index")})
+    return out

@@ -31,8 +31,11 @@ def resolve_config(config: str | None, overrides: list[str], resume: str | None 
 def run(config: str | None = None, overrides: list[str] = (), resume: str | None = None) -> dict:
     cfg = resolve_config(config, list(overrides), resume)  # config errors before heavy imports
     from text4vpr.train.trainer import Trainer
+    from text4vpr.utils.distributed import shutdown_distributed
 
-    return Trainer(cfg).train()
+    result = Trainer(cfg).train()
+    shutdown_distributed()  # ranks leave together (rank 0 wrote the report last)
+    return result
 
 
 def _quiet_cpu_only_warnings() -> None:
