@@ -53,3 +53,19 @@ def test_pruning_and_temp_folders(tmp_path):
     assert ckpt.resolve_resume("", tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / ".tmp-step-00000009"), tmp_path)
+
+
+def test_weights_only_torch_load_refuses_types_not_listed(tmp_path):
+    """What DeepSpeed/Accelerate load with weights_only=False is forced to weights_only=True."""
+    import pickle
+    from fractions import Fraction
+
+    path = tmp_path / "x.pt"
+    torch.save({"w": torch.ones(2), "extra": Fraction(1, 3)}, path)
+    assert torch.load(path, weights_only=False)["extra"] == Fraction(1, 3)  # an unsafe load would take it
+    with ckpt.weights_only_torch_load([]):
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path, weights_only=False)
+    with ckpt.weights_only_torch_load([Fraction]):
+        assert torch.load(path, weights_only=False)["extra"] == Fraction(1, 3)
+    assert torch.load(path, weights_only=False)["extra"] == Fraction(1, 3)  # torch.load restored afterwards

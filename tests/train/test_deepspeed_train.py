@@ -33,7 +33,13 @@ def test_zero2_trains_and_resumes_bitwise(train_cache, tmp_path):
     assert "resumed from" in resumed.stdout + resumed.stderr
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004"]
-    assert (tmp_path / "cut" / "checkpoints" / "step-00000002" / "pytorch_model").is_dir()  # DeepSpeed's format
+    step2 = tmp_path / "cut" / "checkpoints" / "step-00000002"
+    assert (step2 / "pytorch_model").is_dir()  # DeepSpeed's format
+    from text4vpr.train.checkpoint import deepspeed_checkpoint_types
+
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in deepspeed_checkpoint_types()}
+    for f in [*step2.glob("pytorch_model/*.pt"), *step2.glob("*.pkl")]:  # resume read them weights_only
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) <= allowed, f.name
     a = load_file(tmp_path / "full" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
     assert a.keys() == b.keys()

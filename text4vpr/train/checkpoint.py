@@ -7,10 +7,15 @@ Layout of one checkpoint (a folder renamed into place only when complete):
   state.json               step/epoch/batch position, scheduler, counters, optimizer groups,
                            python/numpy RNG of each rank
 Nothing is pickled, so resuming never unpickles a file.
+
+Under DeepSpeed the engine writes its own (pickle-based) files through Accelerate's
+`save_state`; resuming reads them with every `torch.load` forced to `weights_only=True`,
+allowing only the few plain types those files hold (`weights_only_torch_load`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -154,9 +159,43 @@ def save_accelerate_checkpoint(acc, ckpt_dir: str | os.PathLike, step: int, stat
     return final
 
 
+def deepspeed_checkpoint_types() -> list:
+    """The non-tensor types in DeepSpeed ZeRO-2 and Accelerate RNG files: plain records, an
+    enum, the loss-scaler's settings, numpy arrays of RNG state. Nothing else is accepted."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [LossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype, _reconstruct]
+
+
+@contextlib.contextmanager
+def weights_only_torch_load(allowed: list):
+    """Inside: every `torch.load` runs with weights_only=True (DeepSpeed's engine and
+    Accelerate's RNG restore ask for False), with exactly the `allowed` extra types."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original
+
+
 def load_accelerate_checkpoint(acc, path: str | os.PathLike) -> dict[str, Any]:
-    """Counterpart of `save_accelerate_checkpoint`: engine, optimizer, RNG, then our state."""
-    acc.load_state(str(path))
+    """Counterpart of `save_accelerate_checkpoint`: engine, optimizer, RNG, then our state;
+    nothing is unpickled beyond tensors and `deepspeed_checkpoint_types()`."""
+    with weights_only_torch_load(deepspeed_checkpoint_types()):
+        acc.load_state(str(path))
     with open(Path(path) / "state.json") as f:
         return json.load(f)
 
