@@ -257,6 +257,12 @@ def test_truncated_tar_raise_and_skip(train_shards, tokenizer_dir, tmp_path, cap
     assert 1 <= lost <= 5 and set(seen) >= set(range(1, 6)) | set(range(11, 29))
     assert loader.dataset.stats.samples_skipped == lost and loader.dataset.stats.shards_truncated == 1
     assert any("shard-000001.tar" in r.getMessage() for r in caplog.records)
+    # more slots than shards: every slot reads the short shard, its loss is counted once
+    ranks = [build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval", rank=r, world_size=8) for r in range(8)]
+    seen8 = sorted(i for loader8 in ranks for b in _indices(loader8) for i in b)
+    assert seen8 == seen
+    assert sum(r.dataset.stats.samples_skipped for r in ranks) == lost
+    assert sum(r.dataset.stats.shards_truncated for r in ranks) == 1
     # train mode keeps its exact step count even when a shard is short
     train = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "train")
     assert len(_indices(train)) == len(train) == 9

@@ -190,8 +190,9 @@ class ShardStream(IterableDataset):
         return sum(-(-self._slot_count(self.rank * w + p, self.world * w) // self.cfg.batch_size) for p in range(w))
 
     # ---- raw samples -------------------------------------------------------------------
-    def _read_shard(self, url: str, expected: int | None) -> Iterator[tuple[str, str, dict]]:
-        """(shard, key, {suffix: bytes}) per sample; truncation is an error or a counted skip."""
+    def _read_shard(self, url: str, expected: int | None, report: bool = True) -> Iterator[tuple[str, str, dict]]:
+        """(shard, key, {suffix: bytes}) per sample; truncation is an error or a counted skip.
+        `report=False`: another slot reads this shard too and counts its loss (skip mode)."""
         from webdataset import gopen
 
         key, n = None, 0
@@ -201,10 +202,12 @@ class ShardStream(IterableDataset):
                     yield url, key, sample
                     n += 1
         except Exception as e:  # tarfile.ReadError, EOFError, OSError, gopen errors
+            if not report and self.cfg.on_error == "skip":
+                return
             self._fail(f"{url}: corrupt or truncated tar after sample {n} (last good key {key}): {type(e).__name__}: {e}",
                        lost=(expected - n) if expected is not None else 1, truncated=True)
             return
-        if expected is not None and n != expected:
+        if expected is not None and n != expected and (report or self.cfg.on_error == "raise"):
             self._fail(f"{url}: {n} samples, manifest says {expected} (truncated?)", lost=max(expected - n, 0), truncated=True)
 
     def _fail(self, message: str, lost: int = 1, truncated: bool = False) -> None:
@@ -223,7 +226,8 @@ class ShardStream(IterableDataset):
         i = 0
         for s in mine:
             counts = self.shards.counts
-            for item in self._read_shard(self.shards.urls[s], counts[s] if counts else None):
+            owner = not by_sample or s % slots == slot  # with fewer shards than slots, one slot counts a shard's loss
+            for item in self._read_shard(self.shards.urls[s], counts[s] if counts else None, owner):
                 if not by_sample or i % slots == slot:
                     yield item
                 i += 1
