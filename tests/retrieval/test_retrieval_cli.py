@@ -225,3 +225,23 @@ def test_two_rank_evaluate_and_index_equal_single_process(model_dir, synth_shard
     want_order = torch.argsort(enc["index"])
     assert torch.equal(index.index[order], enc["index"][want_order])
     torch.testing.assert_close(index.embeddings[order], enc["database"][want_order])
+
+
+def test_precision_and_progress_options(model_dir, synth_shards, tmp_path, capsys):
+    from text4vpr.cli._retrieval_common import precision_context
+
+    with precision_context("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with precision_context("auto", "cpu"):  # auto: bf16 only on CUDA
+        assert not torch.is_autocast_enabled("cpu")
+    args = ["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert "encode" in capsys.readouterr().err  # the bar, on the main rank
+    assert main(args + ["--precision", "bf16", "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert "encode" not in capsys.readouterr().err
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["num_queries"] == b["num_queries"] == 6  # bf16 encodes the same split (scores may round apart)
+    assert main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0",
+                 "--out", str(tmp_path / "idx")]) == 0
+    assert "index" in capsys.readouterr().err

@@ -14,6 +14,23 @@ def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch")
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers per rank")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="encoders' precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def precision_context(precision: str, device):
+    """bf16 autocast (`--precision bf16`, or auto on CUDA) or nothing (fp32)."""
+    import contextlib
+
+    import torch
+
+    bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and is_main_rank()
 
 
 def add_mode_arg(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import argparse
 
 from text4vpr.cli._retrieval_common import (
     add_mode_arg, add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
+    precision_context, show_progress,
 )
 
 
@@ -48,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         index = None
         if args.index:
             index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index))
-        metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode,
-                           index=index, backend=args.backend, device=device)
+        with precision_context(args.precision, device):
+            metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
+                               backend=args.backend, device=device, show_progress=show_progress(args))
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():

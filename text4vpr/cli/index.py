@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
+    add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on, precision_context,
+    show_progress,
 )
 
 
@@ -29,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)
-        header = build_index(model, eval_loader(args, model), args.out, dtype=args.dtype)
+        with precision_context(args.precision, device):
+            header = build_index(model, eval_loader(args, model), args.out, dtype=args.dtype,
+                                 show_progress=show_progress(args))
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():

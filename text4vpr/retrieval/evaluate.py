@@ -20,10 +20,11 @@ from text4vpr.kernels.topk import check_finite, check_mode
 from text4vpr.retrieval.index import rank_rows
 from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
 from text4vpr.retrieval.search import distributed_world, sharded_group_topk
+from text4vpr.utils.progress import progress
 
 
 @torch.no_grad()
-def encode_split(model, loader, device=None, images: bool = True) -> dict[str, torch.Tensor]:
+def encode_split(model, loader, device=None, images: bool = True, show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Text (queries) and image (database) vectors of every location this rank's loader yields, on CPU.
     `images=False` skips the image tower (the database then comes from an index)."""
     model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the Text4VPR model
@@ -32,7 +33,7 @@ def encode_split(model, loader, device=None, images: bool = True) -> dict[str, t
     model.eval()
     out: dict[str, list] = {k: [] for k in ("queries", "query_mask", "database", "db_mask", "coords", "index")}
     try:
-        for batch in loader:
+        for batch in progress(loader, "encode", show_progress):
             view_mask = batch["view_mask"].bool()
             text = model.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, V, D)
             out["queries"].append(text.float().cpu())
@@ -108,6 +109,7 @@ def search_metrics(
     id_offset: int = 0,
     backend: str = "auto",
     device: torch.device | str | None = None,
+    show_progress: bool = False,
 ) -> dict:
     """Metrics for precomputed vectors. `database`/`db_mask` are this rank's slice (rows from
     `id_offset`); `db_coords` covers the whole database; queries are the same on every rank."""
@@ -137,6 +139,7 @@ def evaluate(
     index=None,
     backend: str = "auto",
     device: torch.device | str | None = None,
+    show_progress: bool = False,
 ) -> dict:
     """Encode the loader's split and return the metrics dict (same on every rank):
     {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"}.
@@ -147,7 +150,7 @@ def evaluate(
     """
     check_mode(mode)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    local = encode_split(model, loader, device, images=index is None)
+    local = encode_split(model, loader, device, images=index is None, show_progress=show_progress)
     everyone, offset = _gather_queries(local)
     if everyone["queries"].shape[0] == 0:
         raise ValueError("the evaluation loader yielded no locations")

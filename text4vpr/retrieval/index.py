@@ -23,6 +23,7 @@ import torch
 from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.topk import check_finite
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
+from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
 FORMAT_VERSION = 1
@@ -66,12 +67,13 @@ def part_name(rank: int) -> str:
 
 
 @torch.no_grad()
-def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=None, views: int = NUM_VIEWS) -> dict[str, torch.Tensor]:
+def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=None, views: int = NUM_VIEWS,
+                    show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Image vectors of every location this rank's eval loader yields, on CPU."""
     device = device or next(model.parameters()).device
     model.eval()
     out = {"embeddings": [], "view_mask": [], "coords": [], "index": []}
-    for batch in loader:
+    for batch in progress(loader, "index", show_progress):
         mask = batch["view_mask"].to(device)
         emb = model.encode_images(batch["images"].to(device), mask)  # (B, V, D)
         out["embeddings"].append(emb.to(dtype).cpu())
@@ -107,7 +109,7 @@ def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dt
     return header
 
 
-def build_index(model, loader, out_dir: str | Path, dtype: str = "float32") -> dict:
+def build_index(model, loader, out_dir: str | Path, dtype: str = "float32", show_progress: bool = False) -> dict:
     """Encode this rank's locations and write its part; rank 0 writes the header. Returns the header.
 
     Under torch.distributed every rank calls this with its own eval loader; the only
@@ -119,7 +121,7 @@ def build_index(model, loader, out_dir: str | Path, dtype: str = "float32") -> d
         raise ValueError(f"index dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     rank, world = distributed_world()
     model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the Text4VPR model
-    tensors = encode_database(model, loader, _DTYPES[dtype])
+    tensors = encode_database(model, loader, _DTYPES[dtype], show_progress=show_progress)
     write_part(out_dir, rank, tensors, model.config_hash())
     counts = [len(tensors["index"])]
     if world > 1:
