@@ -17,7 +17,9 @@ One run measures, with the trainer's own pieces (`text4vpr.train.data` for data 
       (1 / model-only step time);
   (f) the profile: the model-only step split into phases (frozen image blocks, trained image
       blocks + aggregation, text tower, loss, each tower's backward, clip + AdamW), each timed
-      alone between syncs, with its share and achieved TFLOP/s (what to fix next).
+      alone between syncs, with its share and achieved TFLOP/s (what to fix next);
+  (g) torch.profiler over model-only trainer steps: the ops (on CUDA the kernels) with the most
+      self time, per step and as a share.
 Ratios are against (c). Writes JSON.
 
 MFU = FLOPs per step / step time / measured dense matmul rate (bf16 8192^3 torch.matmul on
@@ -69,7 +71,7 @@ from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny_test.yaml"
 TINY_OVERRIDES = ["data.synthetic.locations=160", "data.loader.batch_size=16"]  # 7 batches per epoch
-PARTS = ("full", "model", "cached", "upstream", "loader", "phases")
+PARTS = ("full", "model", "cached", "upstream", "loader", "phases", "ops")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -258,6 +260,28 @@ def measure_phases(s: Setup, batch: dict, steps: int, flops: dict) -> dict:
     return {"phases": out, "sum_s": total, "steps": steps}
 
 
+def measure_ops(s: Setup, batch: dict, steps: int, top: int = 15) -> dict:
+    """(g) torch.profiler over `steps` model-only trainer steps: the ops (CUDA: the kernels) with
+    the most self time, per step and as a share of all self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = s.device.type == "cuda"
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    s.step(batch)  # warm (and compiled, when compiling)
+    sync(s.device)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            s.step(batch)
+        sync(s.device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    rows = [{"op": e.key, "ms_per_step": getattr(e, attr) / 1e3 / steps, "share": getattr(e, attr) / total,
+             "calls_per_step": e.count / steps} for e in events[:top]]
+    return {"clock": "device" if cuda else "cpu", "steps": steps, "self_ms_per_step": total / 1e3 / steps, "top": rows}
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -357,6 +381,8 @@ def main(argv=None) -> int:
             res[key]["mfu"] = res[key]["tflops"] / gemm["tflops"]
     if "phases" not in args.skip:
         res["phases"] = measure_phases(s, first, args.phase_steps, flops)
+    if "ops" not in args.skip:
+        res["ops"] = measure_ops(s, batch, args.phase_steps)
     up = res.get("upstream", {}).get("pairs_per_s")
     demand = 1 / res["model"]["step_s"] if "model" in res else None
 
@@ -388,6 +414,11 @@ def main(argv=None) -> int:
                       f"{100 * r['tflops'] / gemm['tflops']:.0f} %" if r["tflops"] else None]
                      for name, r in ph["phases"].items()],
                     title=f"(f) where the model-only step goes: phases sum to {1e3 * ph['sum_s']:.1f} ms")
+    if "ops" in res:
+        op = res["ops"]
+        print_table(["op (self time)", "ms/step", "share", "calls/step"],
+                    [[r["op"][:60], r["ms_per_step"], f"{100 * r['share']:.1f} %", r["calls_per_step"]] for r in op["top"]],
+                    title=f"(g) torch.profiler, {op['clock']} self time: {op['self_ms_per_step']:.1f} ms per model-only step")
     if "full" in res:
         print(f"(a) time waiting for the loader: {100 * res['full']['loader_wait_fraction']:.1f} % of the step")
     print(f"matmul {gemm['n']}^3 {gemm['dtype']}: {gemm['tflops']:.2f} TFLOP/s; FLOPs per step {flops['total']:.3e} "

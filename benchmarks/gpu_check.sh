@@ -144,7 +144,7 @@ if ((DRY)); then
   step bench_train_compiled 150 "$PY" benchmarks/bench_train.py --device cpu --steps 2 --warmup 2 "${COMPILED_SKIP[@]}" \
     --out "$RAW/bench_train_compiled.json" "$CACHE" train.compile=true
   step bench_train_640 120 "$PY" benchmarks/bench_train.py --device cpu --steps 2 --warmup 1 --loader-batches 3 \
-    --skip model cached upstream phases --out "$RAW/bench_train_640.json" "$CACHE" data.synthetic.image_size=64
+    --skip model cached upstream phases ops --out "$RAW/bench_train_640.json" "$CACHE" data.synthetic.image_size=64
 else
   PAPER=(--config configs/street360loc.yaml --device cuda "$CACHE" data.synthetic.image_size=252)
   step bench_train 200 "$PY" benchmarks/bench_train.py "${PAPER[@]}" --steps 10 --warmup 3 --upstream-locations 16 \
@@ -160,7 +160,7 @@ else
   step bench_train_compiled 180 "$PY" benchmarks/bench_train.py "${PAPER[@]}" --steps 10 --warmup 4 "${COMPILED_SKIP[@]}" \
     --out "$RAW/bench_train_compiled.json" data.synthetic.locations=1200 train.compile=true
   step bench_train_640 120 "$PY" benchmarks/bench_train.py --config configs/street360loc.yaml --device cuda --steps 6 \
-    --warmup 2 --loader-batches 8 --skip model cached upstream phases --out "$RAW/bench_train_640.json" "$CACHE" \
+    --warmup 2 --loader-batches 8 --skip model cached upstream phases ops --out "$RAW/bench_train_640.json" "$CACHE" \
     data.synthetic.locations=800 data.synthetic.image_size=640
 fi
 

@@ -32,3 +32,4 @@ def test_gpu_check_dry_run(tmp_path):
     raw = results["benchmarks"]
     assert {"bench_train", "bench_train_compiled", "bench_model", "bench_search", "bench_loss", "bench_eval"} <= set(raw)
     assert raw["bench_train"]["results"]["phases"]["sum_s"] > 0
+    assert raw["bench_train"]["results"]["ops"]["top"]  # the profiler's op table
