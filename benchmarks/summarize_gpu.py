@@ -100,6 +100,8 @@ def from_trains(eager: dict | None, compiled: dict | None) -> dict:
     s["train_pairs_per_s_eager"], s["train_pairs_per_s_compiled"] = s["train_pairs_per_s"], c["train_pairs_per_s"]
     s["model_only_pairs_per_s_compiled"] = c["model_only_pairs_per_s"]
     s["train_cached_over_uncached"] = _ratio(s["train_cached_pairs_per_s"], s["train_pairs_per_s"])
+    if s["train_pairs_per_s"] and s["train_cached_pairs_per_s"]:  # the paper's 10 epochs: 1 fills, 9 hit the cache
+        s["train_10_epochs_with_cache_pairs_per_s"] = 10 / (1 / s["train_pairs_per_s"] + 9 / s["train_cached_pairs_per_s"])
     s["train_headline"] = "eager"
     if (c["train_pairs_per_s"] or 0) > (s["train_pairs_per_s"] or 0):
         s["train_pairs_per_s"], s["train_mfu"], s["train_headline"] = c["train_pairs_per_s"], c["train_mfu"], "compiled"
@@ -143,6 +145,8 @@ def targets(s: dict) -> list[tuple[str, object, str, bool | None]]:
         ("plain step pairs/s: eager / sdpa / compiled",
          " / ".join(_fmt(s.get(k)) for k in ("plain_eager_pairs_per_s", "plain_batched_pairs_per_s", "plain_compiled_pairs_per_s")),
          "reference (issue: 1,251 / 1,879 / 3,069)", None),
+        ("10 epochs with the cache (1 filling + 9 cached, eager) pairs/s", s.get("train_10_epochs_with_cache_pairs_per_s"),
+         "reference", None),
         ("cached epoch / uncached (eager)", cached_x, ">= 2.5x (FLOP ceiling ~1.8x, RESULTS.md)", check(cached_x, lambda v: v >= 2.5)),
         ("loader capacity / step demand", s.get("loader_capacity_over_demand"), ">= 1x",
          check(s.get("loader_capacity_over_demand"), lambda v: v >= 1)),
