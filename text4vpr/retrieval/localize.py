@@ -47,7 +47,7 @@ def rank_locations(query: torch.Tensor, query_mask: torch.Tensor, index, top_k: 
 
     db = index.embeddings.to(query.device)
     scores, rows = group_topk(query, query_mask, db, index.view_mask.to(query.device), top_k, mode, backend=backend)
-    rows = rows[0].cpu().numpy()
+    rows = rows[0].cpu().numpy() + index.rows[0]  # global rows (an index may hold a slice of them)
     xyz = index.coords[rows].numpy().astype(np.float64)  # (k, 3)
     llh = ecef_to_geodetic(xyz)  # (k, 3) lat, lon, height
     return [
