@@ -55,3 +55,27 @@ def test_two_ranks_equal_one_rank(tmp_path, train_cache):
 
 def _losses(run):
     return [e["loss"] for e in read_metrics(run / "metrics.jsonl") if e["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_rank_cached_training_equals_uncached_and_each_rank_caches_its_share(tmp_path, train_cache):
+    """Frozen-trunk cache under DDP: bitwise the uncached run; with fixed_shard_assignment
+    rank 0 caches only the locations of its own shards, epoch after epoch."""
+    import json
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    extra = ["data.synthetic.shard_size=4", "data.loader.fixed_shard_assignment=true", "train.epochs=3",
+             "train.max_steps=0", "eval.final=false", "model.config.image.num_layers=3"]
+    runs = {}
+    for name, more in (("plain", []), ("cached", ["train.frozen_cache=true"])):
+        cmd = _cmd(train_cache, tmp_path / name, torchrun, 2)[:-len(COMMON)] + ["data.loader.num_workers=0", *extra, *more]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    for k in runs["plain"]:
+        assert torch.equal(runs["cached"][k], runs["plain"][k]), k
+    stats = [e for e in read_metrics(tmp_path / "cached" / "metrics.jsonl") if e["kind"] == "frozen_cache"][-1]  # the last
+    shard_dirs = list(Path(train_cache).glob("synth-n48-*-shard4/shards/train"))
+    total = sum(s["count"] for s in json.loads((shard_dirs[0] / "manifest.json").read_text())["shards"])
+    assert stats["hits"] > 0 and stats["misses"] == stats["locations"]
+    assert 0 < stats["locations"] <= total // 2 + 4  # rank 0's shards (half of them, 4 locations each)
