@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -32,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench_data import UpstreamStyleDataset  # noqa: E402
-from benchmarks.common import machine, print_table, sync  # noqa: E402
+from benchmarks.common import machine, print_table, timed  # noqa: E402
 from text4vpr.data.loader import LoaderConfig, build_loader  # noqa: E402
 from text4vpr.data.shards import BuildOptions, build_shards, shard_descriptions  # noqa: E402
 from text4vpr.data.synthetic import SynthConfig, write_synthetic  # noqa: E402
@@ -57,14 +56,6 @@ def prepare(root: Path, n: int, size: int, workers: int) -> tuple[Path, Path, Pa
         train_tokenizer(shard_descriptions(shards), tok, vocab_size=1000)
         (root / "READY").write_text("ok\n")
     return raw, shards, tok
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 def run_ours(model, loader_cfg: LoaderConfig, device, index_dir: Path) -> dict:

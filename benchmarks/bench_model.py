@@ -13,7 +13,7 @@ one `Text4VPR.forward` under bf16 autocast (fp32 on CPU), with
 fp32, the text projection in eval mode (batch of one), then the loss on the stacked vectors.
 `--config tiny` runs on CPU; `--config paper` (random-init DINOv2-B/14 at 252 px and a
 T5-base-shaped encoder, built from configs) is meant for a GPU. The compiled row's first
-warm-up step (compilation) is reported apart as `compile_s`.
+warm-up step (compilation) is reported apart as `first_step_s`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
 
-from benchmarks.common import V, build_upstream, print_table, step_upstream, sync, time_steps  # noqa: E402
+from benchmarks.common import V, build_upstream, print_table, step_upstream, time_steps, timed  # noqa: E402
 from text4vpr.losses import info_nce  # noqa: E402
 from text4vpr.models import Text4VPR, paper_config, tiny_config  # noqa: E402
 from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
@@ -73,11 +72,7 @@ def build_plain(cfg, device, variant: str):
 
 def time_variant(fn, steps: int, warmup: int, device) -> tuple[float, float]:
     """(median step seconds, seconds of the first call: compilation for the compiled row)."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
+    first = timed(fn, device)[1]
     return time_steps(fn, steps, max(warmup - 1, 0), device), first
 
 

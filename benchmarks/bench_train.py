@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from benchmarks.common import V, build_upstream, gemm_tflops, machine, print_table, step_upstream, sync, time_steps  # noqa: E402
+from benchmarks.common import V, build_upstream, gemm_tflops, machine, print_table, step_upstream, sync, time_steps, timed  # noqa: E402
 from text4vpr.config import load_config  # noqa: E402
 from text4vpr.data.transforms import normalize_images  # noqa: E402
 from text4vpr.train.config import RunConfig  # noqa: E402
@@ -208,12 +208,9 @@ class PhaseTimer:
         self.seconds: dict[str, list[float]] = {}
 
     def __call__(self, name: str, fn):
-        sync(self.device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(self.device)
+        out, sec = timed(fn, self.device)
         if self.round >= self.skip:
-            self.seconds.setdefault(name, []).append(time.perf_counter() - t0)
+            self.seconds.setdefault(name, []).append(sec)
         return out
 
     def medians(self) -> dict[str, float]:

@@ -27,17 +27,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """(fn(), seconds), the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
 def time_steps(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
     """Median seconds of `steps` calls of `fn` after `warmup` untimed ones."""
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [timed(fn, device)[1] for _ in range(warmup + steps)]
+    return statistics.median(times[warmup:])
 
 
 def build_upstream(cfg, device: torch.device):

@@ -109,7 +109,6 @@ def search_metrics(
     id_offset: int = 0,
     backend: str = "auto",
     device: torch.device | str | None = None,
-    show_progress: bool = False,
 ) -> dict:
     """Metrics for precomputed vectors. `database`/`db_mask` are this rank's slice (rows from
     `id_offset`); `db_coords` covers the whole database; queries are the same on every rank."""

@@ -175,7 +175,8 @@ def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int 
         raise RetrievalIndexError(f"{path}: rows {lo}..{hi} outside the index's {total} rows")
     parts, start = [], 0
     for part in header["parts"]:
-        parts.append(_read_part(path, part, header, max(lo - start, 0), max(min(hi - start, part["count"]), 0), device))
+        a, b = (min(max(r - start, 0), part["count"]) for r in (lo, hi))  # the part's rows in [lo, hi)
+        parts.append(_read_part(path, part, header, a, b, device))
         start += part["count"]
     index = Index(*(torch.cat([p[name] for p in parts]) for name in ("embeddings", "view_mask", "coords", "index")),
                   header=header, rows=(lo, hi))
@@ -188,7 +189,7 @@ def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int 
 
 
 def _read_part(path: Path, part: dict, header: dict, a: int, b: int, device) -> dict[str, torch.Tensor]:
-    """One part: embeddings and view masks of its rows [a, b) (empty when b <= a), coords and ids of all."""
+    """One part: embeddings and view masks of its rows [a, b), coords and ids of all."""
     from safetensors import safe_open
 
     file = path / part["name"]
@@ -199,7 +200,6 @@ def _read_part(path: Path, part: dict, header: dict, a: int, b: int, device) -> 
         if shape != (part["count"], header["views"], header["embed_dim"]):
             raise RetrievalIndexError(f"{file}: holds {shape}, header says "
                                       f"({part['count']}, {header['views']}, {header['embed_dim']})")
-        b = max(a, b)
         # only these rows are read; clone() so that no tensor outlives the open file's mapping
         out = {name: f.get_slice(name)[a:b].clone() for name in ("embeddings", "view_mask")}
         out.update({name: f.get_tensor(name).clone() for name in ("coords", "index")})
