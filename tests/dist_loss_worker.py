@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.models import Text4VPR, tiny_config
 from text4vpr.utils.distributed import shutdown_distributed
+from text4vpr.utils.testing import exit_worker
 
 
 def make_batch(b=5, v=4, size=28, length=9):
@@ -106,4 +107,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    exit_worker(main(sys.argv[1]) or 0)

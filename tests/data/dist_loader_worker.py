@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
 from text4vpr.utils.distributed import shutdown_distributed
+from text4vpr.utils.testing import exit_worker
 
 
 def main() -> None:
@@ -26,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_worker(main() or 0)

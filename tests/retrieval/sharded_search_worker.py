@@ -6,7 +6,6 @@ sharded answer equals single-process `group_topk` exactly, on both ranks.
 
 from __future__ import annotations
 
-import sys
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from text4vpr.kernels.topk import group_topk
 from text4vpr.retrieval.search import broadcast_queries, sharded_group_topk
 from text4vpr.utils.distributed import shutdown_distributed
+from text4vpr.utils.testing import exit_worker
 
 
 def main() -> int:
@@ -44,4 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main() or 0)
