@@ -17,8 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.models import Text4VPR, tiny_config
-from text4vpr.utils.distributed import shutdown_distributed
-from text4vpr.utils.testing import exit_worker
+from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
 
 def make_batch(b=5, v=4, size=28, length=9):
@@ -107,4 +106,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    exit_worker(main(sys.argv[1]) or 0)
+    exit_process(main(sys.argv[1]) or 0)

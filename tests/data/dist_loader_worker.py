@@ -7,8 +7,7 @@ import sys
 import torch.distributed as dist
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
-from text4vpr.utils.distributed import shutdown_distributed
-from text4vpr.utils.testing import exit_worker
+from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
 
 def main() -> None:
@@ -27,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    exit_worker(main() or 0)
+    exit_process(main() or 0)

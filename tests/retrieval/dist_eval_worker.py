@@ -14,8 +14,7 @@ from text4vpr.data.loader import LoaderConfig, build_loader
 from text4vpr.models import Text4VPR
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.index import build_index, load_index, rank_rows
-from text4vpr.utils.distributed import shutdown_distributed
-from text4vpr.utils.testing import exit_worker
+from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
 
 def main(model_dir: str, shards: str, out: str) -> int:
@@ -35,4 +34,4 @@ def main(model_dir: str, shards: str, out: str) -> int:
 
 
 if __name__ == "__main__":
-    exit_worker(main(*sys.argv[1:4]) or 0)
+    exit_process(main(*sys.argv[1:4]) or 0)

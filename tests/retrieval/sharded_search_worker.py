@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 from text4vpr.kernels.topk import group_topk
 from text4vpr.retrieval.search import broadcast_queries, sharded_group_topk
-from text4vpr.utils.distributed import shutdown_distributed
-from text4vpr.utils.testing import exit_worker
+from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
 
 def main() -> int:
@@ -44,4 +43,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_worker(main() or 0)
+    exit_process(main() or 0)

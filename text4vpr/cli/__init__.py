@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if rc == 0:  # under accelerate launch / torchrun: every rank leaves together
-        from text4vpr.utils.distributed import shutdown_distributed
+    from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
-        shutdown_distributed()
+    if rc == 0 and shutdown_distributed():  # under accelerate launch / torchrun: every rank leaves together
+        exit_process(rc)
     return rc
 
 

@@ -31,11 +31,8 @@ def resolve_config(config: str | None, overrides: list[str], resume: str | None 
 def run(config: str | None = None, overrides: list[str] = (), resume: str | None = None) -> dict:
     cfg = resolve_config(config, list(overrides), resume)  # config errors before heavy imports
     from text4vpr.train.trainer import Trainer
-    from text4vpr.utils.distributed import shutdown_distributed
 
-    result = Trainer(cfg).train()
-    shutdown_distributed()  # ranks leave together (rank 0 wrote the report last)
-    return result
+    return Trainer(cfg).train()
 
 
 def _quiet_cpu_only_warnings() -> None:
@@ -63,4 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from text4vpr.utils.distributed import exit_process, shutdown_distributed
+
+    if shutdown_distributed():  # ranks leave together (rank 0 wrote the report last)
+        exit_process(0)
     return 0

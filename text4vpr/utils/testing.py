@@ -20,16 +20,3 @@ def assert_close_by_norm(actual: torch.Tensor, expected: torch.Tensor, rel: floa
     bound = rel * expected.double().norm().item() + floor * expected.numel() ** 0.5
     assert err <= bound, f"{name}: ‖diff‖ = {err:.3e} > {bound:.3e} (rel {relative_error(actual, expected):.2e})"
 
-
-def exit_worker(code: int = 0) -> None:
-    """End a torchrun test worker once its work is written: flush, then `os._exit`, which skips
-    the interpreter's and C++'s exit-time teardown. There a gloo rank occasionally aborts
-    (SIGABRT, "terminate called without an active exception") after a completed
-    `destroy_process_group`: about 1 in 30 two-rank eval runs here. The tests check the results
-    and this exit code, not torch's teardown."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
