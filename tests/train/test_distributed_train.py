@@ -1,4 +1,4 @@
-"""A real 2-rank gloo run equals a 1-rank run with the same global batch (fp32, CPU)."""
+"""A real 2-rank gloo run (plain, or gradient-cached) equals a 1-rank run with the same global batch (fp32, CPU)."""
 
 import subprocess
 import sys
@@ -42,15 +42,20 @@ def test_two_ranks_equal_one_rank(tmp_path, train_cache):
     one = subprocess.run(_cmd(train_cache, tmp_path / "one", [sys.executable], 4), cwd=REPO, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    two = subprocess.run(_cmd(train_cache, tmp_path / "two", torchrun, 2), cwd=REPO, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = _ckpt(tmp_path / "one"), _ckpt(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:  # relative to each tensor's norm; the floor covers tensors that stay ~0
-        assert_close_by_norm(b[k], a[k], rel=1e-5, floor=1e-7, name=k)
-    losses = [_losses(tmp_path / run) for run in ("one", "two")]
-    assert len(losses[0]) == 3
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+    # "two_cached": gradient caching in 2 micro-batches per rank, BatchNorm over the whole
+    # global batch and gradients averaged by hand: still the 1-rank plain run
+    for run, extra in (("two", []), ("two_cached", ["train.micro_batches=2"])):
+        two = subprocess.run(_cmd(train_cache, tmp_path / run, torchrun, 2) + extra, cwd=REPO, capture_output=True, text=True)
+        assert two.returncode == 0, two.stderr[-3000:]
+    a = _ckpt(tmp_path / "one")
+    losses = _losses(tmp_path / "one")
+    assert len(losses) == 3
+    for run in ("two", "two_cached"):
+        b = _ckpt(tmp_path / run)
+        assert a.keys() == b.keys()
+        for k in a:  # relative to each tensor's norm; the floor covers tensors that stay ~0
+            assert_close_by_norm(b[k], a[k], rel=1e-5, floor=1e-7, name=f"{run}: {k}")
+        torch.testing.assert_close(torch.tensor(_losses(tmp_path / run)), torch.tensor(losses), rtol=1e-5, atol=0)
 
 
 def _losses(run):

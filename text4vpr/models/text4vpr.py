@@ -90,35 +90,45 @@ class Text4VPR(nn.Module):
         return out.reshape(*lead, *out_shape)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     views_complete: bool | None = None) -> torch.Tensor:
-        """(B, V, L) -> (B, V, D) raw vectors, zeros where the mask is all 0; (N, L) -> (N, D)."""
+                     views_complete: bool | None = None, head: bool = True) -> torch.Tensor:
+        """(B, V, L) -> (B, V, D) raw vectors, zeros where the mask is all 0; (N, L) -> (N, D).
+
+        `head=False` stops before the BatchNorm (`TextEncoder.features`): gradient caching
+        runs `text_head` on the whole batch's present views afterwards.
+        """
+        encoder = self.text_encoder if head else self.text_encoder.features
         lead = input_ids.shape[:-1]
         ids = input_ids.reshape(-1, input_ids.shape[-1])  # (B*V, L)
         mask = attention_mask.reshape(ids.shape)  # (B*V, L)
         keep = mask.bool().any(dim=1)  # (B*V,)
         if views_complete or bool(keep.all()):
-            out = self.text_encoder(ids, mask)
+            out = encoder(ids, mask)
         else:
-            enc = self.text_encoder(ids[keep], mask[keep]) if keep.any() else None
+            enc = encoder(ids[keep], mask[keep]) if keep.any() else None
             out = torch.zeros(ids.shape[0], self.embed_dim, device=ids.device,
                               dtype=enc.dtype if enc is not None else torch.float32)
             if enc is not None:
                 out = out.index_put((keep,), enc)
         return out.reshape(*lead, self.embed_dim)
 
+    def text_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(P, D) pre-BatchNorm features of present views -> (P, D) text vectors (the batch-coupled part)."""
+        return self.text_encoder.head(features)
+
     def forward(self, images, view_mask, input_ids, attention_mask, frozen_tokens=None,
-                views_complete: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                views_complete: bool | None = None, text_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers on a loader batch: ((B, V, D) image vectors, (B, V, D) text vectors).
 
         With `frozen_tokens` (B, V, 1 + hw, C) from `frozen_image_tokens` (the trainer's
         frozen-trunk cache) the images are not needed and only the trained blocks run.
         `views_complete=True` promises every view is present (the trainer checks on the host).
+        `text_head=False` returns the text features before the BatchNorm instead (see `text_head`).
         """
         if frozen_tokens is not None:
             img = self.encode_images_from_tokens(frozen_tokens, view_mask, views_complete)
         else:
             img = self.encode_images(images, view_mask, views_complete)
-        return img, self.encode_texts(input_ids, attention_mask, views_complete)
+        return img, self.encode_texts(input_ids, attention_mask, views_complete, head=text_head)
 
     # ------------------------------------------------------------------ training helpers
     def backbone_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -102,15 +102,29 @@ class TextEncoder(nn.Module):
             self.projection.eval()  # upstream accident: BatchNorm never leaves eval mode
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-description part: encoder, masked max-pool, the projection's Linear: (N, L) -> (N, D).
+
+        Everything up to the BatchNorm, the one layer that mixes descriptions: gradient
+        caching encodes this part in micro-batches and `head` on the whole batch.
+        """
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, H)
         pooled = masked_max_pool(hidden, attention_mask)  # (N, H)
-        if self.freeze_projection:
-            with torch.no_grad():
-                x = self.projection(pooled)
-        else:
-            x = self.projection(pooled)  # (N, D)
+        return self._projection_part(0, pooled)  # (N, D)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """BatchNorm over the batch (all ranks with GlobalBatchNorm1d), then the residual layers: (N, D) -> (N, D)."""
+        x = self._projection_part(1, z)  # (N, D)
         x = x.unsqueeze(1)  # (N, 1, D): each description is a sequence of length 1
         for layer in self.layers:
             x = x + layer(x)
         return x.squeeze(1)  # (N, D)
+
+    def _projection_part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze_projection:  # upstream accident: no gradient through the projection
+            with torch.no_grad():
+                return self.projection[i](x)
+        return self.projection[i](x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))

@@ -3,12 +3,13 @@
 Gradient caching (Gao et al., 2021): encode the step's batch in micro-batches without
 keeping activations, run the (cross-rank) loss on all embeddings at once, then re-encode
 each micro-batch and back-propagate its embedding gradients. Negatives = the whole step's
-batch on every rank, activation memory = one micro-batch.
+batch on every rank, activation memory = one micro-batch. The text tower's BatchNorm (and
+the small residual layers after it) run once on the whole batch, between the two passes,
+so its statistics are those of the plain step: the cached step is the plain step.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -40,10 +41,12 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     return [{k: v[a:b] if torch.is_tensor(v) else v for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def encode(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(model, batch: dict, autocast, text_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V, D) image vectors (fp32) and text vectors (fp32), or the text features before the
+    BatchNorm (`text_head=False`, in their compute dtype)."""
     with autocast():
-        img, txt = model(**model_inputs(batch))
-    return img.float(), txt.float()
+        img, txt = model(**model_inputs(batch), text_head=text_head)
+    return img.float(), txt.float() if text_head else txt
 
 
 def finite(loss: torch.Tensor) -> bool:
@@ -88,36 +91,59 @@ def _set_rng_states(states: tuple, device: torch.device) -> None:
 
 def cached_backward(
     model, batch: dict, loss_fn: Callable, backward: Callable, autocast, micro_batches: int, no_sync: Callable,
-    check_first: bool = False,
+    text_head: Callable, reduce_grads: Callable | None = None, check_first: bool = False,
 ) -> torch.Tensor:
-    """Gradient-cached step: equal to `plain_backward` on the whole batch (dropout replayed
-    with the same RNG; BatchNorm statistics are per micro-batch, as with any accumulation)."""
+    """Gradient-cached step, equal to `plain_backward` on the whole batch.
+
+    1. each micro-batch through both towers up to the text BatchNorm, without activations;
+    2. `text_head` (BatchNorm over the whole batch, every rank, then the residual layers) and
+       the loss on all pairs, with autograd: gradients of the head and of the cached outputs;
+    3. each micro-batch again, with activations, back-propagating its cached gradients.
+    Dropout in pass 3 replays pass 1's random numbers. Every backward runs under `no_sync`;
+    `reduce_grads` then averages the gradients over ranks (DDP's reduction, by hand).
+    """
     chunks = split_batch(batch, micro_batches)
     device = batch["view_mask"].device
     saved_buffers = _buffers(model)
-    rngs, imgs, txts = [], [], []
+    rngs, imgs, feats = [], [], []
     with torch.no_grad():
         for c in chunks:
             rngs.append(_rng_states(device))
-            img, txt = encode(model, c, autocast)
+            img, z = encode(model, c, autocast, text_head=False)
             imgs.append(img)
-            txts.append(txt)
-    after = _rng_states(device)
-    _restore_buffers(model, saved_buffers)  # the replay below updates running stats once
+            feats.append(z)
+    _restore_buffers(model, saved_buffers)  # running statistics update in passes 2 and 3 only
     img = torch.cat(imgs).requires_grad_()  # (B, V, D) leaf
-    txt = torch.cat(txts).requires_grad_()
-    i, t, g = pairs(batch, img, txt)
+    z = torch.cat(feats).requires_grad_()  # (B, V, D) leaf: text features before the BatchNorm
+    i, zp, g = pairs(batch, img, z)  # (P, D), (P, D), (P,)
+    with autocast():
+        t = text_head(zp).float()  # (P, D): BatchNorm statistics of the whole batch
     loss = loss_fn(i, t, g)
+    after = _rng_states(device)  # after the head's dropout too
     if check_first and not finite(loss):
         _set_rng_states(after, device)
         return loss.detach()
-    loss.backward()  # gradients w.r.t. the embeddings only (and loss parameters)
+    with no_sync(model):
+        backward(loss)  # head and loss parameters, and the cached outputs' gradients
     sizes = [c["view_mask"].shape[0] for c in chunks]
-    for j, (c, gi, gt) in enumerate(zip(chunks, img.grad.split(sizes), txt.grad.split(sizes))):
+    for j, (c, gi, gz) in enumerate(zip(chunks, _grad(img).split(sizes), _grad(z).split(sizes))):
         _set_rng_states(rngs[j], device)
-        ctx = no_sync(model) if j < len(chunks) - 1 else contextlib.nullcontext()
-        with ctx:
-            ri, rt = encode(model, c, autocast)
-            backward((ri * gi).sum() + (rt * gt).sum())
+        with no_sync(model):
+            ri, rz = encode(model, c, autocast, text_head=False)
+            _backward_from(((ri, gi), (rz, gz)))  # the cached gradients already carry any loss scale
     _set_rng_states(after, device)
+    if reduce_grads is not None:
+        reduce_grads()
     return loss.detach()
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    """A leaf's gradient, zeros when nothing reached it (e.g. the upstream-frozen text projection)."""
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+def _backward_from(pairs_: tuple) -> None:
+    """Back-propagate given output gradients through the outputs that have a graph."""
+    live = [(out, g) for out, g in pairs_ if out.requires_grad]
+    if live:
+        torch.autograd.backward([o for o, _ in live], [g for _, g in live])

@@ -28,6 +28,7 @@ from text4vpr.train.optim import build_optimizer, build_scheduler
 from text4vpr.train.progress import Progress
 from text4vpr.train.step import cached_backward, plain_backward
 from text4vpr.utils.atomic import atomic_write_text
+from text4vpr.utils.distributed import average_gradients
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,9 +132,12 @@ class Trainer:
     def _forward_backward(self, batch: dict) -> torch.Tensor:
         loss_fn = self._loss_with_faults
         if self.cfg.train.micro_batches > 1:
+            reduce = None
+            if self.acc.num_processes > 1:
+                reduce = lambda: average_gradients(self.model.parameters())  # noqa: E731
             return cached_backward(
-                self.model, batch, loss_fn, self.acc.backward, self.autocast,
-                self.cfg.train.micro_batches, self.acc.no_sync, check_first=self.deepspeed,
+                self.model, batch, loss_fn, self.acc.backward, self.autocast, self.cfg.train.micro_batches,
+                self.acc.no_sync, self.acc.unwrap_model(self.model).text_head, reduce, check_first=self.deepspeed,
             )
         return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.autocast, check_first=self.deepspeed)
 

@@ -1,4 +1,4 @@
-"""Leaving a torch.distributed run cleanly."""
+"""torch.distributed helpers: averaging gradients by hand, leaving a run cleanly."""
 
 from __future__ import annotations
 
@@ -32,3 +32,41 @@ def exit_process(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def average_gradients(parameters, bucket_numel: int = 1 << 25) -> None:
+    """Mean of every parameter's `.grad` over all ranks, in flat per-dtype buckets: DDP's
+    gradient reduction, for steps whose backward passes all ran under `no_sync`.
+
+    A parameter without a gradient counts as zeros (as in DDP), so every rank reduces the
+    same buckets. No-op when not distributed.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets([p.grad for p in params], bucket_numel):
+        flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum numel,)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+
+
+def _buckets(grads: list, bucket_numel: int) -> list[list]:
+    """Consecutive groups of same-dtype, same-device tensors of at most `bucket_numel` elements (or one)."""
+    out, size = [], 0
+    for g in grads:
+        last = out[-1] if out else None
+        if last is None or size + g.numel() > bucket_numel or (g.dtype, g.device) != (last[0].dtype, last[0].device):
+            out.append([g])
+            size = g.numel()
+        else:
+            last.append(g)
+            size += g.numel()
+    return out
