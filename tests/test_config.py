@@ -49,3 +49,22 @@ def test_yaml_round_trip(tmp_path):
     path.write_text(dump_yaml(cfg))
     assert load_config(Outer, path) == cfg
     assert yaml.safe_load(path.read_text())["inner"]["tags"] == ["p", "q"]
+
+
+@dataclass
+class Words:
+    precision: str = "bf16"
+    flag: bool = False
+
+
+def test_yaml_1_1_words_stay_strings_only_true_false_are_booleans(tmp_path):
+    """`no`/`yes`/`on`/`off` are strings (Accelerate spells mixed precision `no`), in files and overrides."""
+    path = tmp_path / "c.yaml"
+    path.write_text("precision: no\nflag: true\n")
+    assert load_config(Words, path) == Words(precision="no", flag=True)
+    assert load_config(Words, None, ["precision=off", "flag=False"]) == Words(precision="off", flag=False)
+    with pytest.raises(ConfigError, match="flag: expected true/false"):
+        load_config(Words, None, ["flag=yes"])
+    dumped = tmp_path / "dumped.yaml"  # round trip: what dump_yaml writes loads back the same
+    dumped.write_text(dump_yaml(Words(precision="no", flag=True)))
+    assert load_config(Words, dumped) == Words(precision="no", flag=True)

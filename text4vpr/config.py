@@ -7,6 +7,7 @@ keys and values of the wrong type are errors that name the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,9 +17,34 @@ import yaml
 
 T = TypeVar("T")
 
+BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans, so `no`, `on`, `yes`
+    and `off` stay strings (`train.mixed_precision=no`, Accelerate's spelling, is a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != BOOL_TAG]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(stream) -> Any:
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 
 class ConfigError(ValueError):
     """A config key is unknown, or its value has the wrong type."""
+
+
+def check_choice(key: str, value, options) -> None:
+    """ConfigError naming `key` unless `value` is one of `options` (checked when the config loads,
+    not when the value is first used, perhaps an epoch into a run)."""
+    if value not in options:
+        raise ConfigError(f"{key}: unknown value {value!r} (expected one of: {' | '.join(map(str, options))})")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -125,7 +151,7 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw) if raw != "" else ""
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -141,7 +167,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     data: dict = {}
     if path is not None:
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _load_yaml(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded

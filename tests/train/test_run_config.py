@@ -63,3 +63,20 @@ def test_unknown_compile_mode_is_named():
     with pytest.raises(ConfigError, match=r"train\.compile_mode"):
         load_config(RunConfig, None, ["train.compile_mode=fastest"])
     assert load_config(RunConfig, None, ["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+
+
+@pytest.mark.parametrize("override", [
+    "train.mixed_precision=bf15", "train.frozen_cache_dtype=float8", "train.frozen_cache_device=tpu",
+    "train.micro_batches=0", "eval.mode=nearest", "optim.schedule=linear",
+])
+def test_bad_values_are_named_when_the_config_loads(override):
+    """A typo in a value stops the run at load time (not at the first validation, an epoch in)."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RunConfig, None, [override])
+
+
+def test_good_values_load():
+    cfg = load_config(RunConfig, None, ["train.mixed_precision=no", "train.frozen_cache_device=cuda:1",
+                                        "eval.mode=any-heading", "optim.schedule=constant", "train.micro_batches=4"])
+    assert (cfg.train.mixed_precision, cfg.eval.mode, cfg.train.micro_batches) == ("no", "any-heading", 4)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from text4vpr.config import ConfigError
+from text4vpr.config import ConfigError, check_choice
 from text4vpr.data.loader import LoaderConfig
+from text4vpr.kernels.topk import MODES
 from text4vpr.train.optim import OptimConfig
 
 
@@ -87,8 +88,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"train.compile_mode: unknown mode {self.compile_mode!r} ({' | '.join(COMPILE_MODES)})")
+        check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("train.frozen_cache_dtype", self.frozen_cache_dtype, ("same", "bfloat16"))
+        if self.frozen_cache_device not in ("auto", "cpu") and not self.frozen_cache_device.startswith("cuda"):
+            raise ConfigError(f"train.frozen_cache_device: {self.frozen_cache_device!r} is not auto | cpu | cuda[:N]")
+        if self.micro_batches < 1:
+            raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
 
 
 @dataclass
@@ -96,8 +102,11 @@ class EvalConfig:
     every_steps: int = 0  # 0 = at the end of each epoch
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     radii: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 30.0])
-    mode: str = "upstream"
+    mode: str = "upstream"  # upstream | cosine | any-heading
     final: bool = True  # evaluate the best model on data.test_shards at the end
+
+    def __post_init__(self) -> None:
+        check_choice("eval.mode", self.mode, MODES)
 
 
 @dataclass

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from text4vpr.config import check_choice
+
 
 @dataclass
 class OptimConfig:
@@ -22,6 +24,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
     fused: bool = False  # fused AdamW kernel (CUDA only)
+
+    def __post_init__(self) -> None:
+        check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, extra: list | None = None) -> torch.optim.Optimizer:
