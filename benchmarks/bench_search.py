@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from text4vpr.kernels.topk import group_topk  # noqa: E402
+from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
 PATHS = ("triton", "torch", "gemm", "faiss", "upstream")
 
@@ -129,11 +129,17 @@ def _timed(name, q, db, k, device) -> float:
 def measure(names, q, db, k, repeats, device) -> dict:
     """Warm-up + peak memory per path, then `repeats` rounds interleaving the paths (min time),
     so that load from other jobs hits every path alike."""
-    out, times = {}, {n: [] for n in names}
+    out = {}
     for name in names:
-        with PeakMemory(device) as mem:
-            run_path(name, q, db, k)  # warm-up (compiles the Triton kernel)
-        out[name] = {"peak_extra_bytes": mem.extra}
+        try:  # one failing path (a Triton compile or resource error) must not cost the others' figures
+            with PeakMemory(device) as mem:
+                run_path(name, q, db, k)  # warm-up (compiles the Triton kernel)
+            out[name] = {"peak_extra_bytes": mem.extra}
+        except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+            print(f"{name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            out[name] = {"unavailable": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+    names = [n for n in names if "unavailable" not in out[n]]
+    times = {n: [] for n in names}
     for _ in range(repeats):
         for name in names:
             times[name].append(_timed(name, q, db, k, device))
@@ -198,8 +204,7 @@ def main(argv=None) -> int:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch_threads": torch.get_num_threads(), "dtype": str(dtype), "command": " ".join(sys.argv)}
     out = Path(args.out or Path(__file__).parent / "results" / f"bench_search_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    atomic_write_json(out, {"meta": meta, "results": results})
     print(f"wrote {out}")
     return 0
 

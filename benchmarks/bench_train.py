@@ -335,7 +335,7 @@ def parse_args(argv=None):
     p.add_argument("--phase-steps", type=int, default=3, help="timed rounds of the phase profile (f)")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/bench_train_<config>_<device>.json)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may sit before and after options
 
 
 def main(argv=None) -> int:
@@ -345,17 +345,34 @@ def main(argv=None) -> int:
     s = Setup(cfg, tempfile.mkdtemp(prefix="bench_train_"))
     first = next(iter(train_loader(s.paths, cfg.data.loader, s.acc, 0, 0)))
     batch = s.on_device(first)
-    pairs = int(batch["view_mask"].sum())
-    print(f"config={args.config} device={s.device} batch={batch['view_mask'].shape[0]} locations ({pairs} pairs) "
-          f"image={batch['images'].shape[-1]}px text={batch['input_ids'].shape[-1]} tokens "
-          f"(mean real {float(first['attention_mask'].sum(-1).float().mean()):.0f}) "
+    print(f"config={args.config} device={s.device} batch={batch['view_mask'].shape[0]} locations "
+          f"({int(batch['view_mask'].sum())} pairs) image={batch['images'].shape[-1]}px "
+          f"text={batch['input_ids'].shape[-1]} tokens (mean real {float(first['attention_mask'].sum(-1).float().mean()):.0f}) "
           f"precision={cfg.train.mixed_precision} compile={cfg.train.compile} workers={cfg.data.loader.num_workers}")
-
+    gemm = gemm_tflops(s.device)
+    flops = {"step": step_flops(s.raw, batch), "cached": step_flops(s.raw, batch, cached=True)}
+    out = Path(args.out or f"benchmarks/results/bench_train_{Path(args.config).stem}_{s.device.type}.json")
     res: dict = {}
+
+    def save() -> None:  # after every part: a timeout later keeps what was measured
+        add_rates(res, flops, gemm)
+        write_results(out, args, cfg, s, res, gemm, flops, first)
+
+    note = measure_parts(s, args, batch, first, flops, res, save)
+    print_report(s, cfg, res, note, gemm, flops)
+    save()
+    print(f"wrote {out}")
+    return 0
+
+
+def measure_parts(s: Setup, args, batch: dict, first: dict, flops: dict, res: dict, save) -> str:
+    """(a)-(g) into `res`, in order, `save()` after each; returns the frozen cache's note."""
     if "full" not in args.skip:
         res["full"] = measure_full(s, args.steps, args.warmup)
+        save()
     if "model" not in args.skip:
         res["model"] = measure_model_only(s, batch, args.steps, args.warmup)
+        save()
     cache, note = frozen_cache(s)
     res["cached"] = {"available": cache is not None, "note": note}
     res["cached_model"] = {"available": cache is not None, "note": note}
@@ -363,26 +380,36 @@ def main(argv=None) -> int:
         res["cached"].update(measure_full(s, args.steps, args.warmup, cache))
         res["cached_model"].update(measure_model_only(s, batch, args.steps, args.warmup, cache))
         del cache
+        save()
     if "loader" not in args.skip:
         res["loader"] = measure_loader(s, args.loader_batches)
+        save()
     if "upstream" not in args.skip:
         u = args.upstream_locations or (16 if s.device.type == "cuda" else batch["view_mask"].shape[0])
         res["upstream"] = measure_upstream(s, batch, min(u, batch["view_mask"].shape[0]), args.upstream_steps, 1)
-
-    gemm = gemm_tflops(s.device)
-    flops = step_flops(s.raw, batch)
-    cflops = step_flops(s.raw, batch, cached=True)
-    for key, f in (("full", flops), ("model", flops), ("cached", cflops), ("cached_model", cflops)):
-        if "step_s" in res.get(key, {}):
-            res[key]["tflops"] = f["total"] / res[key]["step_s"] / 1e12
-            res[key]["mfu"] = res[key]["tflops"] / gemm["tflops"]
+        save()
     if "phases" not in args.skip:
-        res["phases"] = measure_phases(s, first, args.phase_steps, flops)
+        res["phases"] = measure_phases(s, first, args.phase_steps, flops["step"])
+        save()
     if "ops" not in args.skip:
         res["ops"] = measure_ops(s, batch, args.phase_steps)
-    up = res.get("upstream", {}).get("pairs_per_s")
-    demand = 1 / res["model"]["step_s"] if "model" in res else None
+    return note
 
+
+def add_rates(res: dict, flops: dict, gemm: dict) -> None:
+    """TFLOP/s and MFU of each timed path; the loader's capacity against the model-only demand."""
+    for key, f in (("full", "step"), ("model", "step"), ("cached", "cached"), ("cached_model", "cached")):
+        if "step_s" in res.get(key, {}):
+            res[key]["tflops"] = flops[f]["total"] / res[key]["step_s"] / 1e12
+            res[key]["mfu"] = res[key]["tflops"] / gemm["tflops"]
+    if "loader" in res and "model" in res:
+        demand = 1 / res["model"]["step_s"]
+        res["loader"]["step_demand_batches_per_s"] = demand
+        res["loader"]["capacity_over_demand"] = res["loader"]["batches_per_s"] / demand
+
+
+def print_report(s: Setup, cfg: RunConfig, res: dict, note: str, gemm: dict, flops: dict) -> None:
+    up = res.get("upstream", {}).get("pairs_per_s")
     rows = []
     labels = {"upstream": "(c) upstream-style loop: one item per call, fp32",
               "full": "(a) full step from shards (loader included)",
@@ -399,11 +426,10 @@ def main(argv=None) -> int:
                      f"{100 * r['mfu']:.1f} %" if "mfu" in r else None, vs_b])
     print_table(["path", "step s", "pairs/s", "vs upstream", "MFU", "note"], rows)
     if "loader" in res:
-        cap = res["loader"]["batches_per_s"]
-        res["loader"]["step_demand_batches_per_s"] = demand
-        res["loader"]["capacity_over_demand"] = cap / demand if demand else None
-        print(f"(e) loader capacity {cap:.2f} batches/s ({cfg.data.loader.num_workers} workers) against a demand of "
-              f"{demand:.2f} batches/s (model-only step): {cap / demand:.2f}x" if demand else f"(e) loader {cap:.2f} batches/s")
+        ld = res["loader"]
+        print(f"(e) loader capacity {ld['batches_per_s']:.2f} batches/s ({cfg.data.loader.num_workers} workers) against a "
+              f"demand of {ld['step_demand_batches_per_s']:.2f} batches/s (model-only step): {ld['capacity_over_demand']:.2f}x"
+              if "capacity_over_demand" in ld else f"(e) loader {ld['batches_per_s']:.2f} batches/s")
     if "phases" in res:
         ph = res["phases"]
         print_table(["phase (eager, timed alone)", "ms", "share", "TFLOP/s", "of GEMM"],
@@ -418,34 +444,33 @@ def main(argv=None) -> int:
                     title=f"(g) torch.profiler, {op['clock']} self time: {op['self_ms_per_step']:.1f} ms per model-only step")
     if "full" in res:
         print(f"(a) time waiting for the loader: {100 * res['full']['loader_wait_fraction']:.1f} % of the step")
-    print(f"matmul {gemm['n']}^3 {gemm['dtype']}: {gemm['tflops']:.2f} TFLOP/s; FLOPs per step {flops['total']:.3e} "
-          f"(cached {cflops['total']:.3e}); MFU {'vs bf16 GEMM' if s.device.type == 'cuda' else 'vs fp32 GEMM, CPU: reference only'}")
+    print(f"matmul {gemm['n']}^3 {gemm['dtype']}: {gemm['tflops']:.2f} TFLOP/s; FLOPs per step {flops['step']['total']:.3e} "
+          f"(cached {flops['cached']['total']:.3e}); MFU {'vs bf16 GEMM' if s.device.type == 'cuda' else 'vs fp32 GEMM, CPU: reference only'}")
     if res["cached"].get("cache_bytes_per_1000_locations"):
         print(f"frozen-trunk cache: {res['cached']['cache_bytes_per_1000_locations'] / 1e9:.3f} GB per 1,000 locations "
               f"({note})")
 
-    name = Path(args.config).stem
-    out = Path(args.out or f"benchmarks/results/bench_train_{name}_{s.device.type}.json")
+
+def write_results(out: Path, args, cfg: RunConfig, s: Setup, res: dict, gemm: dict, flops: dict, first: dict) -> None:
+    cached = res.get("cached", {})
     summary = {
         "train_pairs_per_s": res.get("full", {}).get("pairs_per_s"),
         "train_mfu": res.get("full", {}).get("mfu"),
         "model_only_pairs_per_s": res.get("model", {}).get("pairs_per_s"),
         "model_only_mfu": res.get("model", {}).get("mfu"),
-        "train_cached_pairs_per_s": res["cached"].get("pairs_per_s"),
-        "upstream_loop_pairs_per_s": up,
+        "train_cached_pairs_per_s": cached.get("pairs_per_s"),
+        "upstream_loop_pairs_per_s": res.get("upstream", {}).get("pairs_per_s"),
         "gemm_tflops": gemm["tflops"],
         "loader_capacity_over_demand": res.get("loader", {}).get("capacity_over_demand"),
-        "train_cached_model_pairs_per_s": res["cached_model"].get("pairs_per_s"),
-        "cache_gb_per_1000_locations": (res["cached"].get("cache_bytes_per_1000_locations") or 0) / 1e9 or None,
+        "train_cached_model_pairs_per_s": res.get("cached_model", {}).get("pairs_per_s"),
+        "cache_gb_per_1000_locations": (cached.get("cache_bytes_per_1000_locations") or 0) / 1e9 or None,
     }
-    atomic_write_json(out, {"summary": summary, "results": res, "gemm": gemm, "flops_per_step": flops,
-                            "flops_per_cached_step": cflops, "config": args.config, "overrides": args.overrides,
+    atomic_write_json(out, {"summary": summary, "results": res, "gemm": gemm, "flops_per_step": flops["step"],
+                            "flops_per_cached_step": flops["cached"], "config": args.config, "overrides": args.overrides,
                             "resolved": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                            "batch_pairs": pairs, "text_tokens_mean": float(first["attention_mask"].sum(-1).float().mean()),
-                            "device": str(s.device), "machine": machine(),
-                            "command": " ".join(sys.argv)})
-    print(f"wrote {out}")
-    return 0
+                            "batch_pairs": int(first["view_mask"].sum()),
+                            "text_tokens_mean": float(first["attention_mask"].sum(-1).float().mean()),
+                            "device": str(s.device), "machine": machine(), "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from text4vpr.kernels.topk import MODES, group_topk  # noqa: E402
+from text4vpr.utils.testing import unexplained_id_differences  # noqa: E402
 
 
 def check(q, qm, db, dm, k: int, mode: str) -> tuple[bool, str]:
@@ -31,12 +32,7 @@ def check(q, qm, db, dm, k: int, mode: str) -> tuple[bool, str]:
     tol = 1e-3 * float(s_to.abs().max().clamp(min=1e-6))
     score_err = float((s_tr - s_to).abs().max())
     same = i_tr == i_to
-    # an id may differ only where its score is within tol of a neighbour's (a near-tie)
-    near_tie = torch.zeros_like(same)
-    gaps = (s_to[:, 1:] - s_to[:, :-1]).abs() <= tol  # (Q, k-1)
-    near_tie[:, 1:] |= gaps
-    near_tie[:, :-1] |= gaps
-    bad = int((~same & ~near_tie).sum())
+    bad = unexplained_id_differences(i_tr, i_to, s_to, tol)  # an id may differ only at a near-tie
     ok = score_err <= tol and bad == 0
     return ok, (f"mode={mode:12s} k={k:3d}: max score diff {score_err:.2e} (tol {tol:.2e}), ids equal "
                 f"{100 * float(same.float().mean()):.3f} %, unexplained id differences {bad} ({sec:.1f} s)")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from text4vpr.utils.testing import unexplained_id_differences
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,7 +51,7 @@ def test_kernel_compiles_for_hopper(mode, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["upstream", "cosine", "any-heading"])
 def test_cuda_kernel_matches_torch_path(mode):
-    """On a GPU: fp32 IEEE inputs give identical ids; bf16 inputs agree to accumulation order."""
+    """On a GPU: scores agree to accumulation order (fp32 IEEE and bf16); ids differ only at near-ties."""
     from text4vpr.kernels.group_topk_triton import group_topk_triton
     from text4vpr.kernels.topk import group_topk_torch
 
@@ -66,11 +68,13 @@ def test_cuda_kernel_matches_torch_path(mode):
         for k in (1, 10, 100, 128):
             s_t, i_t = group_topk_triton(q, qm, db, dm, k, mode)
             s_r, i_r = group_topk_torch(q, qm, db, dm, k, mode)
-            assert torch.equal(i_t, i_r), (mode, k)
             torch.testing.assert_close(s_t, s_r, rtol=1e-5, atol=1e-4)
+            # fp32 sums in another order than cuBLAS: ids may swap only at near-ties
+            assert unexplained_id_differences(i_t, i_r, s_r, 1e-4) == 0, (mode, k)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     s_t, i_t = group_topk_triton(q.bfloat16(), qm, db.bfloat16(), dm, 100, mode)
     s_r, i_r = group_topk_torch(q.bfloat16(), qm, db.bfloat16(), dm, 100, mode)
     torch.testing.assert_close(s_t, s_r, rtol=2e-3, atol=2e-3)
     assert (i_t == i_r).float().mean() > 0.99
+    assert unexplained_id_differences(i_t, i_r, s_r, 2e-3 * float(s_r.abs().max())) == 0

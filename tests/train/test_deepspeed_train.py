@@ -49,10 +49,31 @@ def test_zero2_trains_and_resumes_bitwise(train_cache, tmp_path):
 
 @pytest.mark.slow
 def test_zero2_bf16_autocast_runs(train_cache, tmp_path):
-    """DeepSpeed's own bf16 is off (launch/); the forward runs under torch.autocast(bf16)."""
+    """DeepSpeed's own bf16 is off (launch/); the engine runs the forward under torch.autocast(bf16)."""
     import json
 
-    _launch(train_cache, tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=2", "train.save_every_steps=0")
+    run = _launch(train_cache, tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=2", "train.save_every_steps=0")
+    assert "torch_autocast section added" in run.stdout + run.stderr
     losses = [json.loads(line)["loss"] for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_torch_autocast_section_is_what_deepspeed_reads():
+    """The section the trainer adds parses to bf16 autocast with fp32 gradient reduction;
+    a user's own section is kept; fp32 runs get none."""
+    import json
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from text4vpr.train.deepspeed_config import add_torch_autocast
+
+    cfg = json.loads((REPO / "launch" / "deepspeed_zero2.json").read_text())
+    cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"]  # "auto" is Accelerate's to fill
+    assert not add_torch_autocast(dict(cfg), "no")
+    assert add_torch_autocast(cfg, "bf16")
+    parsed = DeepSpeedConfig(cfg)
+    assert parsed.torch_autocast_enabled and parsed.torch_autocast_dtype == torch.bfloat16
+    assert parsed.torch_autocast_lower_precision_safe_modules == []
+    mine = {"torch_autocast": {"enabled": False}}
+    assert not add_torch_autocast(mine, "bf16") and mine == {"torch_autocast": {"enabled": False}}

@@ -22,6 +22,7 @@ from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import DataPaths, eval_loader, prepare_data, steps_per_epoch, train_loader
+from text4vpr.train.deepspeed_config import add_torch_autocast
 from text4vpr.train.logs import MetricsLogger, read_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler
@@ -57,6 +58,8 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed and add_torch_autocast(self.acc.state.deepspeed_plugin.deepspeed_config, t.mixed_precision):
+            self.acc.print("DeepSpeed: torch_autocast section added (bf16 forward inside the engine, fp32 gradients)")
         if self.deepspeed and cfg.loss.learnable:
             raise ValueError("loss.learnable=true is not supported under DeepSpeed: the engine optimises only the "
                              "model's parameters and the temperature lives in the loss; use DDP or a fixed temperature")
