@@ -150,7 +150,8 @@ else
 fi
 
 # ---------------------------------------------------------------------------- GPU-only tests
-step pytest_cuda 150 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/models tests/test_losses.py -k "cuda or gpu"
+step pytest_cuda 150 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/models tests/test_losses.py \
+  tests/train/test_frozen_cache.py -k "cuda or gpu"
 step kernel_check 120 60 "${KCHECK[@]}"
 
 # ---------------------------------------------------------------------------- training runs

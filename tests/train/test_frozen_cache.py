@@ -54,3 +54,29 @@ def test_cached_training_equals_uncached(train_cache, tmp_path):
     b = load_file(tmp_path / "cached" / "model" / "model.safetensors")
     for k in a:
         assert torch.equal(b[k], a[k]), k  # bitwise: the same ops on the same rows
+
+
+def test_gather_rows_copies_each_row_across_devices():
+    from text4vpr.train.frozen_cache import gather_rows
+
+    rows = [torch.randn(4, 5, 6) for _ in range(3)]
+    same = gather_rows(rows, torch.device("cpu"))
+    assert torch.equal(same, torch.stack(rows))
+    other = gather_rows(rows, torch.device("meta"))  # another device: the per-row copy path
+    assert other.device.type == "meta" and other.shape == (3, 4, 5, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_host_cache_is_pinned_and_gives_the_same_tokens():
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=50, image_size=28)
+    model = Text4VPR(replace(cfg, image=replace(cfg.image, num_layers=3, trainable_blocks=1))).cuda().eval()
+    batch = {"images": torch.randint(0, 256, (3, 4, 3, 28, 28), dtype=torch.uint8, device="cuda"),
+             "view_mask": torch.ones(3, 4, dtype=torch.bool, device="cuda")}
+    cache = FrozenTrunkCache(model, "cpu")
+    first = cache.tokens(batch, [7, 8, 9])
+    assert all(t.is_pinned() for t in cache.store.values())
+    again = cache.tokens(batch, [9, 7, 8])  # all hits, copied from host memory
+    assert again.device.type == "cuda" and cache.hits == 3
+    assert torch.equal(again, first[[2, 0, 1]])
+    torch.testing.assert_close(first, model.frozen_image_tokens(batch["images"], batch["view_mask"]))

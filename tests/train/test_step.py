@@ -156,3 +156,17 @@ def test_gradient_cache_with_the_upstream_frozen_projection():
     g_cached = _grads(model)
     assert not any(k.startswith(("text_encoder.backbone", "text_encoder.projection")) for k in g_plain)
     _assert_grads_close(g_cached, g_plain)
+
+
+def test_gradient_cache_on_frozen_trunk_tokens_equals_the_plain_step_on_images():
+    """The two speed options compose: micro-batches over cached frozen tokens = plain on images."""
+    model = _model()
+    loss_fn = ContrastiveLoss(temperature=0.1)
+    batch = _batch()
+    plain_backward(model, batch, loss_fn, _backward, contextlib.nullcontext)
+    g_plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    tokens = model.frozen_image_tokens(batch["images"], batch["view_mask"])  # (B, V, 1 + hw, C)
+    cached = {**{k: v for k, v in batch.items() if k != "images"}, "frozen_tokens": tokens}
+    _run_cached(model, cached, loss_fn, _backward, 3)
+    _assert_grads_close(_grads(model), g_plain)

@@ -48,11 +48,19 @@ class FrozenTrunkCache:
             rows = torch.tensor(todo, device=batch["images"].device)
             fresh = self.model.frozen_image_tokens(batch["images"][rows], batch["view_mask"][rows])  # (b, V, T, C)
             for j, t in zip(todo, fresh):
-                self.store.setdefault(index[j], t.to(self.store_device, self.dtype or t.dtype))
+                if index[j] not in self.store:
+                    self.store[index[j]] = self._keep(t)
         self.misses += len(todo)
         self.hits += len(index) - len(todo)
-        device = batch["view_mask"].device
-        return torch.stack([self.store[i] for i in index]).to(device, non_blocking=True)  # (B, V, T, C)
+        return gather_rows([self.store[i] for i in index], batch["view_mask"].device)  # (B, V, T, C)
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        """A location's tokens as stored: in host memory they are page-locked when a GPU trains,
+        so that later steps copy them straight to the device, asynchronously."""
+        dtype = self.dtype or t.dtype
+        if self.store_device.type == "cpu" and t.device.type == "cuda":
+            return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)
+        return t.to(self.store_device, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -60,3 +68,14 @@ class FrozenTrunkCache:
 
     def stats(self) -> dict:
         return {"locations": len(self.store), "hits": self.hits, "misses": self.misses, "bytes": self.nbytes}
+
+
+def gather_rows(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack equally shaped tensors onto `device`: `torch.stack` where they live, else one
+    non-blocking copy per row into the output (no staging copy on the host)."""
+    if rows[0].device == torch.device(device):
+        return torch.stack(rows)
+    out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, device=device)
+    for dst, src in zip(out, rows):
+        dst.copy_(src, non_blocking=True)
+    return out
