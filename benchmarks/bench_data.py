@@ -4,7 +4,8 @@
 Measures in one run: (a) shard build rate with and without --resize 252, (b) loader
 images/s per worker from shards (one in-process worker, and the whole DataLoader with
 --workers processes) for float32 batches (normalised in the loader), uint8 batches (the
-trainer normalises them on the device) and uint8 + fast_decode on 640 px shards, (c) a
+trainer normalises them on the device), uint8 batches of locations held by the frozen-trunk
+cache (no JPEG decode, as in cached epochs) and uint8 + fast_decode on 640 px shards, (c) a
 faithful re-implementation of the upstream loading path (pandas DataFrame re-grouped per
 item, PIL open from the folder, resize 252, normalise to float) on the same data, one
 process. The loading configurations run interleaved, one pass each per round, so a change
@@ -81,14 +82,18 @@ def bench_build(data: Path, out: Path, resize: int | None, workers: int) -> dict
 class LoaderRun:
     """One loader configuration; `once()` times one pass from its first batch (after worker start-up)."""
 
-    def __init__(self, shards: Path, tokenizer: Path, workers: int, batch_size: int, **options):
+    def __init__(self, shards: Path, tokenizer: Path, workers: int, batch_size: int,
+                 skip_images: frozenset[int] = frozenset(), **options):
         self.cfg = LoaderConfig(shards=str(shards), tokenizer=str(tokenizer), batch_size=batch_size, image_size=252,
                                 num_workers=workers, max_text_length=96, **options)
         self.workers, self.options, self.images, self.seconds = workers, options, 0, 0.0
+        self.skip_images = skip_images
+        if skip_images:
+            self.options = {**options, "skip_images": f"{len(skip_images)} locations"}
 
     def once(self) -> None:
         t0 = None
-        for batch in build_loader(self.cfg, "eval"):
+        for batch in build_loader(self.cfg, "eval", skip_images=self.skip_images):
             if t0 is None:
                 t0 = time.perf_counter()
                 continue
@@ -155,6 +160,7 @@ def main(argv=None) -> int:
         tok = work / "tok"
         train_tokenizer(shard_descriptions(work / "shards_252"), tok, vocab_size=500)
         s252, s640, bs = work / "shards_252", work / "shards_orig", args.batch_size
+        every = frozenset(i for b in build_loader(LoaderRun(s252, tok, 0, bs).cfg, "eval") for i in b["index"].tolist())
         runs = {  # key: (label, run)
             "upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
                          UpstreamRun(data)),
@@ -162,6 +168,9 @@ def main(argv=None) -> int:
                            LoaderRun(s252, tok, 0, bs, image_dtype="float32")),
             "u8_252_1w": ("loader uint8 (normalised on the device by the trainer, not timed), 252px shards, 1 in-process worker",
                           LoaderRun(s252, tok, 0, bs, image_dtype="uint8")),
+            "u8_252_cached_1w": ("loader uint8, every location in the trainer's frozen-trunk cache (no JPEG decode), "
+                                 "252px shards, 1 in-process worker",
+                                 LoaderRun(s252, tok, 0, bs, skip_images=every, image_dtype="uint8")),
             "u8_640_1w": ("loader uint8, 640px shards (exact decode + resize), 1 in-process worker",
                           LoaderRun(s640, tok, 0, bs, image_dtype="uint8")),
             "u8_fast_640_1w": ("loader uint8 + fast_decode, 640px shards, 1 in-process worker",

@@ -12,9 +12,10 @@ One run measures, with the trainer's own pieces (`text4vpr.train.data` for data 
   (d) cached epochs (`train.frozen_cache=true`, the trainer's `FrozenTrunkCache`): one untimed
       epoch fills the cache of the frozen DINOv2 blocks' tokens, then steps of later epochs
       (all hits) run only the trained blocks, the aggregation and the text tower; from shards
-      as (a), and model only as (b). The loader still decodes the images (the trainer's does);
+      as (a), and model only as (b). As in the trainer, the loader does not decode cached images;
   (e) loader capacity: batches/s the train loader alone delivers, against the step's demand
-      (1 / model-only step time);
+      (1 / model-only step time); and in cached epochs, where the cached locations' JPEGs are
+      not decoded, against the cached step's demand;
   (f) the profile: the model-only step split into phases (frozen image blocks, trained image
       blocks + aggregation, text tower, loss, each tower's backward, clip + AdamW), each timed
       alone between syncs, with its share and achieved TFLOP/s (what to fix next);
@@ -117,10 +118,12 @@ class Setup:
         location ids stay on the host, where the trainer reads them (no device sync)."""
         return {k: v if k in ("view_mask", "index") else v.to(self.device) for k, v in host_batch.items()}
 
-    def batches(self, first_epoch: int = 0):
-        """Endless train batches, epoch after epoch (a fresh loader per epoch, as the trainer does)."""
+    def batches(self, first_epoch: int = 0, cache=None):
+        """Endless train batches, epoch after epoch (a fresh loader per epoch, as the trainer
+        does; with a cache, its locations come undecoded, as in the trainer's cached epochs)."""
         for epoch in itertools.count(first_epoch):
-            yield from train_loader(self.paths, self.cfg.data.loader, self.acc, epoch, 0)
+            self.trainer.frozen_cache = cache
+            yield from self.trainer.epoch_loader(epoch, 0)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -134,7 +137,7 @@ def measure_full(s: Setup, steps: int, warmup: int, cache=None) -> dict:
         for batch in train_loader(s.paths, s.cfg.data.loader, s.acc, 0, 0):
             s.step(batch, cache)
         first_epoch = 1
-    stream = s.batches(first_epoch)
+    stream = s.batches(first_epoch, cache)
     times, waits, pairs = [], [], 0
     for i in range(warmup + steps):
         sync(s.device)
@@ -187,9 +190,10 @@ def measure_upstream(s: Setup, batch: dict, locations: int, steps: int, warmup: 
     return {"pairs_per_s": locations * V / sec, "step_s": sec, "steps": steps, "locations": locations}
 
 
-def measure_loader(s: Setup, batches: int) -> dict:
-    """(e) The loader alone: batches/s from its first batch (worker start-up excluded)."""
-    stream = s.batches(first_epoch=1)
+def measure_loader(s: Setup, batches: int, cache=None) -> dict:
+    """(e) The loader alone: batches/s from its first batch (worker start-up excluded); with a
+    full cache, as in cached epochs: the cached locations' JPEGs are not decoded."""
+    stream = s.batches(1, cache)
     next(stream)
     t0 = time.perf_counter()
     n = 0
@@ -197,6 +201,7 @@ def measure_loader(s: Setup, batches: int) -> dict:
         next(stream)
         n += 1
     sec = time.perf_counter() - t0
+    s.trainer.frozen_cache = None
     return {"batches_per_s": n / sec, "batches": n, "workers": s.cfg.data.loader.num_workers}
 
 
@@ -379,6 +384,9 @@ def measure_parts(s: Setup, args, batch: dict, first: dict, flops: dict, res: di
     if cache is not None and "cached" not in args.skip:
         res["cached"].update(measure_full(s, args.steps, args.warmup, cache))
         res["cached_model"].update(measure_model_only(s, batch, args.steps, args.warmup, cache))
+        if "loader" not in args.skip:
+            res["loader_cached"] = measure_loader(s, args.loader_batches, cache)
+        s.trainer.frozen_cache = None
         del cache
         save()
     if "loader" not in args.skip:
@@ -402,10 +410,11 @@ def add_rates(res: dict, flops: dict, gemm: dict) -> None:
         if "step_s" in res.get(key, {}):
             res[key]["tflops"] = flops[f]["total"] / res[key]["step_s"] / 1e12
             res[key]["mfu"] = res[key]["tflops"] / gemm["tflops"]
-    if "loader" in res and "model" in res:
-        demand = 1 / res["model"]["step_s"]
-        res["loader"]["step_demand_batches_per_s"] = demand
-        res["loader"]["capacity_over_demand"] = res["loader"]["batches_per_s"] / demand
+    for loader, step in (("loader", "model"), ("loader_cached", "cached_model")):
+        if loader in res and "step_s" in res.get(step, {}):
+            demand = 1 / res[step]["step_s"]
+            res[loader]["step_demand_batches_per_s"] = demand
+            res[loader]["capacity_over_demand"] = res[loader]["batches_per_s"] / demand
 
 
 def print_report(s: Setup, cfg: RunConfig, res: dict, note: str, gemm: dict, flops: dict) -> None:
@@ -425,11 +434,12 @@ def print_report(s: Setup, cfg: RunConfig, res: dict, note: str, gemm: dict, flo
         rows.append([labels[key], r["step_s"], r["pairs_per_s"], f"{r['pairs_per_s'] / up:.2f}x" if up else None,
                      f"{100 * r['mfu']:.1f} %" if "mfu" in r else None, vs_b])
     print_table(["path", "step s", "pairs/s", "vs upstream", "MFU", "note"], rows)
-    if "loader" in res:
-        ld = res["loader"]
-        print(f"(e) loader capacity {ld['batches_per_s']:.2f} batches/s ({cfg.data.loader.num_workers} workers) against a "
-              f"demand of {ld['step_demand_batches_per_s']:.2f} batches/s (model-only step): {ld['capacity_over_demand']:.2f}x"
-              if "capacity_over_demand" in ld else f"(e) loader {ld['batches_per_s']:.2f} batches/s")
+    for key, what in (("loader", "model-only step"), ("loader_cached", "cached model-only step, no JPEG decode")):
+        if key in res:
+            ld = res[key]
+            print(f"(e) loader capacity {ld['batches_per_s']:.2f} batches/s ({cfg.data.loader.num_workers} workers) against "
+                  f"a demand of {ld['step_demand_batches_per_s']:.2f} batches/s ({what}): {ld['capacity_over_demand']:.2f}x"
+                  if "capacity_over_demand" in ld else f"(e) loader {ld['batches_per_s']:.2f} batches/s ({what})")
     if "phases" in res:
         ph = res["phases"]
         print_table(["phase (eager, timed alone)", "ms", "share", "TFLOP/s", "of GEMM"],
@@ -462,6 +472,7 @@ def write_results(out: Path, args, cfg: RunConfig, s: Setup, res: dict, gemm: di
         "upstream_loop_pairs_per_s": res.get("upstream", {}).get("pairs_per_s"),
         "gemm_tflops": gemm["tflops"],
         "loader_capacity_over_demand": res.get("loader", {}).get("capacity_over_demand"),
+        "loader_cached_capacity_over_demand": res.get("loader_cached", {}).get("capacity_over_demand"),
         "train_cached_model_pairs_per_s": res.get("cached_model", {}).get("pairs_per_s"),
         "cache_gb_per_1000_locations": (cached.get("cache_bytes_per_1000_locations") or 0) / 1e9 or None,
     }

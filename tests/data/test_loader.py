@@ -182,6 +182,24 @@ def test_fixed_shard_assignment_keeps_each_rank_on_its_shards(train_shards, toke
     assert union(per_epoch(default, 0)) & union(per_epoch(default, 1))  # by default ranks trade shards
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_images_leaves_cached_locations_undecoded_and_the_rest_unchanged(train_shards, tokenizer_dir, workers):
+    """What a trainer with a frozen-trunk cache asks for: zero images for the given locations
+    (no JPEG decode), everything else of the batch bitwise as without the option."""
+    cfg = _cfg(train_shards, tokenizer_dir, num_workers=workers, image_dtype="uint8")
+    full = list(build_loader(cfg, "train", epoch=1))
+    skip = frozenset(i for b in full[::2] for i in b["index"].tolist()[:2])  # some locations of some batches
+    part = list(build_loader(cfg, "train", epoch=1, skip_images=skip))
+    assert len(part) == len(full) and len(skip) >= 4
+    for a, b in zip(full, part):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "images")
+        skipped = torch.tensor([i in skip for i in a["index"].tolist()])
+        assert (b["images"][skipped] == 0).all()
+        assert torch.equal(b["images"][~skipped], a["images"][~skipped])
+        assert a["images"][skipped].float().abs().sum() > 0 or not skipped.any()  # they had real pixels
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_start_batch_resumes_exactly(train_shards, tokenizer_dir, workers):
     cfg = _cfg(train_shards, tokenizer_dir, num_workers=workers)

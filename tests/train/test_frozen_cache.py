@@ -45,11 +45,21 @@ def _run(cache, out, *extra):
     return trainer
 
 
-def test_cached_training_equals_uncached(train_cache, tmp_path):
+def test_cached_training_equals_uncached(train_cache, tmp_path, monkeypatch):
     _run(train_cache, tmp_path / "plain")
+    seen = []  # per cached-run batch: (every location cached already, any image decoded)
+    step = Trainer.step
+
+    def spy(self, batch):
+        seen.append((self.frozen_cache.covers(batch["index"].tolist()), bool(batch["images"].any())))
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", spy)
     cached = _run(train_cache, tmp_path / "cached", "train.frozen_cache=true")
     stats = cached.frozen_cache.stats()
     assert stats["hits"] > 0 and stats["misses"] == stats["locations"] > 0
+    # epoch 2's batches are all hits and arrive without decoded images; epoch 1 decoded them
+    assert (True, False) in seen and (False, True) in seen and (True, True) not in seen
     a = load_file(tmp_path / "plain" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cached" / "model" / "model.safetensors")
     for k in a:

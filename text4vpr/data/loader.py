@@ -163,7 +163,8 @@ class _Stats:
 class ShardStream(IterableDataset):
     """Yields ready batch dicts; one instance per (mode, epoch, rank, start_batch)."""
 
-    def __init__(self, cfg: LoaderConfig, mode: str, epoch: int, rank: int, world_size: int, start_batch: int = 0):
+    def __init__(self, cfg: LoaderConfig, mode: str, epoch: int, rank: int, world_size: int, start_batch: int = 0,
+                 skip_images: frozenset[int] = frozenset()):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if cfg.on_error not in ("raise", "skip"):
@@ -177,6 +178,7 @@ class ShardStream(IterableDataset):
         self.total = batches_per_epoch(cfg, world_size) if mode == "train" else None
         if mode == "train" and not 0 <= start_batch <= self.total:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.total}")
+        self.skip_images = frozenset(skip_images)  # location ids whose JPEGs are not decoded (zeros)
         self.stats = _Stats()
         self._tokenizer = None
 
@@ -288,8 +290,12 @@ class ShardStream(IterableDataset):
             mask = [bool(m) for m in meta["view_mask"]][:v]
             views: list[np.ndarray | None] = [None] * v
             texts: list[str | None] = [None] * v
+            decode = int(meta["index"]) not in self.skip_images
             for pos, text in zip(meta["positions"], meta["descriptions"]):
                 if pos > v:
+                    continue
+                texts[pos - 1] = normalize_text(text)
+                if not decode:  # the caller holds what it needs of these images (frozen-trunk cache)
                     continue
                 data = sample.get(f"{pos}.jpg")
                 if data is None:
@@ -302,7 +308,6 @@ class ShardStream(IterableDataset):
                     if rgb.size != (size, size):
                         rgb = rgb.resize((size, size), Image.BILINEAR)
                     views[pos - 1] = np.asarray(rgb)  # (H, W, 3) uint8
-                texts[pos - 1] = normalize_text(text)
             return {"views": views, "texts": texts, "mask": mask, "xyz": meta["xyz"], "index": int(meta["index"])}
         except Exception as e:
             self._fail(f"{url}: sample {key}: {type(e).__name__}: {e}")
@@ -423,14 +428,17 @@ def build_loader(
     start_batch: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    skip_images: frozenset[int] = frozenset(),
 ) -> DataLoader:
     """A DataLoader of batch dicts for one epoch (train) or one full pass (eval).
 
     Make a new one each epoch. `len()` is the number of batches this rank yields. Resume
     mid-epoch with `start_batch` (same world size and num_workers as the interrupted run).
+    Locations in `skip_images` come with all-zero images and are not decoded (their view
+    masks and descriptions are unchanged): a trainer whose frozen-trunk cache holds them.
     """
     rank, world_size = _default_world(rank, world_size)
-    dataset = ShardStream(cfg, mode, epoch, rank, world_size, start_batch)
+    dataset = ShardStream(cfg, mode, epoch, rank, world_size, start_batch, skip_images)
     if cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return DataLoader(

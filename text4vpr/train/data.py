@@ -67,10 +67,13 @@ def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:
     return dataclasses.replace(cfg, shards=shards, tokenizer=tokenizer)
 
 
-def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_batch: int):
-    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume)."""
+def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_batch: int,
+                 skip_images: frozenset[int] = frozenset()):
+    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume);
+    the locations in `skip_images` (already in the frozen-trunk cache) are not decoded."""
     return build_loader(_loader_cfg(cfg, paths.train, paths.tokenizer), "train", epoch=epoch,
-                        start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes)
+                        start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes,
+                        skip_images=skip_images)
 
 
 def steps_per_epoch(paths: DataPaths, cfg: LoaderConfig, world_size: int) -> int:

@@ -62,6 +62,14 @@ class FrozenTrunkCache:
             return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)
         return t.to(self.store_device, dtype)
 
+    def locations(self) -> frozenset[int]:
+        """The cached location ids: the loader need not decode their images."""
+        return frozenset(self.store)
+
+    def covers(self, index: list[int]) -> bool:
+        """True when every location of a batch is cached (its images are not needed at all)."""
+        return all(i in self.store for i in index)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())

@@ -86,7 +86,7 @@ class Trainer:
         """Run to `total_steps`, validating and checkpointing on the way; return final metrics."""
         bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
         while not self.done and self.state.epoch < self.epochs_needed:
-            for batch in train_loader(self.paths, self.cfg.data.loader, self.acc, self.state.epoch, self.state.batch_in_epoch):
+            for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
                 lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
                 loss, pairs, seconds = self.step(batch)
                 self.state.batch_in_epoch += 1
@@ -98,6 +98,12 @@ class Trainer:
                 self.end_epoch()
         bar.close()
         return self.finish()
+
+    def epoch_loader(self, epoch: int, start_batch: int):
+        """This rank's loader for `epoch`; locations already in the frozen-trunk cache come
+        without decoded images (the cache replaces them), so cached epochs skip JPEG decoding."""
+        skip = self.frozen_cache.locations() if self.frozen_cache is not None else frozenset()
+        return train_loader(self.paths, self.cfg.data.loader, self.acc, epoch, start_batch, skip_images=skip)
 
     @property
     def done(self) -> bool:
@@ -114,6 +120,8 @@ class Trainer:
         pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
         complete = bool(batch["view_mask"].all())  # on the host too: the model skips its mask check
         index = batch["index"].tolist()  # host copy for the frozen cache
+        if self.frozen_cache is not None and self.frozen_cache.covers(index):
+            batch = {k: v for k, v in batch.items() if k != "images"}  # not needed: no copy to the device
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
         batch["views_complete"] = complete
         self.model.train()
