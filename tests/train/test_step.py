@@ -81,15 +81,22 @@ def _assert_grads_close(actual: dict, expected: dict, scale: float = 1.0) -> Non
         assert_close_by_norm(actual[name] / scale, g, rel=rel, floor=1e-7, name=name)
 
 
+def _plain_grads(model, batch, loss_fn):
+    """(loss, gradients) of the plain whole-batch step; the model's gradients are cleared after."""
+    loss = plain_backward(model, batch, loss_fn, _backward, contextlib.nullcontext)
+    grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
 @pytest.mark.parametrize("micro_batches", [2, 3])
 def test_gradient_cache_equals_big_batch_with_batchnorm_in_train_mode(micro_batches):
     model = _model()
     loss_fn = ContrastiveLoss(temperature=0.1)
     batch = _batch()
     bn = model.text_encoder.projection[1]
-    loss_plain = plain_backward(model, batch, loss_fn, _backward, contextlib.nullcontext)
-    g_plain, stats_plain = _grads(model), (bn.running_mean.clone(), bn.running_var.clone())
-    model.zero_grad(set_to_none=True)
+    loss_plain, g_plain = _plain_grads(model, batch, loss_fn)
+    stats_plain = (bn.running_mean.clone(), bn.running_var.clone())
     bn.reset_running_stats()
     loss_cached = _run_cached(model, batch, loss_fn, _backward, micro_batches)
     g_cached = _grads(model)
@@ -106,9 +113,7 @@ def test_gradient_cache_keeps_the_loss_scale_consistent():
     model = _model()
     loss_fn = ContrastiveLoss(temperature=0.1)
     batch = _batch()
-    plain_backward(model, batch, loss_fn, _backward, contextlib.nullcontext)
-    g_plain = _grads(model)
-    model.zero_grad(set_to_none=True)
+    _, g_plain = _plain_grads(model, batch, loss_fn)
     _run_cached(model, batch, loss_fn, lambda loss: (loss * 8.0).backward(), 3)
     _assert_grads_close(_grads(model), g_plain, scale=8.0)
 
@@ -149,9 +154,7 @@ def test_gradient_cache_with_the_upstream_frozen_projection():
     model = _model(freeze_projection_at_init=True)
     loss_fn = ContrastiveLoss(temperature=0.1)
     batch = _batch()
-    plain_backward(model, batch, loss_fn, _backward, contextlib.nullcontext)
-    g_plain = _grads(model)
-    model.zero_grad(set_to_none=True)
+    _, g_plain = _plain_grads(model, batch, loss_fn)
     _run_cached(model, batch, loss_fn, _backward, 2)
     g_cached = _grads(model)
     assert not any(k.startswith(("text_encoder.backbone", "text_encoder.projection")) for k in g_plain)
@@ -163,9 +166,7 @@ def test_gradient_cache_on_frozen_trunk_tokens_equals_the_plain_step_on_images()
     model = _model()
     loss_fn = ContrastiveLoss(temperature=0.1)
     batch = _batch()
-    plain_backward(model, batch, loss_fn, _backward, contextlib.nullcontext)
-    g_plain = _grads(model)
-    model.zero_grad(set_to_none=True)
+    _, g_plain = _plain_grads(model, batch, loss_fn)
     tokens = model.frozen_image_tokens(batch["images"], batch["view_mask"])  # (B, V, 1 + hw, C)
     cached = {**{k: v for k, v in batch.items() if k != "images"}, "frozen_tokens": tokens}
     _run_cached(model, cached, loss_fn, _backward, 3)
