@@ -171,3 +171,25 @@ def test_gradient_cache_on_frozen_trunk_tokens_equals_the_plain_step_on_images()
     cached = {**{k: v for k, v in batch.items() if k != "images"}, "frozen_tokens": tokens}
     _run_cached(model, cached, loss_fn, _backward, 3)
     _assert_grads_close(_grads(model), g_plain)
+
+
+def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
+    """Accelerate hands back the model's outputs in fp32; the text head must still see the
+    bf16 features the plain step's BatchNorm sees. With one micro-batch and one attention
+    kernel for both passes (SDPA picks another kernel under no_grad on CPU), bitwise equal."""
+    from accelerate import Accelerator
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    model = acc.prepare(_model())
+    loss_fn = ContrastiveLoss(temperature=0.1)
+    batch = _batch()
+    with sdpa_kernel(SDPBackend.MATH):
+        loss_plain = plain_backward(model, batch, loss_fn, _backward, acc.autocast)
+        g_plain = _grads(model)
+        model.zero_grad(set_to_none=True)
+        loss_cached = cached_backward(model, batch, loss_fn, _backward, acc.autocast, 1,
+                                      lambda m: contextlib.nullcontext(), model.text_head)
+    assert torch.equal(loss_cached, loss_plain)
+    g_cached = _grads(model)
+    assert all(torch.equal(g_cached[k], g_plain[k]) for k in g_plain)

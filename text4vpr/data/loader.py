@@ -434,8 +434,9 @@ def build_loader(
 
     Make a new one each epoch. `len()` is the number of batches this rank yields. Resume
     mid-epoch with `start_batch` (same world size and num_workers as the interrupted run).
-    Locations in `skip_images` come with all-zero images and are not decoded (their view
-    masks and descriptions are unchanged): a trainer whose frozen-trunk cache holds them.
+    Locations in `skip_images` are not decoded: their images are placeholders (zero pixels;
+    under image_dtype="float32" those zeros normalised), their view masks and descriptions
+    unchanged. For a trainer whose frozen-trunk cache holds them and never reads the images.
     """
     rank, world_size = _default_world(rank, world_size)
     dataset = ShardStream(cfg, mode, epoch, rank, world_size, start_batch, skip_images)

@@ -40,6 +40,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, extra: list | None
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def drop_update(optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """Skip this step's update: clear the gradients, and under fp16 let the loss scaler back off.
+
+    Clipping already ran the scaler's `unscale_`; without `update()` its next `unscale_` raises
+    ("already been called on this optimizer since the last update()") and the run dies.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
+
+
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the base lr at `step` (0-based): linear warm-up, then cosine or constant."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:

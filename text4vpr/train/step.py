@@ -5,7 +5,10 @@ keeping activations, run the (cross-rank) loss on all embeddings at once, then r
 each micro-batch and back-propagate its embedding gradients. Negatives = the whole step's
 batch on every rank, activation memory = one micro-batch. The text tower's BatchNorm (and
 the small residual layers after it) run once on the whole batch, between the two passes,
-so its statistics are those of the plain step: the cached step is the plain step.
+so its statistics are those of the plain step: in fp32 the cached step is the plain step
+(tested to summation order). Under bf16 autocast it is the plain step to bf16 rounding:
+micro-batches change GEMM shapes, and a pass without autograd may get another attention
+kernel (on CPU, SDPA does for T5's biased attention).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def split_batch(batch: dict, n: int) -> list[dict]:
 
 def encode(model, batch: dict, autocast, text_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V, D) image vectors (fp32) and text vectors (fp32), or the text features before the
-    BatchNorm (`text_head=False`, in their compute dtype)."""
+    BatchNorm (`text_head=False`: as the model returns them)."""
     with autocast():
         img, txt = model(**model_inputs(batch), text_head=text_head)
     return img.float(), txt.float() if text_head else txt
@@ -93,7 +96,7 @@ def cached_backward(
     model, batch: dict, loss_fn: Callable, backward: Callable, autocast, micro_batches: int, no_sync: Callable,
     text_head: Callable, reduce_grads: Callable | None = None, check_first: bool = False,
 ) -> torch.Tensor:
-    """Gradient-cached step, equal to `plain_backward` on the whole batch.
+    """Gradient-cached step, equal to `plain_backward` on the whole batch (see the module note on bf16).
 
     1. each micro-batch through both towers up to the text BatchNorm, without activations;
     2. `text_head` (BatchNorm over the whole batch, every rank, then the residual layers) and
@@ -117,7 +120,7 @@ def cached_backward(
     z = torch.cat(feats).requires_grad_()  # (B, V, D) leaf: text features before the BatchNorm
     i, zp, g = pairs(batch, img, z)  # (P, D), (P, D), (P,)
     with autocast():
-        t = text_head(zp).float()  # (P, D): BatchNorm statistics of the whole batch
+        t = text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
     loss = loss_fn(i, t, g)
     after = _rng_states(device)  # after the head's dropout too
     if check_first and not finite(loss):
@@ -135,6 +138,13 @@ def cached_backward(
     if reduce_grads is not None:
         reduce_grads()
     return loss.detach()
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """`x` in autocast's dtype when autocast is on: the dtype the Linear before the BatchNorm
+    gives in the plain step. (Accelerate returns a model's outputs in fp32: an exact upcast.)"""
+    kind = x.device.type
+    return x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x
 
 
 def _grad(leaf: torch.Tensor) -> torch.Tensor:

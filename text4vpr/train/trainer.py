@@ -25,7 +25,7 @@ from text4vpr.train.data import DataPaths, eval_loader, prepare_data, steps_per_
 from text4vpr.train.deepspeed_config import add_torch_autocast
 from text4vpr.train.logs import MetricsLogger, read_metrics
 from text4vpr.train.model import build_model
-from text4vpr.train.optim import build_optimizer, build_scheduler
+from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.progress import Progress
 from text4vpr.train.step import cached_backward, plain_backward
 from text4vpr.utils.atomic import atomic_write_text
@@ -131,7 +131,7 @@ class Trainer:
         loss = self._forward_backward(batch)
         grad_norm = self._clip()
         if self._skip(loss, grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            drop_update(self.optimizer, self.acc.scaler)
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -243,6 +243,8 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
         state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        if self.acc.scaler is not None:  # fp16: the loss scale resumes where it was
+            state["scaler"] = self.acc.scaler.state_dict()
         if self.deepspeed:
             ckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
             return
@@ -261,6 +263,9 @@ class Trainer:
         else:
             state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
         self.scheduler.load_state_dict(state.pop("scheduler"))
+        scaler = state.pop("scaler", None)
+        if scaler is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(scaler)
         self.state = TrainState(**state)
         if self.acc.is_main_process:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
