@@ -141,10 +141,14 @@ def measure(names, q, db, k, repeats, device) -> dict:
     names = [n for n in names if "unavailable" not in out[n]]
     times = {n: [] for n in names}
     for _ in range(repeats):
-        for name in names:
-            times[name].append(_timed(name, q, db, k, device))
+        for name in [n for n in names if "unavailable" not in out[n]]:
+            try:
+                times[name].append(_timed(name, q, db, k, device))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory on a repeat
+                print(f"{name}: failed while timed: {type(e).__name__}: {e}", file=sys.stderr)
+                out[name] = {"unavailable": f"failed while timed: {type(e).__name__}: {str(e)[:200]}"}
     flop = 2.0 * q.shape[0] * db.shape[0] * q.shape[1] * q.shape[2]
-    for name in names:
+    for name in [n for n in names if "unavailable" not in out[n]]:
         t = min(times[name])
         out[name].update(seconds=t, queries_per_s=q.shape[0] / t, tflops=flop / t / 1e12)
     return out

@@ -77,3 +77,5 @@ def test_torch_autocast_section_is_what_deepspeed_reads():
     assert parsed.torch_autocast_lower_precision_safe_modules == []
     mine = {"torch_autocast": {"enabled": False}}
     assert not add_torch_autocast(mine, "bf16") and mine == {"torch_autocast": {"enabled": False}}
+    own_bf16 = {"bf16": {"enabled": True}}  # DeepSpeed's own bf16 mode: no second scheme on top
+    assert not add_torch_autocast(own_bf16, "bf16") and "torch_autocast" not in own_bf16

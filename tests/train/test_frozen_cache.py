@@ -86,6 +86,7 @@ def test_cuda_host_cache_is_pinned_and_gives_the_same_tokens():
     cache = FrozenTrunkCache(model, "cpu")
     first = cache.tokens(batch, [7, 8, 9])
     assert all(t.is_pinned() for t in cache.store.values())
+    assert len({t.untyped_storage().data_ptr() for t in cache.store.values()}) == 1  # one page-locked block
     again = cache.tokens(batch, [9, 7, 8])  # all hits, copied from host memory
     assert again.device.type == "cuda" and cache.hits == 3
     assert torch.equal(again, first[[2, 0, 1]])

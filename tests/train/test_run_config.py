@@ -80,3 +80,11 @@ def test_good_values_load():
     cfg = load_config(RunConfig, None, ["train.mixed_precision=no", "train.frozen_cache_device=cuda:1",
                                         "eval.mode=any-heading", "optim.schedule=constant", "train.micro_batches=4"])
     assert (cfg.train.mixed_precision, cfg.eval.mode, cfg.train.micro_batches) == ("no", "any-heading", 4)
+
+
+def test_cuda_graphs_with_gradient_caching_are_refused():
+    with pytest.raises(ConfigError, match=r"train\.compile_mode=reduce-overhead"):
+        load_config(RunConfig, None, ["train.compile=true", "train.compile_mode=reduce-overhead", "train.micro_batches=2"])
+    ok = load_config(RunConfig, None, ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs",
+                                       "train.micro_batches=2"])
+    assert ok.train.micro_batches == 2

@@ -178,18 +178,22 @@ def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
     bf16 features the plain step's BatchNorm sees. With one micro-batch and one attention
     kernel for both passes (SDPA picks another kernel under no_grad on CPU), bitwise equal."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     acc = Accelerator(cpu=True, mixed_precision="bf16")
-    model = acc.prepare(_model())
-    loss_fn = ContrastiveLoss(temperature=0.1)
-    batch = _batch()
-    with sdpa_kernel(SDPBackend.MATH):
-        loss_plain = plain_backward(model, batch, loss_fn, _backward, acc.autocast)
-        g_plain = _grads(model)
-        model.zero_grad(set_to_none=True)
-        loss_cached = cached_backward(model, batch, loss_fn, _backward, acc.autocast, 1,
-                                      lambda m: contextlib.nullcontext(), model.text_head)
+    try:
+        model = acc.prepare(_model())
+        loss_fn = ContrastiveLoss(temperature=0.1)
+        batch = _batch()
+        with sdpa_kernel(SDPBackend.MATH):
+            loss_plain = plain_backward(model, batch, loss_fn, _backward, acc.autocast)
+            g_plain = _grads(model)
+            model.zero_grad(set_to_none=True)
+            loss_cached = cached_backward(model, batch, loss_fn, _backward, acc.autocast, 1,
+                                          lambda m: contextlib.nullcontext(), model.text_head)
+    finally:  # Accelerate's state is process-wide: later trainers in this process choose their own precision
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert torch.equal(loss_cached, loss_plain)
     g_cached = _grads(model)
     assert all(torch.equal(g_cached[k], g_plain[k]) for k in g_plain)

@@ -95,6 +95,10 @@ class TrainConfig:
             raise ConfigError(f"train.frozen_cache_device: {self.frozen_cache_device!r} is not auto | cpu | cuda[:N]")
         if self.micro_batches < 1:
             raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
+        if self.compile and self.micro_batches > 1 and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"train.compile_mode={self.compile_mode} (CUDA graphs) with train.micro_batches > 1: "
+                              "each graph replay overwrites the previous micro-batch's outputs that gradient caching "
+                              "keeps; use compile_mode=default or max-autotune-no-cudagraphs")
 
 
 @dataclass

@@ -20,10 +20,12 @@ def torch_autocast_section(mixed_precision: str) -> dict | None:
 
 
 def add_torch_autocast(ds_config: dict, mixed_precision: str) -> bool:
-    """Add the section to a DeepSpeed config dict in place, unless the user wrote one.
-    Returns whether it was added."""
+    """Add the section to a DeepSpeed config dict in place, unless the user wrote one or turned
+    on DeepSpeed's own bf16/fp16 (two mixed-precision schemes must not stack). Returns whether
+    it was added."""
     section = torch_autocast_section(mixed_precision)
-    if section is None or "torch_autocast" in ds_config:
+    own = any(str(ds_config.get(k, {}).get("enabled", False)).lower() == "true" for k in ("bf16", "fp16"))
+    if section is None or own or "torch_autocast" in ds_config:
         return False
     ds_config["torch_autocast"] = section
     return True

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 
+SLAB = 64  # locations per page-locked host block
+
+
 class FrozenCacheError(ValueError):
     """The cache would change results (stochastic frozen blocks, nothing frozen)."""
 
@@ -37,6 +40,8 @@ class FrozenTrunkCache:
         self.store_device = torch.device(store_device)
         self.dtype = None if dtype == "same" else getattr(torch, dtype)
         self.store: dict[int, torch.Tensor] = {}
+        self._slab: torch.Tensor | None = None  # page-locked block being filled (host store, GPU training)
+        self._slab_used = 0
         self.hits = 0
         self.misses = 0
 
@@ -56,11 +61,23 @@ class FrozenTrunkCache:
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         """A location's tokens as stored: in host memory they are page-locked when a GPU trains,
-        so that later steps copy them straight to the device, asynchronously."""
+        so that later steps copy them straight to the device, asynchronously. (Stream order
+        makes the asynchronous copies safe: every reader is a later copy on the same stream.)"""
         dtype = self.dtype or t.dtype
         if self.store_device.type == "cpu" and t.device.type == "cuda":
-            return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)
+            return self._pinned_slot(t.shape, dtype).copy_(t, non_blocking=True)
         return t.to(self.store_device, dtype)
+
+    def _pinned_slot(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """One location's place in a page-locked block of SLAB locations. One allocation per
+        block: torch rounds each pinned allocation up to a power of two (5-33 % lost per
+        location at the paper's token shapes if each had its own)."""
+        slab = self._slab
+        if slab is None or self._slab_used == slab.shape[0] or slab.shape[1:] != shape or slab.dtype != dtype:
+            self._slab = slab = torch.empty((SLAB, *shape), dtype=dtype, pin_memory=True)  # (SLAB, V, T, C)
+            self._slab_used = 0
+        self._slab_used += 1
+        return slab[self._slab_used - 1]
 
     def locations(self) -> frozenset[int]:
         """The cached location ids: the loader need not decode their images."""

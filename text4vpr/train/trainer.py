@@ -29,7 +29,7 @@ from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.progress import Progress
 from text4vpr.train.step import cached_backward, plain_backward
 from text4vpr.utils.atomic import atomic_write_text
-from text4vpr.utils.distributed import average_gradients
+from text4vpr.utils.distributed import average_gradients, broadcast_buffers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -145,12 +145,18 @@ class Trainer:
         if self.cfg.train.micro_batches > 1:
             reduce = None
             if self.acc.num_processes > 1:
-                reduce = lambda: average_gradients(self.model.parameters())  # noqa: E731
+                reduce = self._reduce_by_hand
             return cached_backward(
                 self.model, batch, loss_fn, self.acc.backward, self.autocast, self.cfg.train.micro_batches,
                 self.acc.no_sync, self.acc.unwrap_model(self.model).text_head, reduce, check_first=self.deepspeed,
             )
         return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.autocast, check_first=self.deepspeed)
+
+    def _reduce_by_hand(self) -> None:
+        """What DDP would have done in a step run wholly under no_sync (gradient caching):
+        average the gradients, and align the buffers (per-rank BatchNorm statistics) on rank 0's."""
+        average_gradients(self.model.parameters())
+        broadcast_buffers(self.model)
 
     def autocast(self):
         """Accelerate's autocast; under DeepSpeed (whose own bf16 mode is off, see launch/) torch's."""

@@ -58,6 +58,18 @@ def average_gradients(parameters, bucket_numel: int = 1 << 25) -> None:
             g.copy_(part.view_as(g))
 
 
+def broadcast_buffers(module, src: int = 0) -> None:
+    """Every buffer (BatchNorm running statistics, ...) from rank `src` to all ranks: what DDP
+    does before each synced forward, for steps that run under `no_sync` only. No-op when not
+    distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src)
+
+
 def _buckets(grads: list, bucket_numel: int) -> list[list]:
     """Consecutive groups of same-dtype, same-device tensors of at most `bucket_numel` elements (or one)."""
     out, size = [], 0
