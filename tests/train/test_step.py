@@ -181,6 +181,7 @@ def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
     from accelerate.state import AcceleratorState
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # process-wide: whatever an earlier test chose
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     try:
         model = acc.prepare(_model())
@@ -192,7 +193,7 @@ def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
             model.zero_grad(set_to_none=True)
             loss_cached = cached_backward(model, batch, loss_fn, _backward, acc.autocast, 1,
                                           lambda m: contextlib.nullcontext(), model.text_head)
-    finally:  # Accelerate's state is process-wide: later trainers in this process choose their own precision
+    finally:  # and later trainers in this process choose their own precision again
         AcceleratorState._reset_state(reset_partial_state=True)
     assert torch.equal(loss_cached, loss_plain)
     g_cached = _grads(model)
