@@ -107,17 +107,7 @@ def cached_backward(
     """
     chunks = split_batch(batch, micro_batches)
     device = batch["view_mask"].device
-    saved_buffers = _buffers(model)
-    rngs, imgs, feats = [], [], []
-    with torch.no_grad():
-        for c in chunks:
-            rngs.append(_rng_states(device))
-            img, z = encode(model, c, autocast, text_head=False)
-            imgs.append(img)
-            feats.append(z)
-    _restore_buffers(model, saved_buffers)  # running statistics update in passes 2 and 3 only
-    img = torch.cat(imgs).requires_grad_()  # (B, V, D) leaf
-    z = torch.cat(feats).requires_grad_()  # (B, V, D) leaf: text features before the BatchNorm
+    rngs, img, z = _first_pass(model, chunks, autocast, device)  # (B, V, D) leaves
     i, zp, g = pairs(batch, img, z)  # (P, D), (P, D), (P,)
     with autocast():
         t = text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
@@ -128,16 +118,38 @@ def cached_backward(
         return loss.detach()
     with no_sync(model):
         backward(loss)  # head and loss parameters, and the cached outputs' gradients
-    sizes = [c["view_mask"].shape[0] for c in chunks]
-    for j, (c, gi, gz) in enumerate(zip(chunks, _grad(img).split(sizes), _grad(z).split(sizes))):
-        _set_rng_states(rngs[j], device)
-        with no_sync(model):
-            ri, rz = encode(model, c, autocast, text_head=False)
-            _backward_from(((ri, gi), (rz, gz)))  # the cached gradients already carry any loss scale
+    _second_pass(model, chunks, rngs, _grad(img), _grad(z), autocast, no_sync, device)
     _set_rng_states(after, device)
     if reduce_grads is not None:
         reduce_grads()
     return loss.detach()
+
+
+def _first_pass(model, chunks: list[dict], autocast, device) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Pass 1: every micro-batch without activations. Returns the RNG state before each and
+    the (B, V, D) image vectors and pre-BatchNorm text features, as leaves wanting gradients."""
+    saved_buffers = _buffers(model)
+    rngs, imgs, feats = [], [], []
+    with torch.no_grad():
+        for c in chunks:
+            rngs.append(_rng_states(device))
+            img, z = encode(model, c, autocast, text_head=False)
+            imgs.append(img)
+            feats.append(z)
+    _restore_buffers(model, saved_buffers)  # running statistics update in passes 2 and 3 only
+    return rngs, torch.cat(imgs).requires_grad_(), torch.cat(feats).requires_grad_()
+
+
+def _second_pass(model, chunks: list[dict], rngs: list, g_img: torch.Tensor, g_z: torch.Tensor,
+                 autocast, no_sync: Callable, device) -> None:
+    """Pass 3: each micro-batch again with activations (pass 1's random numbers), back-propagating
+    its slice of the cached gradients (which already carry any loss scale)."""
+    sizes = [c["view_mask"].shape[0] for c in chunks]
+    for c, rng, gi, gz in zip(chunks, rngs, g_img.split(sizes), g_z.split(sizes)):
+        _set_rng_states(rng, device)
+        with no_sync(model):
+            ri, rz = encode(model, c, autocast, text_head=False)
+            _backward_from(((ri, gi), (rz, gz)))
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.Tensor:
