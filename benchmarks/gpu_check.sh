@@ -161,6 +161,10 @@ training_runs() {
   if ((DRY)); then PREC=(train.cpu=true "train.mixed_precision='no'"); else PREC=(train.cpu=false train.mixed_precision=bf16); fi
   step train_tiny 90 40 "$PY" train.py --config configs/tiny_test.yaml "${PREC[@]}" train.max_steps=6 \
     "train.output_dir=$WORK/runs/tiny" "$CACHE"
+  # gradient caching + the frozen cache in page-locked host memory, 2 epochs (the second all hits)
+  step train_tiny_cached 90 40 "$PY" train.py --config configs/tiny_test.yaml "${PREC[@]}" train.epochs=2 \
+    train.micro_batches=2 train.frozen_cache=true train.frozen_cache_device=cpu eval.final=false \
+    "train.output_dir=$WORK/runs/tiny_cached" "$CACHE"
   if ((DRY)); then
     skip deepspeed_zero2 "CUDA step; on CPU see tests/train/test_deepspeed_train.py (slow)"
   elif ! reason=$("$PY" -c "import deepspeed" 2>&1 | tail -1); then

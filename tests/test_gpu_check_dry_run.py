@@ -33,3 +33,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert {"bench_train", "bench_train_compiled", "bench_model", "bench_search", "bench_loss", "bench_eval"} <= set(raw)
     assert raw["bench_train"]["results"]["phases"]["sum_s"] > 0
     assert raw["bench_train"]["results"]["ops"]["top"]  # the profiler's op table
+    assert raw["bench_train"]["results"]["loader_cached"]["capacity_over_demand"] > 0  # cached epochs' loader
+    ran = {s["step"]: s["status"] for s in summary["steps"]}
+    assert ran["train_tiny"] == ran["train_tiny_cached"] == "ok"
+    log = (tmp_path / "out" / "gpu_check.log").read_text().rstrip().splitlines()
+    assert log[-1].startswith("gpu_check: ") and "all steps ok or skipped" in log[-1]  # tee wrote the end
