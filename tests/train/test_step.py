@@ -198,3 +198,32 @@ def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
     assert torch.equal(loss_cached, loss_plain)
     g_cached = _grads(model)
     assert all(torch.equal(g_cached[k], g_plain[k]) for k in g_plain)
+
+
+def test_second_pass_reproduces_the_first_under_bf16():
+    """The re-encoding in pass 3 must see what pass 1 saw, or the cached gradients belong to
+    another function. Under bf16 a pass without autograd would get another SDPA kernel for
+    T5's biased attention (CPU), so pass 1 runs with autograd and saves nothing instead."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        model = acc.prepare(_model())
+        calls = []
+        forward = model.forward
+
+        def recording(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls.append(tuple(o.detach().clone() for o in out))
+            return out
+
+        model.forward = recording
+        cached_backward(model, _batch(), ContrastiveLoss(temperature=0.1), _backward, acc.autocast, 3,
+                        lambda m: contextlib.nullcontext(), model.text_head)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert len(calls) == 6
+    for first, again in zip(calls[:3], calls[3:]):
+        assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -6,13 +6,14 @@ each micro-batch and back-propagate its embedding gradients. Negatives = the who
 batch on every rank, activation memory = one micro-batch. The text tower's BatchNorm (and
 the small residual layers after it) run once on the whole batch, between the two passes,
 so its statistics are those of the plain step: in fp32 the cached step is the plain step
-(tested to summation order). Under bf16 autocast it is the plain step to bf16 rounding:
-micro-batches change GEMM shapes, and a pass without autograd may get another attention
-kernel (on CPU, SDPA does for T5's biased attention).
+(tested to summation order). Under bf16 autocast it is the plain step to bf16 rounding, as
+micro-batches change GEMM shapes; the re-encoding still reproduces the first pass bitwise
+(the first pass runs with autograd and saves nothing, so both pick the same kernels).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -130,14 +131,32 @@ def _first_pass(model, chunks: list[dict], autocast, device) -> tuple[list, torc
     the (B, V, D) image vectors and pre-BatchNorm text features, as leaves wanting gradients."""
     saved_buffers = _buffers(model)
     rngs, imgs, feats = [], [], []
-    with torch.no_grad():
+    with _autograd_without_activations():
         for c in chunks:
             rngs.append(_rng_states(device))
             img, z = encode(model, c, autocast, text_head=False)
-            imgs.append(img)
-            feats.append(z)
+            imgs.append(img.detach())
+            feats.append(z.detach())
     _restore_buffers(model, saved_buffers)  # running statistics update in passes 2 and 3 only
     return rngs, torch.cat(imgs).requires_grad_(), torch.cat(feats).requires_grad_()
+
+
+@contextlib.contextmanager
+def _autograd_without_activations():
+    """Autograd on, nothing saved for backward: pass 1 keeps no activations (as under no_grad)
+    yet every op picks the kernel it picks in pass 3, which runs with autograd (under no_grad,
+    SDPA takes another kernel for T5's attention, whose bias wants a gradient), so pass 3
+    reproduces pass 1 exactly, bf16 included."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _never):
+        yield
+
+
+def _drop(_: torch.Tensor) -> None:
+    return None
+
+
+def _never(_: None) -> torch.Tensor:
+    raise RuntimeError("gradient caching's first pass keeps no activations to back-propagate")
 
 
 def _second_pass(model, chunks: list[dict], rngs: list, g_img: torch.Tensor, g_z: torch.Tensor,
