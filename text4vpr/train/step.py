@@ -108,7 +108,7 @@ def cached_backward(
     """
     chunks = split_batch(batch, micro_batches)
     device = batch["view_mask"].device
-    rngs, img, z = _first_pass(model, chunks, autocast, device)  # (B, V, D) leaves
+    rngs, img, z = _first_pass(model, chunks, autocast, no_sync, device)  # (B, V, D) leaves
     i, zp, g = pairs(batch, img, z)  # (P, D), (P, D), (P,)
     with autocast():
         t = text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
@@ -126,12 +126,13 @@ def cached_backward(
     return loss.detach()
 
 
-def _first_pass(model, chunks: list[dict], autocast, device) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """Pass 1: every micro-batch without activations. Returns the RNG state before each and
-    the (B, V, D) image vectors and pre-BatchNorm text features, as leaves wanting gradients."""
+def _first_pass(model, chunks: list[dict], autocast, no_sync: Callable, device) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Pass 1: every micro-batch without activations (under `no_sync`: DDP must not expect
+    a backward). Returns the RNG state before each and the (B, V, D) image vectors and
+    pre-BatchNorm text features, as leaves wanting gradients."""
     saved_buffers = _buffers(model)
     rngs, imgs, feats = [], [], []
-    with _autograd_without_activations():
+    with _autograd_without_activations(), no_sync(model):
         for c in chunks:
             rngs.append(_rng_states(device))
             img, z = encode(model, c, autocast, text_head=False)
