@@ -61,6 +61,23 @@ def test_many_nans_in_a_row_stop_the_run(train_cache, tmp_path):
         _train(train_cache, tmp_path / "run", "train.max_steps=6", "train.nan_at_steps=[0,1,2]", "train.max_nonfinite_in_row=3")
 
 
+def test_fp16_gradient_overflow_is_a_scaler_backoff_not_a_fault(train_cache, tmp_path):
+    """Under fp16 the first steps overflow by design (scale 65536): the scaler backs off; they
+    must not count towards max_nonfinite_in_row. A non-finite loss still does. (Accelerate
+    has no fp16 scaler on CPU, so one is attached by hand.)"""
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_nonfinite_in_row=2", "eval.final=false"))
+    trainer.acc.scaler = torch.amp.GradScaler("cpu")
+    finite, inf = torch.tensor(1.0), torch.tensor(float("inf"))
+    for _ in range(5):
+        assert trainer._skip(finite, inf)
+    assert trainer.state.nonfinite_total == trainer.state.nonfinite_in_row == 0
+    assert trainer.state.loss_scale_backoffs == 5
+    assert trainer._skip(torch.tensor(float("nan")), inf) and trainer.state.nonfinite_total == 1
+    trainer.log.close()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events].count("loss_scale_backoff") == 5
+
+
 def _launch(cache, out, *extra):
     cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(cache, out, *extra)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -45,6 +45,8 @@ def finish_run(trainer) -> dict:
         "model evaluated": which,
         "non-finite steps skipped": trainer.state.nonfinite_total,
     }
+    if trainer.acc.scaler is not None:  # fp16
+        summary["fp16 loss-scale back-offs (steps skipped by design)"] = trainer.state.loss_scale_backoffs
     write_report(run_dir, metrics, read_metrics(run_dir / "metrics.jsonl"), summary)
     print(f"\nHeld-out {split} split, {metrics['num_queries']} queries, model: {which}")
     print(markdown_table(metrics), end="")

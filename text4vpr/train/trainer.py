@@ -44,6 +44,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     nonfinite_total: int = 0
+    loss_scale_backoffs: int = 0  # fp16: steps whose scaled gradients overflowed (skipped by design)
     nonfinite_in_row: int = 0
     best_top1_5m: float = -1.0
     best_step: int = -1
@@ -184,6 +185,12 @@ class Trainer:
         bad = not bool(torch.isfinite(checked).all())
         if not bad:
             return False
+        if self.acc.scaler is not None and bool(torch.isfinite(loss)):
+            # fp16: the scaled gradients overflowed, the loss did not; the scaler backs off
+            # (drop_update) as it is meant to. Routine at the start, so not a fault to count.
+            self.state.loss_scale_backoffs += 1
+            self.log.log("loss_scale_backoff", self.state.step, scale=float(self.acc.scaler.get_scale()))
+            return True
         self.state.nonfinite_total += 1
         self.state.nonfinite_in_row += 1
         self.log.log("nonfinite", self.state.step, total=self.state.nonfinite_total)
