@@ -44,30 +44,42 @@ def average_gradients(parameters, bucket_numel: int = 1 << 25) -> None:
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     params = [p for p in parameters if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for bucket in _buckets([p.grad for p in params], bucket_numel):
-        flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum numel,)
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(part.view_as(g))
+    world = dist.get_world_size()
+    _flat_collective([p.grad for p in params], bucket_numel, lambda flat: (dist.all_reduce(flat), flat.div_(world)))
 
 
-def broadcast_buffers(module, src: int = 0) -> None:
-    """Every buffer (BatchNorm running statistics, ...) from rank `src` to all ranks: what DDP
-    does before each synced forward, for steps that run under `no_sync` only. No-op when not
-    distributed."""
+def broadcast_buffers(module, src: int = 0, bucket_numel: int = 1 << 25) -> None:
+    """Every buffer (BatchNorm running statistics, ...) from rank `src` to all ranks, in flat
+    buckets: what DDP does before each synced forward, for steps that run under `no_sync`
+    only. No-op when not distributed."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
-    for b in module.buffers():
-        dist.broadcast(b.data, src)
+    _flat_collective([b.data for b in module.buffers()], bucket_numel, lambda flat: dist.broadcast(flat, src))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _flat_collective(tensors: list, bucket_numel: int, collective) -> None:
+    """Run `collective(flat)` in place on each flat bucket of `tensors`, then copy the results back."""
+    import torch
+
+    for bucket in _buckets(tensors, bucket_numel):
+        flat = torch.cat([t.reshape(-1) for t in bucket])  # (sum numel,)
+        collective(flat)
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(part.view_as(t))
 
 
 def _buckets(grads: list, bucket_numel: int) -> list[list]:
