@@ -123,22 +123,12 @@ def test_gradient_cache_replays_dropout_in_the_second_pass():
     torch.manual_seed(0)
     model = Text4VPR(tiny_config(vocab_size=300, image_size=28)).train()
     assert model.aggregation.cluster_features[1].p > 0
-    calls = []
     forward = model.forward
-
-    def recording(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        calls.append(tuple(o.detach().clone() for o in out))
-        return out
-
-    model.forward = recording
+    calls = _record_forward(model)
     torch.manual_seed(1)
     rng_before = torch.get_rng_state()
     _run_cached(model, _batch(), ContrastiveLoss(temperature=0.1), _backward, 3)
-    assert len(calls) == 6  # 3 micro-batches, twice
-    for first, again in zip(calls[:3], calls[3:]):
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+    _assert_second_pass_repeats_first(calls, 3)
     assert not torch.equal(calls[0][0], forward(**_first_chunk_inputs(model))[0].detach())  # dropout is live
     assert not torch.equal(torch.get_rng_state(), rng_before)  # the generator moved on
 
@@ -177,24 +167,17 @@ def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
     """Accelerate hands back the model's outputs in fp32; the text head must still see the
     bf16 features the plain step's BatchNorm sees. With one micro-batch and one attention
     kernel for both passes (SDPA picks another kernel under no_grad on CPU), bitwise equal."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # process-wide: whatever an earlier test chose
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
-    try:
+    loss_fn = ContrastiveLoss(temperature=0.1)
+    batch = _batch()
+    with _accelerate_bf16() as acc, sdpa_kernel(SDPBackend.MATH):
         model = acc.prepare(_model())
-        loss_fn = ContrastiveLoss(temperature=0.1)
-        batch = _batch()
-        with sdpa_kernel(SDPBackend.MATH):
-            loss_plain = plain_backward(model, batch, loss_fn, _backward, acc.autocast)
-            g_plain = _grads(model)
-            model.zero_grad(set_to_none=True)
-            loss_cached = cached_backward(model, batch, loss_fn, _backward, acc.autocast, 1,
-                                          lambda m: contextlib.nullcontext(), model.text_head)
-    finally:  # and later trainers in this process choose their own precision again
-        AcceleratorState._reset_state(reset_partial_state=True)
+        loss_plain = plain_backward(model, batch, loss_fn, _backward, acc.autocast)
+        g_plain = _grads(model)
+        model.zero_grad(set_to_none=True)
+        loss_cached = cached_backward(model, batch, loss_fn, _backward, acc.autocast, 1,
+                                      lambda m: contextlib.nullcontext(), model.text_head)
     assert torch.equal(loss_cached, loss_plain)
     g_cached = _grads(model)
     assert all(torch.equal(g_cached[k], g_plain[k]) for k in g_plain)
@@ -204,26 +187,42 @@ def test_second_pass_reproduces_the_first_under_bf16():
     """The re-encoding in pass 3 must see what pass 1 saw, or the cached gradients belong to
     another function. Under bf16 a pass without autograd would get another SDPA kernel for
     T5's biased attention (CPU), so pass 1 runs with autograd and saves nothing instead."""
+    with _accelerate_bf16() as acc:
+        model = acc.prepare(_model())
+        calls = _record_forward(model)
+        cached_backward(model, _batch(), ContrastiveLoss(temperature=0.1), _backward, acc.autocast, 3,
+                        lambda m: contextlib.nullcontext(), model.text_head)
+    _assert_second_pass_repeats_first(calls, 3)
+
+
+@contextlib.contextmanager
+def _accelerate_bf16():
+    """An Accelerator in bf16 on CPU. Accelerate's state is process-wide: reset before (whatever
+    an earlier test chose) and after (later trainers choose their own precision again)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
     try:
-        model = acc.prepare(_model())
-        calls = []
-        forward = model.forward
-
-        def recording(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            calls.append(tuple(o.detach().clone() for o in out))
-            return out
-
-        model.forward = recording
-        cached_backward(model, _batch(), ContrastiveLoss(temperature=0.1), _backward, acc.autocast, 3,
-                        lambda m: contextlib.nullcontext(), model.text_head)
+        yield Accelerator(cpu=True, mixed_precision="bf16")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert len(calls) == 6
-    for first, again in zip(calls[:3], calls[3:]):
+
+
+def _record_forward(model) -> list:
+    """Wrap `model.forward` to keep a copy of every call's outputs; returns the list it fills."""
+    calls, forward = [], model.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(tuple(o.detach().clone() for o in out))
+        return out
+
+    model.forward = recording
+    return calls
+
+
+def _assert_second_pass_repeats_first(calls: list, micro_batches: int) -> None:
+    assert len(calls) == 2 * micro_batches  # each micro-batch, twice
+    for first, again in zip(calls[:micro_batches], calls[micro_batches:]):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
