@@ -68,12 +68,13 @@ def test_unknown_compile_mode_is_named():
 @pytest.mark.parametrize("override", [
     "train.mixed_precision=bf15", "train.frozen_cache_dtype=float8", "train.frozen_cache_device=tpu",
     "train.micro_batches=0", "eval.mode=nearest", "optim.schedule=linear",
+    "train.cpu=true train.frozen_cache_device=cuda",
 ])
 def test_bad_values_are_named_when_the_config_loads(override):
     """A typo in a value stops the run at load time (not at the first validation, an epoch in)."""
-    key = override.split("=")[0]
+    key = override.split()[-1].split("=")[0]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(RunConfig, None, [override])
+        load_config(RunConfig, None, override.split())
 
 
 def test_good_values_load():

@@ -93,6 +93,8 @@ class TrainConfig:
         check_choice("train.frozen_cache_dtype", self.frozen_cache_dtype, ("same", "bfloat16"))
         if self.frozen_cache_device not in ("auto", "cpu") and not self.frozen_cache_device.startswith("cuda"):
             raise ConfigError(f"train.frozen_cache_device: {self.frozen_cache_device!r} is not auto | cpu | cuda[:N]")
+        if self.cpu and self.frozen_cache_device.startswith("cuda"):
+            raise ConfigError("train.frozen_cache_device=cuda with train.cpu=true: the run has no GPU; use auto or cpu")
         if self.micro_batches < 1:
             raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
         if self.compile and self.micro_batches > 1 and self.compile_mode in ("reduce-overhead", "max-autotune"):
