@@ -49,15 +49,19 @@ class FrozenTrunkCache:
         """(B, V, 1 + hw, C) frozen tokens for the batch (`index`: its location ids, from the
         host copy so no device sync), computing only unseen locations."""
         todo = sorted({j for j, i in enumerate(index) if i not in self.store})
+        computed: dict[int, torch.Tensor] = {}
         if todo:
             rows = torch.tensor(todo, device=batch["images"].device)
             fresh = self.model.frozen_image_tokens(batch["images"][rows], batch["view_mask"][rows])  # (b, V, T, C)
             for j, t in zip(todo, fresh):
                 if index[j] not in self.store:
                     self.store[index[j]] = self._keep(t)
+                if self.dtype is None:  # stored exactly as computed: use it as is, no round trip
+                    computed[j] = t
         self.misses += len(todo)
         self.hits += len(index) - len(todo)
-        return gather_rows([self.store[i] for i in index], batch["view_mask"].device)  # (B, V, T, C)
+        rows = [computed[j] if j in computed else self.store[i] for j, i in enumerate(index)]
+        return gather_rows(rows, batch["view_mask"].device)  # (B, V, T, C)
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         """A location's tokens as stored: in host memory they are page-locked when a GPU trains,
@@ -96,9 +100,9 @@ class FrozenTrunkCache:
 
 
 def gather_rows(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Stack equally shaped tensors onto `device`: `torch.stack` where they live, else one
-    non-blocking copy per row into the output (no staging copy on the host)."""
-    if rows[0].device == torch.device(device):
+    """Stack equally shaped tensors onto `device`: `torch.stack` when they all live there, else
+    one non-blocking copy per row into the output (no staging copy on the host)."""
+    if all(r.device == torch.device(device) for r in rows):
         return torch.stack(rows)
     out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, device=device)
     for dst, src in zip(out, rows):
