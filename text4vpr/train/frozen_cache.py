@@ -65,11 +65,12 @@ class FrozenTrunkCache:
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         """A location's tokens as stored: in host memory they are page-locked when a GPU trains,
-        so that later steps copy them straight to the device, asynchronously. (Stream order
-        makes the asynchronous copies safe: every reader is a later copy on the same stream.)"""
+        so that later steps copy them straight to the device, asynchronously. The copy into
+        host memory is synchronous (first sight only), so the host copy is valid on return,
+        whatever stream later reads it."""
         dtype = self.dtype or t.dtype
         if self.store_device.type == "cpu" and t.device.type == "cuda":
-            return self._pinned_slot(t.shape, dtype).copy_(t, non_blocking=True)
+            return self._pinned_slot(t.shape, dtype).copy_(t)
         return t.to(self.store_device, dtype)
 
     def _pinned_slot(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
