@@ -61,7 +61,7 @@ def eval_loader(args: argparse.Namespace, model):
 
 
 def is_main_rank() -> bool:
-    from text4vpr.retrieval.search import distributed_world
+    from text4vpr.utils.distributed import distributed_world
 
     return distributed_world()[0] == 0
 

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _this_rank_rows(path: str) -> tuple[int, int]:
     """The index rows this rank searches: each rank reads only those embeddings."""
     from text4vpr.retrieval.index import rank_rows, read_header
-    from text4vpr.retrieval.search import distributed_world
+    from text4vpr.utils.distributed import distributed_world
 
     rank, world = distributed_world()
     return rank_rows(int(read_header(path)["count"]), rank, world)

@@ -9,8 +9,9 @@ single process.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from text4vpr.utils.distributed import distributed_world
 
 
 def _all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
@@ -23,8 +24,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """Drop-in BatchNorm1d for (N, C) inputs; identical to it when not distributed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not (self.training and distributed):
+        if not (self.training and distributed_world()[1] > 1):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"GlobalBatchNorm1d expects (N, C) input, got {tuple(x.shape)}")

@@ -19,7 +19,8 @@ from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.topk import check_finite, check_mode
 from text4vpr.retrieval.index import rank_rows
 from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
-from text4vpr.retrieval.search import distributed_world, sharded_group_topk
+from text4vpr.retrieval.search import sharded_group_topk
+from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
 
 

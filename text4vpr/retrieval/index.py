@@ -115,7 +115,7 @@ def build_index(model, loader, out_dir: str | Path, dtype: str = "float32", show
     Under torch.distributed every rank calls this with its own eval loader; the only
     collective is one gather of the part sizes at the end.
     """
-    from text4vpr.retrieval.search import distributed_world
+    from text4vpr.utils.distributed import distributed_world
 
     if dtype not in _DTYPES:
         raise ValueError(f"index dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")

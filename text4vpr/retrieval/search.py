@@ -21,13 +21,6 @@ from text4vpr.kernels.topk import decode_keys, encode_keys, group_topk
 _PAD_ID = 2**32 - 1  # padding entries: score -inf, largest id -> always last
 
 
-def distributed_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def pad_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (Q, k') results to (Q, k) with (-inf, _PAD_ID) entries that lose every comparison."""
     missing = k - scores.shape[1]

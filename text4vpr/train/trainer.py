@@ -144,18 +144,17 @@ class Trainer:
     def _forward_backward(self, batch: dict) -> torch.Tensor:
         loss_fn = self._loss_with_faults
         if self.cfg.train.micro_batches > 1:
-            reduce = None
-            if self.acc.num_processes > 1:
-                reduce = self._reduce_by_hand
             return cached_backward(
                 self.model, batch, loss_fn, self.acc.backward, self.autocast, self.cfg.train.micro_batches,
-                self.acc.no_sync, self.acc.unwrap_model(self.model).text_head, reduce, check_first=self.deepspeed,
+                self.acc.no_sync, self.acc.unwrap_model(self.model).text_head, self._reduce_by_hand,
+                check_first=self.deepspeed,
             )
         return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.autocast, check_first=self.deepspeed)
 
     def _reduce_by_hand(self) -> None:
         """What DDP would have done in a step run wholly under no_sync (gradient caching):
-        average the gradients, and align the buffers (per-rank BatchNorm statistics) on rank 0's."""
+        average the gradients, and align the buffers (per-rank BatchNorm statistics) on rank 0's.
+        Both are no-ops in a single process."""
         average_gradients(self.model.parameters())
         broadcast_buffers(self.model)
 

@@ -44,7 +44,7 @@ def average_gradients(parameters, bucket_numel: int = 1 << 25) -> None:
     import torch
     import torch.distributed as dist
 
-    if not _distributed():
+    if distributed_world()[1] == 1:
         return
     params = [p for p in parameters if p.requires_grad]
     for p in params:
@@ -60,15 +60,18 @@ def broadcast_buffers(module, src: int = 0, bucket_numel: int = 1 << 25) -> None
     only. No-op when not distributed."""
     import torch.distributed as dist
 
-    if not _distributed():
+    if distributed_world()[1] == 1:
         return
     _flat_collective([b.data for b in module.buffers()], bucket_numel, lambda flat: dist.broadcast(flat, src))
 
 
-def _distributed() -> bool:
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when not initialised."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _flat_collective(tensors: list, bucket_numel: int, collective) -> None:
