@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from text4vpr.data.loader import LoaderConfig, build_loader  # noqa: E402
-from text4vpr.data.shards import BuildOptions, build_shards, shard_descriptions  # noqa: E402
+from text4vpr.data.shard_reader import shard_descriptions  # noqa: E402
+from text4vpr.data.shards import BuildOptions, build_shards  # noqa: E402
 from text4vpr.data.synthetic import SynthConfig, write_synthetic  # noqa: E402
 from text4vpr.data.tokenizer import train_tokenizer  # noqa: E402
 from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402

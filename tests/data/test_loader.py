@@ -14,18 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from text4vpr.data.loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LoaderConfig,
-    LoaderError,
-    all_descriptions,
-    batches_per_epoch,
-    build_loader,
-    worker_batch_range,
-)
+from text4vpr.data.loader import LoaderConfig, LoaderError, batches_per_epoch, build_loader
+from text4vpr.data.partition import worker_batch_range
+from text4vpr.data.shard_reader import shard_descriptions
 from text4vpr.data.shards import BuildOptions, build_shards
-from text4vpr.data.transforms import normalize_images
+from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def test_batch_dict_format_and_normalisation(synth_shards, synth_root, tokenizer
     ref = (ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     assert np.allclose(b["images"][0, 0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
     assert (b["attention_mask"].sum(-1) > 5).all() and (b["input_ids"][b["attention_mask"] == 0] == 0).all()
-    assert len(all_descriptions(synth_shards)) == 24
+    assert len(shard_descriptions(synth_shards)) == 24
 
 
 def test_missing_views_are_zero_images_and_pad_text(synth_root, tmp_path, tokenizer_dir):
@@ -314,7 +307,7 @@ def test_torchrun_two_processes_split_eval_exactly_and_train_evenly(train_shards
 
 
 def test_long_descriptions_are_cut_and_counted(synth_shards, tokenizer_dir):
-    from text4vpr.data.loader import LoaderConfig, ShardStream
+    from text4vpr.data.stream import ShardStream
 
     cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(tokenizer_dir), batch_size=2, image_size=28,
                        num_workers=0, max_text_length=8)

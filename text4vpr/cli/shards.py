@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from text4vpr.data.shards import BuildOptions, ShardError, build_shards
+    from text4vpr.data.shard_reader import ShardError
+    from text4vpr.data.shards import BuildOptions, build_shards
     from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
     from text4vpr.utils.atomic import atomic_write_json
 
@@ -71,7 +72,7 @@ def _report_line(c: dict) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from text4vpr.data.shards import ShardError, find_location, verify_shards
+    from text4vpr.data.shard_reader import ShardError, find_location, verify_shards
     from text4vpr.utils.atomic import atomic_write_bytes
 
     try:

@@ -1,160 +1,30 @@
-"""WebDataset shard builder and checker for Street360Loc locations.
+"""WebDataset shard builder for Street360Loc locations.
 
 One sample per location: `{key}.json` (index, xyz, positions, descriptions, view mask,
 split, sources) and `{key}.{pos}.jpg` per present view, in that order. Shards are written
-in parallel (one process writes whole shards), atomically (temp name, then rename),
-resumably (a finished shard has its tar and its `.parts/{name}.json` record; a rerun with
-the same plan keeps those) and deterministically (fixed tar headers and member order, so
-the same inputs and options give byte-identical shards).
+in parallel (one process writes whole shards, see `shard_pack`), atomically, resumably (a
+finished shard has its tar and its `.parts/{name}.json` record; a rerun with the same plan
+keeps those) and deterministically (fixed tar headers and member order, so the same inputs
+and options give byte-identical shards). Reading and verifying: `shard_reader`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from text4vpr.data.street360loc import (
-    Location,
-    ReadOptions,
-    Street360LocError,
-    ValidationReport,
-    read_street360loc,
-)
-from text4vpr.utils.atomic import atomic_open, atomic_write_json
+from text4vpr.data.shard_pack import PARTS, BuildOptions, sample_json, write_shard
+from text4vpr.data.shard_reader import MANIFEST, ShardError
+from text4vpr.data.street360loc import Location, ReadOptions, ValidationReport, read_street360loc
+from text4vpr.utils.atomic import atomic_write_json
 
-MANIFEST = "manifest.json"
 PLAN = "build_plan.json"
-PARTS = ".parts"
 FORMAT_VERSION = 1
-
-
-class ShardError(RuntimeError):
-    """A shard directory is inconsistent (checksum, count, or a different earlier build)."""
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How locations are packed (the `text4vpr shards build` flags)."""
-
-    resize: int | None = None  # square side in px; None keeps the original JPEG bytes
-    jpeg_quality: int = 90  # used only with resize
-    max_count: int = 64  # locations per shard
-    max_size: int | None = None  # bytes per shard, estimated from source image sizes
-    workers: int = 1
-    prefix: str = "shard"
-    overwrite: bool = False  # discard an earlier, different build in the same folder
-
-
-def sample_key(loc: Location) -> str:
-    """WebDataset key (no dots): split and zero-padded index, unique even with overlap."""
-    return f"{loc.split}-{loc.index:06d}"
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    """Member header with every variable field fixed, for byte-identical tars."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _image_bytes(path: Path, resize: int | None, quality: int) -> bytes:
-    """Original bytes (fully decoded once to prove they are readable) or a resized re-encode."""
-    from PIL import Image
-
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # raises on truncated/corrupt data
-        if resize is None:
-            return data
-        rgb = im.convert("RGB").resize((resize, resize), Image.BILINEAR)
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def sample_json(loc: Location, views) -> bytes:
-    """The JSON member of one location (compact, sorted keys: deterministic)."""
-    have = {v.pos for v in views}
-    meta = {
-        "index": loc.index,
-        "xyz": list(loc.xyz),
-        "positions": [v.pos for v in views],
-        "descriptions": [v.description for v in views],
-        "view_mask": [p in have for p in range(1, 5)],
-        "split": loc.split,
-        "source": {"xlsx": loc.source, "images": [v.image.name for v in views], "rows": [v.row for v in views]},
-    }
-    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes through it."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.bytes += len(b)
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.bytes
-
-
-def _pack_location(loc: Location, opts: BuildOptions, min_views: int, strict: bool):
-    """Encode one location's views; unreadable views are dropped (or raise under strict)."""
-    members, views, dropped = [], [], []
-    for v in loc.views:
-        try:
-            members.append((v.pos, _image_bytes(v.image, opts.resize, opts.jpeg_quality)))
-            views.append(v)
-        except (OSError, ValueError, SyntaxError) as e:
-            entry = {"file": loc.source, "row": v.row, "index": loc.index, "pos": v.pos, "reason": f"unreadable image ({type(e).__name__}: {e})"}
-            if strict:
-                raise Street360LocError(f"{loc.source}: row {v.row}: index {loc.index}: {entry['reason']} (--strict)") from e
-            dropped.append(entry)
-    if len(views) < min_views or not views:
-        reason = "no valid views" if not views else f"{len(views)} views < --min-views {min_views}"
-        entry = {"file": loc.source, "index": loc.index, "rows": [v.row for v in views], "reason": reason + " after decoding"}
-        if strict:
-            raise Street360LocError(f"{loc.source}: index {loc.index}: {entry['reason']} (--strict)")
-        return None, views, dropped, entry
-    return members, views, dropped, None
-
-
-def write_shard(task: dict) -> dict:
-    """Worker: write one shard atomically, then its part record; return the record."""
-    out, name, opts = Path(task["out"]), task["name"], task["options"]
-    record = {"name": name, "plan": task["plan"], "count": 0, "views": 0, "dropped_views": [], "skipped_locations": []}
-    with atomic_open(out / name, "wb") as f:
-        hw = _HashingWriter(f)
-        with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for loc in task["locations"]:
-                members, views, dropped, skipped = _pack_location(loc, opts, task["min_views"], task["strict"])
-                record["dropped_views"] += dropped
-                if skipped is not None:
-                    record["skipped_locations"].append(skipped)
-                    continue
-                key = sample_key(loc)
-                for member, data in [("json", sample_json(loc, views))] + [(f"{p}.jpg", b) for p, b in members]:
-                    tar.addfile(_tarinfo(f"{key}.{member}", len(data)), io.BytesIO(data))
-                record["count"] += 1
-                record["views"] += len(views)
-    os.chmod(out / name, 0o644)  # mkstemp makes 0600; shards are meant to be shared
-    record.update(bytes=hw.bytes, sha256=hw.sha.hexdigest())
-    atomic_write_json(out / PARTS / f"{name}.json", record)
-    return record
 
 
 def plan_shards(locations: Sequence[Location], opts: BuildOptions) -> list[list[Location]]:
@@ -330,95 +200,3 @@ def _summary_line(manifest: dict, reused: int, elapsed: float) -> str:
         f"skipped {c['locations_skipped']} locations, {c['rows_dropped']} views; "
         f"{mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s)"
     )
-
-
-def load_manifest(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.exists():
-        raise ShardError(f"{path}: no manifest (was `text4vpr shards build` run to completion?)")
-    return json.loads(path.read_text())
-
-
-def iter_tar_samples(source):
-    """Yield (key, {suffix: bytes}) per sample of a tar, in order. `source` is a path or a binary
-    stream (read once, front to back); the key is a member's base name up to its first dot."""
-    if isinstance(source, (str, Path)):
-        tar = tarfile.open(source, mode="r|*")
-    else:
-        tar = tarfile.open(fileobj=source, mode="r|*")
-    with tar:
-        key, sample = None, {}
-        for info in tar:
-            if not info.isreg():
-                continue
-            base, _, suffix = os.path.basename(info.name).partition(".")
-            if base != key and sample:
-                yield key, sample
-                sample = {}
-            key = base
-            sample[suffix] = tar.extractfile(info).read()
-        if sample:
-            yield key, sample
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_shards(shard_dir: str | Path) -> dict:
-    """Check every shard's sha256, bytes and sample count against the manifest."""
-    shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
-    problems = []
-    for s in manifest["shards"]:
-        path = shard_dir / s["name"]
-        if not path.exists():
-            problems.append(f"{s['name']}: missing")
-            continue
-        if path.stat().st_size != s["bytes"] or _sha256(path) != s["sha256"]:
-            problems.append(f"{s['name']}: checksum mismatch")
-            continue
-        count = sum(1 for _ in iter_tar_samples(path))
-        if count != s["count"]:
-            problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
-    return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
-
-
-def find_location(shard_dir: str | Path, index: int) -> list[tuple[str, dict, dict]]:
-    """All samples with this index: (shard name, json meta, {pos: jpeg bytes})."""
-    shard_dir = Path(shard_dir)
-    found = []
-    for s in load_manifest(shard_dir)["shards"]:
-        for key, sample in iter_tar_samples(shard_dir / s["name"]):
-            if key.endswith(f"-{index:06d}"):
-                meta = json.loads(sample["json"])
-                images = {int(k.split(".")[0]): v for k, v in sample.items() if k.endswith(".jpg")}
-                found.append((s["name"], meta, images))
-    return found
-
-
-def shard_descriptions(source: str | Path) -> list[str]:
-    """All descriptions in a shard folder or an xlsx file (e.g. to train a tokenizer)."""
-    source = Path(source)
-    if source.suffix == ".xlsx":
-        locations, _ = read_street360loc(source, None, ReadOptions(check_images=False))
-        return [v.description for loc in locations for v in loc.views]
-    texts = []
-    for s in load_manifest(source)["shards"]:
-        for _, sample in iter_tar_samples(source / s["name"]):
-            texts += json.loads(sample["json"])["descriptions"]
-    return texts
-
-
-def shard_paths(shard_dir: str | Path) -> list[str]:
-    """Shard file paths of a built folder, in manifest order."""
-    shard_dir = Path(shard_dir)
-    return [str(shard_dir / s["name"]) for s in load_manifest(shard_dir)["shards"]]
-
-
-def is_shard_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 REQUIRED_COLUMNS = ("index", "pos", "x", "y", "z", "text_description")
 NUM_VIEWS = 4
@@ -70,14 +70,6 @@ class ValidationReport:
 
     def balanced(self) -> bool:
         return self.rows_in == self.rows_written + self.rows_listed()
-
-    def merge(self, other: "ValidationReport") -> None:
-        """Add another report's entries and counts (used by the shard builder's workers)."""
-        for name in ("rows_in", "rows_written", "locations_in", "locations_written"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.dropped_views += other.dropped_views
-        self.skipped_locations += other.skipped_locations
-        self.flags += other.flags
 
     def counts(self) -> dict:
         by_flag: dict[str, int] = {}
@@ -293,9 +285,3 @@ def read_street360loc(
     assert reader.report.balanced(), "validation report does not add up"
     return locations, reader.report
 
-
-def iter_descriptions(locations: Iterable[Location]) -> Iterable[str]:
-    """Every description of every location (for training a tokenizer)."""
-    for loc in locations:
-        for v in loc.views:
-            yield v.description
