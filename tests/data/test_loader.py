@@ -220,7 +220,8 @@ def test_worker_batch_range_partitions_the_epoch():
 
 
 def _corrupt_member(shards, tmp_path, truncate: bool):
-    """Copy a shard folder; break one JPEG member of shard 1 (or cut shard 1 in half)."""
+    """Copy a shard folder; break one JPEG member of shard 1 (or cut shard 1 in half). Read it
+    with verify=False: the checksum would refuse the shard before these decode/tar checks run."""
     out = tmp_path / "broken"
     shutil.copytree(shards, out)
     path = out / "shard-000001.tar"
@@ -244,12 +245,12 @@ def _corrupt_member(shards, tmp_path, truncate: bool):
 def test_corrupt_jpeg_raises_naming_shard_and_key(train_shards, tokenizer_dir, tmp_path, mode):
     broken = _corrupt_member(train_shards, tmp_path, truncate=False)
     with pytest.raises(LoaderError, match=r"shard-000001\.tar: sample train-000007"):
-        list(build_loader(_cfg(broken, tokenizer_dir, shuffle_buffer=1), mode))
+        list(build_loader(_cfg(broken, tokenizer_dir, shuffle_buffer=1, verify=False), mode))
 
 
 def test_corrupt_jpeg_skip_counts_and_logs(train_shards, tokenizer_dir, tmp_path, caplog):
     broken = _corrupt_member(train_shards, tmp_path, truncate=False)
-    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval")
+    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "eval")
     with caplog.at_level(logging.WARNING, logger="text4vpr.data.loader"):
         seen = sorted(i for b in _indices(loader) for i in b)
     assert seen == [i for i in range(1, 29) if i != 7]
@@ -260,8 +261,8 @@ def test_corrupt_jpeg_skip_counts_and_logs(train_shards, tokenizer_dir, tmp_path
 def test_truncated_tar_raise_and_skip(train_shards, tokenizer_dir, tmp_path, caplog):
     broken = _corrupt_member(train_shards, tmp_path, truncate=True)
     with pytest.raises(LoaderError, match=r"shard-000001\.tar: (corrupt or truncated|\d+ samples, manifest says 5)"):
-        list(build_loader(_cfg(broken, tokenizer_dir), "eval"))
-    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval")
+        list(build_loader(_cfg(broken, tokenizer_dir, verify=False), "eval"))
+    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "eval")
     with caplog.at_level(logging.WARNING, logger="text4vpr.data.loader"):
         seen = sorted(i for b in _indices(loader) for i in b)
     lost = 28 - len(seen)
@@ -269,13 +270,13 @@ def test_truncated_tar_raise_and_skip(train_shards, tokenizer_dir, tmp_path, cap
     assert loader.dataset.stats.samples_skipped == lost and loader.dataset.stats.shards_truncated == 1
     assert any("shard-000001.tar" in r.getMessage() for r in caplog.records)
     # more slots than shards: every slot reads the short shard, its loss is counted once
-    ranks = [build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval", rank=r, world_size=8) for r in range(8)]
+    ranks = [build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "eval", rank=r, world_size=8) for r in range(8)]
     seen8 = sorted(i for loader8 in ranks for b in _indices(loader8) for i in b)
     assert seen8 == seen
     assert sum(r.dataset.stats.samples_skipped for r in ranks) == lost
     assert sum(r.dataset.stats.shards_truncated for r in ranks) == 1
     # train mode keeps its exact step count even when a shard is short
-    train = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "train")
+    train = build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "train")
     assert len(_indices(train)) == len(train) == 9
 
 

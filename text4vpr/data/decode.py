@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -49,9 +50,11 @@ class Stats:
 class BatchMaker:
     """Decodes samples and collates them into batches for one loader configuration."""
 
-    def __init__(self, cfg: LoaderConfig, stats: Stats, skip_images: frozenset[int] = frozenset()):
+    def __init__(self, cfg: LoaderConfig, stats: Stats, skip_images: frozenset[int] = frozenset(),
+                 resize: int | None = None, splits: frozenset[str] | None = None):
         self.cfg, self.stats = cfg, stats
         self.skip_images = frozenset(skip_images)  # location ids whose JPEGs are not decoded (zeros)
+        self.resize, self.splits = resize, splits  # what the manifest promises (checked when given)
         self._tokenizer = None
 
     def tokenizer(self):
@@ -68,6 +71,8 @@ class BatchMaker:
         v = self.cfg.views
         try:
             meta = json.loads(sample["json"])
+            if self.splits is not None and meta.get("split") not in self.splits:
+                raise ValueError(f"split {meta.get('split')!r}, manifest says {sorted(self.splits)}")
             mask = [bool(m) for m in meta["view_mask"]][:v]
             views: list[np.ndarray | None] = [None] * v
             texts: list[str | None] = [None] * v
@@ -92,7 +97,11 @@ class BatchMaker:
         from PIL import Image
 
         size = self.cfg.image_size
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is checked here
+            im = Image.open(io.BytesIO(data))
+        with im:
+            self.check_size(im.size)
             if self.cfg.fast_decode and im.size != (size, size):
                 im.draft("RGB", (size, size))  # DCT-domain downscale to >= size (JPEG only)
             im.load()
@@ -100,6 +109,14 @@ class BatchMaker:
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.BILINEAR)
             return np.asarray(rgb)  # (H, W, 3) uint8
+
+    def check_size(self, wh: tuple[int, int]) -> None:
+        """Refuse an image over max_pixels, or not the manifest's --resize size."""
+        w, h = wh
+        if w * h > self.cfg.max_pixels:
+            raise ValueError(f"image of {w}x{h} = {w * h} pixels over the limit of {self.cfg.max_pixels} pixels (max_pixels)")
+        if self.resize is not None and wh != (self.resize, self.resize):
+            raise ValueError(f"image {w}x{h}, manifest says --resize {self.resize} (a shard of another build?)")
 
     def collate(self, items: list[dict]) -> dict:
         """Decoded samples -> the batch dict of docs/INTERFACES.md."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
+
 
 class LoaderError(RuntimeError):
     """A shard or sample could not be read or decoded; the message names shard and key."""
@@ -40,6 +42,11 @@ class LoaderConfig:
     # epoch; a rank then meets only its 1/world share of the locations, so a per-rank
     # frozen-trunk cache holds 1/world of them instead of, over the epochs, nearly all
     fixed_shard_assignment: bool = False
+    # check each shard against its manifest when read: sha256 of the whole tar (a replaced,
+    # copied or bit-flipped shard), no location key in two shards, every sample of the
+    # manifest's splits and (built with --resize) of its image size. False: trusted hot paths
+    verify: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS  # a larger image is a bad sample (raise or skip)
 
     def check(self) -> None:
         """Refuse values the loader cannot act on (one line naming the field)."""

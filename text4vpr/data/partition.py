@@ -17,33 +17,57 @@ import torch
 
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest
+from text4vpr.data.street360loc import split_name
 
 
 @dataclass(frozen=True)
 class ShardSet:
     urls: tuple[str, ...]
     counts: tuple[int, ...] | None  # samples per shard, from the manifest
-    manifest: dict | None = None  # the folder's manifest (entries in `urls` order), when known
+    entries: tuple[dict, ...] | None = None  # the manifest's record per shard (sha256, bytes, keys)
+    resize: int | None = None  # the build's --resize: every image is resize x resize
+    splits: frozenset[str] | None = None  # the splits the build wrote
 
 
 def resolve_shards(cfg: LoaderConfig) -> ShardSet:
-    """Shard URLs and (when a manifest is available) their sample counts."""
-    if cfg.shards and is_shard_dir(cfg.shards):
+    """Shard URLs and (when a manifest is available) their manifest records; with
+    `cfg.verify`, a manifest is required and no location key may sit in two shards."""
+    folder = bool(cfg.shards) and is_shard_dir(cfg.shards)
+    if folder:
         manifest = load_manifest(cfg.shards)
         urls = tuple(str(Path(cfg.shards) / s["name"]) for s in manifest["shards"])
-        return ShardSet(urls, tuple(s["count"] for s in manifest["shards"]), manifest)
-    from webdataset.shardlists import expand_urls
+    else:
+        from webdataset.shardlists import expand_urls
 
-    urls = tuple(expand_urls(cfg.shards)) if cfg.shards else ()
-    if not urls:
-        raise LoaderError(f"no shards found for {cfg.shards!r} (a folder needs {MANIFEST})")
-    if cfg.manifest is None:
-        return ShardSet(urls, None)
-    by_name = {s["name"]: s["count"] for s in json.loads(Path(cfg.manifest).read_text())["shards"]}
+        urls = tuple(expand_urls(cfg.shards)) if cfg.shards else ()
+        if not urls:
+            raise LoaderError(f"no shards found for {cfg.shards!r} (a folder needs {MANIFEST})")
+        if cfg.manifest is None:
+            if cfg.verify:
+                raise LoaderError(f"{cfg.shards}: cannot verify shards without a manifest: give LoaderConfig.manifest, "
+                                  "or verify=False to read them unchecked")
+            return ShardSet(urls, None)
+        manifest = json.loads(Path(cfg.manifest).read_text())
+    by_name = {s["name"]: s for s in manifest["shards"]}
     missing = [u for u in urls if os.path.basename(u) not in by_name]
     if missing:
-        raise LoaderError(f"{cfg.manifest}: no entry for shard(s) {missing[:3]}")
-    return ShardSet(urls, tuple(by_name[os.path.basename(u)] for u in urls))
+        raise LoaderError(f"{cfg.manifest or MANIFEST}: no entry for shard(s) {missing[:3]}")
+    entries = tuple(by_name[os.path.basename(u)] for u in urls)
+    if cfg.verify:
+        _check_unique_keys(entries)
+    return ShardSet(urls, tuple(e["count"] for e in entries), entries, manifest.get("options", {}).get("resize"),
+                    frozenset(split_name(x) for x in manifest.get("inputs", {}).get("xlsx", [])) or None)
+
+
+def _check_unique_keys(entries: tuple[dict, ...]) -> None:
+    """A location key listed by two shards (a shard copied over another) is an error."""
+    owner: dict[str, str] = {}
+    for e in entries:
+        for key in e.get("keys", ()):
+            if key in owner:
+                raise LoaderError(f"{e['name']}: duplicate location key {key} (also in {owner[key]}): "
+                                  "a shard copied over another? rebuild the folder")
+            owner[key] = e["name"]
 
 
 def dataset_size(cfg: LoaderConfig) -> int:

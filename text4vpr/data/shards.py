@@ -10,20 +10,25 @@ and options give byte-identical shards). Reading and verifying: `shard_reader`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from text4vpr.data.shard_pack import PARTS, BuildOptions, sample_json, write_shard
-from text4vpr.data.shard_reader import MANIFEST, ShardError
+from text4vpr.data.shard_pack import PARTS, BuildOptions, sample_json, write_shard, writing
+from text4vpr.data.shard_reader import MANIFEST, ShardError, file_sha256
 from text4vpr.data.street360loc import Location, ReadOptions, ValidationReport, read_street360loc
 from text4vpr.utils.atomic import atomic_write_json
 
 PLAN = "build_plan.json"
+LOCK = ".lock"
 FORMAT_VERSION = 1
 
 
@@ -85,12 +90,22 @@ def _check_previous_build(out: Path, plan: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ShardError(f"{out} holds shards of a different build (plan {previous[:12]}); use --overwrite or another --out")
-    for p in list(out.glob("*.tar")) + list((out / PARTS).glob("*.json")) + [out / MANIFEST]:
-        p.unlink(missing_ok=True)
+    for name in _own_shard_names(out):  # only what the earlier build listed: never a file it did not write
+        (out / name).unlink(missing_ok=True)
+        (out / PARTS / f"{name}.json").unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def _own_shard_names(out: Path) -> set[str]:
+    """Shard names the folder's own plan and manifest list (plain file names only)."""
+    names = set(json.loads((out / PLAN).read_text()).get("shards", []))
+    if (out / MANIFEST).exists():
+        names |= {s["name"] for s in json.loads((out / MANIFEST).read_text()).get("shards", [])}
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")}
 
 
 def _finished(out: Path, name: str, plan: str) -> dict | None:
-    """The part record of a finished shard of this plan, or None."""
+    """The part record of a finished shard of this plan whose tar still has its checksum, or None."""
     part = out / PARTS / f"{name}.json"
     if not (part.exists() and (out / name).exists()):
         return None
@@ -98,8 +113,40 @@ def _finished(out: Path, name: str, plan: str) -> dict | None:
         record = json.loads(part.read_text())
     except json.JSONDecodeError:
         return None
-    ok = record.get("plan") == plan and (out / name).stat().st_size == record.get("bytes")
+    ok = (record.get("plan") == plan and (out / name).stat().st_size == record.get("bytes")
+          and file_sha256(out / name) == record.get("sha256"))
     return record if ok else None
+
+
+@contextlib.contextmanager
+def build_lock(out: str | Path):
+    """Hold an exclusive lock on the output folder (`OUT/.lock`) for one build; a second
+    builder fails at once naming the folder. Released when the holder exits or dies."""
+    import fcntl
+
+    out = Path(out)
+    with writing(out / LOCK):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShardError(f"{out}: another build holds {out / LOCK}; wait for it to finish or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: the worker gets SIGKILL when the builder dies (Linux), and leaves at
+    once if the builder is already gone, so a killed build leaves no writers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def build_shards(
@@ -111,25 +158,33 @@ def build_shards(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> dict:
-    """Validate the annotation files, write shards and `manifest.json`; return the manifest."""
+    """Validate the annotation files, write shards and `manifest.json`; return the manifest.
+    Holds `build_lock(out_dir)` throughout; OS errors raise `ShardWriteError` naming the path."""
+    with build_lock(out_dir):
+        return _build_locked(xlsx, images_dir, Path(out_dir), options, read_options, progress, log)
+
+
+def _build_locked(xlsx, images_dir, out: Path, options: BuildOptions, read_options: ReadOptions, progress, log) -> dict:
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    with writing(out / PARTS):
+        (out / PARTS).mkdir(parents=True, exist_ok=True)
     locations, report = read_street360loc(xlsx, images_dir, read_options)
     shards = plan_shards(locations, options)
     plan = _plan_hash(shards, options, read_options)
     _check_previous_build(out, plan, options.overwrite)
     names = [f"{options.prefix}-{i:06d}.tar" for i in range(len(shards))]
-    atomic_write_json(out / PLAN, {"plan": plan, "shards": names})
+    with writing(out / PLAN):
+        atomic_write_json(out / PLAN, {"plan": plan, "shards": names})
     records = {n: r for n in names if (r := _finished(out, n, plan)) is not None}
     tasks = [
         {"out": str(out), "name": n, "plan": plan, "options": options, "locations": s,
-         "min_views": read_options.min_views, "strict": read_options.strict}
+         "min_views": read_options.min_views, "strict": read_options.strict, "max_pixels": read_options.max_pixels}
         for n, s in zip(names, shards) if n not in records
     ]
     records.update(_run_tasks(tasks, options.workers, len(locations), len(locations) - sum(len(t["locations"]) for t in tasks), progress))
     manifest = _manifest(names, records, report, options, read_options, xlsx, images_dir)
-    atomic_write_json(out / MANIFEST, manifest)
+    with writing(out / MANIFEST):
+        atomic_write_json(out / MANIFEST, manifest)
     elapsed = time.perf_counter() - t0
     if log is not None:
         log(_summary_line(manifest, len(names) - len(tasks), elapsed))
@@ -148,7 +203,7 @@ def _run_tasks(tasks: list[dict], workers: int, total: int, done: int, progress:
                 records[t["name"]] = write_shard(t)
                 bar.update(len(t["locations"]))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(write_shard, t): t for t in tasks}
                 for fut in as_completed(futures):
                     t = futures[fut]
@@ -162,7 +217,7 @@ def _run_tasks(tasks: list[dict], workers: int, total: int, done: int, progress:
 def _manifest(names, records, report: ValidationReport, opts, read_opts, xlsx, images_dir) -> dict:
     """Assemble manifest.json: per-shard counts and checksums, totals, options, report."""
     report = _apply_worker_drops(report, [records[n] for n in names])
-    shards = [{"name": n, "count": records[n]["count"], "views": records[n]["views"], "bytes": records[n]["bytes"], "sha256": records[n]["sha256"]} for n in names]
+    shards = [{k: records[n][k] for k in ("name", "count", "views", "bytes", "sha256", "keys") if k in records[n]} for n in names]
     xlsx_list = [str(xlsx)] if isinstance(xlsx, (str, Path)) else [str(p) for p in xlsx]
     return {
         "format": "text4vpr-street360loc-wds",

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +32,10 @@ from text4vpr.data.partition import (
 from text4vpr.data.shard_reader import iter_tar_samples
 
 
+class _Unverified(Exception):
+    """A shard whose bytes do not match its manifest checksum (message names it)."""
+
+
 class ShardStream(IterableDataset):
     """Yields ready batch dicts; one instance per (mode, epoch, rank, start_batch)."""
 
@@ -46,7 +52,8 @@ class ShardStream(IterableDataset):
         if mode == "train" and not 0 <= start_batch <= self.total:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.total}")
         self.stats = Stats(cfg.on_error)
-        self.maker = BatchMaker(cfg, self.stats, skip_images)
+        expect = {"resize": self.shards.resize, "splits": self.shards.splits} if cfg.verify else {}
+        self.maker = BatchMaker(cfg, self.stats, skip_images, **expect)
 
     def __len__(self) -> int:
         """Batches this rank yields (train: exact; eval: exact when the manifest is known)."""
@@ -59,17 +66,35 @@ class ShardStream(IterableDataset):
         return sum(-(-slot_count(self.shards.counts, self.rank * w + p, slots) // self.cfg.batch_size) for p in range(w))
 
     # ---- raw samples -------------------------------------------------------------------
-    def _read_shard(self, url: str, expected: int | None, report: bool = True) -> Iterator[tuple[str, str, dict]]:
-        """(shard, key, {suffix: bytes}) per sample; truncation is an error or a counted skip.
-        `report=False`: another slot reads this shard too and counts its loss (skip mode)."""
+    def _open(self, url: str, entry: dict | None):
+        """The shard as a stream; with `verify`, read whole and checked against its sha256 first."""
         from webdataset import gopen
 
+        if not self.cfg.verify or entry is None:
+            return gopen(url, "rb")
+        with gopen(url, "rb") as stream:
+            data = stream.read()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise _Unverified(f"{url}: sha256 does not match its manifest entry (a changed, damaged or replaced shard; "
+                              "rebuild it, or verify=False to read it unchecked)")
+        return io.BytesIO(data)
+
+    def _read_shard(self, s: int, report: bool = True) -> Iterator[tuple[str, str, dict]]:
+        """(shard, key, {suffix: bytes}) per sample of shard s; a checksum mismatch or truncation
+        is an error or a counted skip. `report=False`: another slot reads this shard too and
+        counts its loss (skip mode)."""
+        url = self.shards.urls[s]
+        expected = self.shards.counts[s] if self.shards.counts else None
         key, n = None, 0
         try:
-            with gopen(url, "rb") as stream:
+            with self._open(url, self.shards.entries[s] if self.shards.entries else None) as stream:
                 for key, sample in iter_tar_samples(stream):
                     yield url, key, sample
                     n += 1
+        except _Unverified as e:
+            if report or self.cfg.on_error == "raise":
+                self.stats.fail(str(e), lost=expected if expected is not None else 1)
+            return
         except Exception as e:  # tarfile.ReadError, EOFError, OSError, gopen errors
             if not report and self.cfg.on_error == "skip":
                 return
@@ -83,9 +108,8 @@ class ShardStream(IterableDataset):
         mine, by_sample = slot_shards(order, slot, slots)
         i = 0
         for s in mine:
-            counts = self.shards.counts
             owner = not by_sample or s % slots == slot  # with fewer shards than slots, one slot counts a shard's loss
-            for item in self._read_shard(self.shards.urls[s], counts[s] if counts else None, owner):
+            for item in self._read_shard(s, owner):
                 if not by_sample or i % slots == slot:
                     yield item
                 i += 1
