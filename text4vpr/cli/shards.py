@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -30,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with several --xlsx: write only the LAST file, minus indices in the earlier ones "
                         "(same as --xlsx LAST --exclude-from EARLIER...)")
     b.add_argument("--refusal-pattern", action="append", default=None, help="regex for refusal-like text (repeatable; replaces defaults)")
+    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"drop (and report) views with more pixels (default {DEFAULT_MAX_PIXELS} = 4096x4096)")
     b.add_argument("--short-chars", type=int, default=50, help="flag descriptions shorter than this")
     b.add_argument("--report", default=None, help="also write the validation report here (default OUT/report.json)")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier, different build in --out")
@@ -59,7 +63,7 @@ def _build(args: argparse.Namespace) -> int:
     read = ReadOptions(
         min_views=args.min_views, strict=args.strict, exclude_from=exclude,
         refusal_patterns=tuple(args.refusal_pattern) if args.refusal_pattern else DEFAULT_REFUSAL_PATTERNS,
-        short_chars=args.short_chars,
+        short_chars=args.short_chars, max_pixels=args.max_pixels,
     )
     try:
         manifest = build_shards(xlsx, args.images, args.out, opts, read, progress=not args.no_progress)
