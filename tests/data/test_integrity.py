@@ -319,3 +319,24 @@ def test_an_os_error_while_writing_is_one_line_naming_the_path(synth_root, tmp_p
     assert rc == 2 and len(err) == 1
     assert str(out / "shard-000000.tar") in err[0] and "No space left on device" in err[0]
     assert "Traceback" not in err[0]
+
+
+def test_os_error_from_a_pool_worker_keeps_its_path():
+    import pickle
+
+    from text4vpr.data.shard_pack import ShardWriteError
+
+    e = pickle.loads(pickle.dumps(ShardWriteError("/out/shard-000003.tar", "No space left on device")))
+    assert isinstance(e, ShardWriteError) and e.path == "/out/shard-000003.tar"
+    assert str(e) == "/out/shard-000003.tar: cannot write: No space left on device"
+
+
+def test_a_shard_list_without_a_manifest_is_read_only_unverified(synth_shards, tokenizer_dir):
+    pattern = str(synth_shards / "shard-{000000..000002}.tar")
+    with pytest.raises(LoaderError, match="without a manifest"):
+        build_loader(_cfg(pattern, tokenizer_dir), "eval")
+    got = sorted(i for b in build_loader(_cfg(pattern, tokenizer_dir, verify=False), "eval") for i in b["index"].tolist())
+    ref = sorted(i for b in build_loader(_cfg(synth_shards, tokenizer_dir), "eval") for i in b["index"].tolist())
+    assert got == ref == list(range(35, 41))
+    with_manifest = _cfg(pattern, tokenizer_dir, manifest=str(synth_shards / "manifest.json"))
+    assert sorted(i for b in build_loader(with_manifest, "eval") for i in b["index"].tolist()) == ref
