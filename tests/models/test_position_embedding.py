@@ -94,6 +94,18 @@ def test_cache_reuses_and_invalidates():
         F.interpolate = real
 
 
+def test_inference_tensor_table_is_recomputed():
+    """A model built under inference_mode has no version counter: no stale entry after an in-place change."""
+    cache = HubPositionEmbedding()
+    with torch.inference_mode():
+        table = torch.randn(1, 1 + 16, 4)
+        a = cache(table, (3, 3)).clone()
+        table.add_(1.0)
+        b = cache(table, (3, 3))
+    assert torch.allclose(b.double(), reference_hub_resize(table, 3, 3), atol=5e-5)
+    assert not torch.allclose(a, b)
+
+
 def test_gradient_reaches_a_trainable_table():
     torch.manual_seed(2)
     table = torch.nn.Parameter(torch.randn(1, 1 + 16, 4, dtype=torch.float64))

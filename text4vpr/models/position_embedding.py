@@ -41,16 +41,17 @@ class HubPositionEmbedding:
 
     A cached entry is valid while the parameter is unchanged: keyed on its in-place version
     counter, storage, device and dtype, so an optimizer step, `load_state_dict`, `.to()` or
-    `.data =` recomputes it. When the table takes gradients (requires_grad under grad mode)
-    or the call is being traced by torch.compile, it is recomputed every call instead, so
-    autograd and compiled graphs see the real computation.
+    `.data =` recomputes it. When the table takes gradients (requires_grad under grad mode),
+    the call is being traced by torch.compile, or the table is an inference tensor (made
+    under `torch.inference_mode`, so it has no version counter), it is recomputed every
+    call instead, so autograd, compiled graphs and in-place changes see the real computation.
     """
 
     def __init__(self) -> None:
         self._cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
 
     def __call__(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if (table.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if (table.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or table.is_inference():
             return hub_resize(table, grid)
         key = (table._version, table.data_ptr(), table.device, table.dtype, tuple(table.shape))
         hit = self._cache.get(grid)
