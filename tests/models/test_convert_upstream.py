@@ -113,6 +113,16 @@ def test_unmapped_and_missing_keys_are_listed(published, tmp_path):
     assert "register_tokens" in msg and "text_encoder.projection.0.bias" in msg
 
 
+def test_missing_aggregation_head_is_named(published, tmp_path):
+    from text4vpr.models.upstream import UpstreamConversionError, convert_upstream
+
+    image_encoder, text_encoder, d = published
+    image = {k: v for k, v in image_encoder.state_dict().items() if not k.startswith("1.score.")}
+    torch.save({IMAGE_KEY: image, TEXT_KEY: text_encoder.state_dict()}, tmp_path / "headless.pth")
+    with pytest.raises(UpstreamConversionError, match="1.score.0.weight"):
+        convert_upstream(tmp_path / "headless.pth", d / "dinov2", d / "t5")
+
+
 def test_not_an_upstream_checkpoint(tmp_path):
     from text4vpr.models.upstream import UpstreamConversionError, load_upstream_checkpoint
 

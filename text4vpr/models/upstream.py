@@ -153,6 +153,10 @@ def upstream_model_config(image_sd: dict, text_sd: dict, dinov2_dir, t5_dir, tra
 
     dcfg = AutoConfig.from_pretrained(str(dinov2_dir), local_files_only=True).to_dict()
     tcfg = AutoConfig.from_pretrained(str(t5_dir), local_files_only=True).to_dict()
+    missing = [f"{IMAGE_KEY}:{k}" for k in ("1.score.0.weight", "1.score.3.weight", "1.cluster_features.3.weight")
+               if k not in image_sd]
+    if missing:
+        raise UpstreamConversionError(f"no aggregation head in the checkpoint: missing {', '.join(missing)}")
     n_clusters, hidden = image_sd["1.score.3.weight"].shape[0], image_sd["1.score.0.weight"].shape[0]
     cluster_dim = image_sd["1.cluster_features.3.weight"].shape[0]
     n_res = len({k.split(".")[1] for k in text_sd if k.startswith("inter_module.")})
