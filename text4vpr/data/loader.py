@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from text4vpr.data.shards import MANIFEST, is_shard_dir, iter_tar_samples, load_manifest, shard_descriptions
-from text4vpr.data.tokenizer import normalize_text
+from text4vpr.data.tokenizer import check_text_normalization, normalize_text
 from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, empty_cpu, normalize_images  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,12 @@ class LoaderConfig:
     # epoch; a rank then meets only its 1/world share of the locations, so a per-rank
     # frozen-trunk cache holds 1/world of them instead of, over the epochs, nearly all
     fixed_shard_assignment: bool = False
+    # "whitespace" or "punkt" (the published nltk sent_tokenize + " ".join; needs the
+    # `upstream` extra): see text4vpr.data.tokenizer.normalize_text
+    text_normalization: Literal["whitespace", "punkt"] = "whitespace"
+
+    def __post_init__(self) -> None:
+        check_text_normalization(self.text_normalization)
 
 
 @dataclass(frozen=True)
@@ -294,7 +300,7 @@ class ShardStream(IterableDataset):
             for pos, text in zip(meta["positions"], meta["descriptions"]):
                 if pos > v:
                     continue
-                texts[pos - 1] = normalize_text(text)
+                texts[pos - 1] = normalize_text(text, self.cfg.text_normalization)
                 if not decode:  # the caller holds what it needs of these images (frozen-trunk cache)
                     continue
                 data = sample.get(f"{pos}.jpg")
