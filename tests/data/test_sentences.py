@@ -101,17 +101,21 @@ def test_modes_differ_on_exactly_those_descriptions(real_descriptions):
     assert differ == set(PUBLISHED)
 
 
-def test_missing_package_is_a_one_line_error_naming_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "punkt", None)  # import punkt -> ImportError
+@pytest.fixture
+def without_punkt(monkeypatch):
+    """`import punkt` fails, as where the optional package is not installed."""
+    monkeypatch.setitem(sys.modules, "punkt", None)
     sentences._english_tokenizer.cache_clear()
-    try:
-        with pytest.raises(sentences.MissingExtraError, match=r"pip install 'text4vpr\[upstream\]'"):
-            normalize_text("One. Two.", "punkt")
-        with pytest.raises(ConfigError, match=r"text_normalization=punkt: .*text4vpr\[upstream\]"):
-            LoaderConfig(text_normalization="punkt")
-        assert normalize_text(" One.  Two. ") == "One. Two."  # the default needs nothing
-    finally:
-        sentences._english_tokenizer.cache_clear()
+    yield
+    sentences._english_tokenizer.cache_clear()
+
+
+def test_missing_package_is_a_one_line_error_naming_the_extra(without_punkt):
+    with pytest.raises(sentences.MissingExtraError, match=r"pip install 'text4vpr\[upstream\]'"):
+        normalize_text("One. Two.", "punkt")
+    with pytest.raises(ConfigError, match=r"text_normalization=punkt: .*text4vpr\[upstream\]"):
+        LoaderConfig(text_normalization="punkt")
+    assert normalize_text(" One.  Two. ") == "One. Two."  # the default needs nothing
 
 
 def test_unknown_mode_is_a_config_error():
@@ -162,19 +166,14 @@ def test_localize_encodes_the_configured_normalisation(tiny_model):
     assert torch.equal(got, ref) and not torch.equal(got, plain)
 
 
-def test_cli_flags_reach_the_normalisation(tiny_model, tmp_path, capsys, monkeypatch):
+def test_cli_flags_reach_the_normalisation(tiny_model, tmp_path, capsys, without_punkt):
     """Without the package, `--text-normalization punkt` stops localize and eval with the
     one-line error naming the extra (so the flag reached the query texts and the loader)."""
     model, tok = tiny_model
     model.save_pretrained(tmp_path / "m", tokenizer=tok)
-    monkeypatch.setitem(sys.modules, "punkt", None)
-    sentences._english_tokenizer.cache_clear()
-    try:
-        for argv in (["localize", "--model", str(tmp_path / "m"), "--index", str(tmp_path / "none"), "--text", "a"],
-                     ["eval", "--model", str(tmp_path / "m"), "--shards", str(tmp_path / "none"), "--out",
-                      str(tmp_path / "r")]):
-            assert main(argv + ["--text-normalization", "punkt"]) == 2
-            err = capsys.readouterr().err.strip()
-            assert len(err.splitlines()) == 1 and "pip install 'text4vpr[upstream]'" in err, err
-    finally:
-        sentences._english_tokenizer.cache_clear()
+    for argv in (["localize", "--model", str(tmp_path / "m"), "--index", str(tmp_path / "none"), "--text", "a"],
+                 ["eval", "--model", str(tmp_path / "m"), "--shards", str(tmp_path / "none"), "--out",
+                  str(tmp_path / "r")]):
+        assert main(argv + ["--text-normalization", "punkt"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'text4vpr[upstream]'" in err, err
