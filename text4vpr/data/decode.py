@@ -80,7 +80,7 @@ class BatchMaker:
             for pos, text in zip(meta["positions"], meta["descriptions"]):
                 if pos > v:
                     continue
-                texts[pos - 1] = normalize_text(text)
+                texts[pos - 1] = normalize_text(text, self.cfg.text_normalization)
                 if not decode:  # the caller holds what it needs of these images (frozen-trunk cache)
                     continue
                 data = sample.get(f"{pos}.jpg")

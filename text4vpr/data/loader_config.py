@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
+from text4vpr.data.tokenizer import check_text_normalization
 
 
 class LoaderError(RuntimeError):
@@ -47,6 +48,14 @@ class LoaderConfig:
     # manifest's splits and (built with --resize) of its image size. False: trusted hot paths
     verify: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS  # a larger image is a bad sample (raise or skip)
+    # "whitespace" or "punkt" (the published nltk sent_tokenize + " ".join; needs the
+    # `upstream` extra): see text4vpr.data.tokenizer.normalize_text
+    text_normalization: Literal["whitespace", "punkt"] = "whitespace"
+
+    def __post_init__(self) -> None:
+        # fail at config time: the decoder catches per-sample errors, and under on_error=skip a
+        # missing package would otherwise skip every sample
+        check_text_normalization(self.text_normalization)
 
     def check(self) -> None:
         """Refuse values the loader cannot act on (one line naming the field)."""

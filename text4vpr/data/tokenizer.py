@@ -7,15 +7,48 @@ train a tiny one here (no hub access), saved in the same `save_pretrained` layou
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Literal
 
 # T5 conventions: pad = 0, eos = 1, unk = 2.
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
-def normalize_text(text: str) -> str:
-    """Collapse runs of whitespace (newlines, tabs, double spaces) to one space; strip ends."""
-    return " ".join(str(text).split())
+# "whitespace" (the default): collapse whitespace runs. "punkt": the published preprocessing
+# (nltk sent_tokenize + " ".join), which needs the optional `upstream` extra. The default is
+# not punkt so that results never depend on whether an optional package is installed.
+TEXT_NORMALIZATIONS = ("whitespace", "punkt")
+TextNormalization = Literal["whitespace", "punkt"]
+
+
+def normalize_text(text: str, mode: TextNormalization = "whitespace") -> str:
+    """One description as the encoder sees it.
+
+    "whitespace": runs of whitespace (newlines, tabs, double spaces) become one space, ends
+    stripped. "punkt": the published string, English punkt sentences joined with one space
+    (differs from "whitespace" in 7 of the 24,008 real descriptions; docs/models.md).
+    """
+    if mode == "whitespace":
+        return " ".join(str(text).split())
+    if mode == "punkt":
+        from text4vpr.data.sentences import join_sentences
+
+        return join_sentences(text)
+    raise ValueError(f"unknown text normalisation {mode!r} (expected one of: {' | '.join(TEXT_NORMALIZATIONS)})")
+
+
+def check_text_normalization(mode: str, key: str = "text_normalization") -> None:
+    """ConfigError naming `key` for an unknown mode, or for "punkt" without its package
+    (checked when the config is made, not in a loader worker an epoch later)."""
+    from text4vpr.config import ConfigError, check_choice
+
+    check_choice(key, mode, TEXT_NORMALIZATIONS)
+    if mode == "punkt":
+        from text4vpr.data.sentences import MissingExtraError, require_punkt
+
+        try:
+            require_punkt()
+        except MissingExtraError as e:
+            raise ConfigError(f"{key}={mode}: {e}") from None
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None = None, vocab_size: int = 2000):

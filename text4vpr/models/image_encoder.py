@@ -2,6 +2,8 @@
 
 SPEC: patch embedding + CLS + position embeddings, the first L-T blocks without gradient,
 the last T blocks trained, no final layer norm, CLS dropped, tokens reshaped to a map.
+Position embeddings are resized for the input grid as the DINOv2 hub code does (the
+published model was trained so), not as `Dinov2Embeddings` does; see position_embedding.py.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from text4vpr.models.config import ImageEncoderConfig
+from text4vpr.models.position_embedding import HubPositionEmbedding
 
 
 def build_dinov2(cfg: ImageEncoderConfig) -> nn.Module:
@@ -45,6 +48,7 @@ class ImageEncoder(nn.Module):
         self.num_frozen = n_layers - cfg.trainable_blocks
         self.patch_size = int(self.backbone.config.patch_size)
         self.hidden_size = int(self.backbone.config.hidden_size)
+        self.position_embedding = HubPositionEmbedding()  # hub resize, cached per grid
         self._freeze()
 
     def _freeze(self) -> None:
@@ -54,9 +58,6 @@ class ImageEncoder(nn.Module):
         for layer in self.backbone.encoder.layer[self.num_frozen :]:
             for p in layer.parameters():
                 p.requires_grad_(True)
-
-    def trainable_layers(self) -> nn.ModuleList:
-        return self.backbone.encoder.layer[self.num_frozen :]
 
     @property
     def frozen_is_deterministic(self) -> bool:
@@ -75,11 +76,20 @@ class ImageEncoder(nn.Module):
         Deterministic for a given image (no augmentation in the SPEC), so a trainer may cache
         it and call `forward_from_tokens` in later epochs (the frozen-trunk cache).
         """
-        self._check_size(*images.shape[-2:])
-        x = self.backbone.embeddings(images)  # (N, 1 + hw, C)
+        x = self.embed(images)  # (N, 1 + hw, C)
         for layer in self.backbone.encoder.layer[: self.num_frozen]:
             x = layer(x)
         return x
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + CLS + position embeddings resized as the DINOv2 hub code does:
+        (N, 3, H, W) -> (N, 1 + hw, C). Replaces `Dinov2Embeddings.forward`, whose resize differs."""
+        self._check_size(*images.shape[-2:])
+        emb = self.backbone.embeddings
+        x = emb.patch_embeddings(images)  # (N, hw, C)
+        x = torch.cat((emb.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1 + hw, C)
+        x = x + self.position_embedding(emb.position_embeddings, self.grid(*images.shape[-2:]))
+        return emb.dropout(x)
 
     def forward_from_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The trained blocks on frozen tokens (N, 1 + hw, C) -> patch map (N, C, h, w)."""

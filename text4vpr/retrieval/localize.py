@@ -15,11 +15,14 @@ class LocalizeError(ValueError):
 
 
 @torch.no_grad()
-def encode_descriptions(model, tokenizer, texts: list[str], views: int = 4, max_length: int = 128):
-    """(1, V, D) raw text vectors and (1, V) mask; description i fills view i (pos order)."""
+def encode_descriptions(model, tokenizer, texts: list[str], views: int = 4, max_length: int = 128,
+                        text_normalization: str = "whitespace"):
+    """(1, V, D) raw text vectors and (1, V) mask; description i fills view i (pos order).
+
+    `text_normalization` as in `normalize_text` ("punkt" for a converted published model)."""
     from text4vpr.data.tokenizer import normalize_text
 
-    texts = [normalize_text(t) for t in texts]
+    texts = [normalize_text(t, text_normalization) for t in texts]
     if not texts or not any(texts):
         raise LocalizeError("no description given: pass at least one non-empty --text")
     if any(not t for t in texts):
