@@ -63,6 +63,54 @@ def prepare_data(cfg, acc) -> DataPaths:
     return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
 
 
+class SplitOverlapError(ValueError):
+    """The val or test shards hold locations of the train shards."""
+
+
+def location_ids(shards: str | Path) -> set[int]:
+    """The location indices of a shard folder, from its samples' JSON members."""
+    return {int(json.loads(sample["json"])["index"]) for path in shard_paths(shards) for _, sample in iter_tar_samples(path)}
+
+
+def check_split_overlap(paths: DataPaths, allow: bool = False) -> None:
+    """Raise SplitOverlapError when the val or test shards share location indices with the
+    train shards (validation and the best-model choice would run on training data)."""
+    if allow:
+        return
+    train = location_ids(paths.train)
+    checked = {paths.train}
+    for key, folder in (("val_shards", paths.val), ("test_shards", paths.test)):
+        if folder in checked:
+            continue
+        checked.add(folder)
+        ids = location_ids(folder)
+        shared = sorted(train & ids)
+        if shared:
+            raise SplitOverlapError(
+                f"data.{key} {folder}: {len(shared)} of its {len(ids)} locations are also among the "
+                f"{len(train)} train locations of {paths.train} (e.g. {', '.join(map(str, shared[:5]))}); "
+                "rebuild that split without them (its numbers would be measured on training data), or set "
+                "data.allow_split_overlap=true"
+            )
+
+
+def check_split_overlap_once(paths: DataPaths, allow: bool, acc) -> None:
+    """`check_split_overlap` on the main process (it reads every shard once); every rank
+    raises the same error."""
+    from accelerate.utils import broadcast_object_list
+
+    message = [None]
+    if acc.is_main_process:
+        try:
+            check_split_overlap(paths, allow)
+        except SplitOverlapError as e:
+            message[0] = str(e)
+    if acc.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0] is not None:
+        raise SplitOverlapError(message[0])
+
+
 def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:
     return dataclasses.replace(cfg, shards=shards, tokenizer=tokenizer)
 

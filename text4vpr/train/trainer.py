@@ -21,7 +21,9 @@ from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
-from text4vpr.train.data import DataPaths, eval_loader, prepare_data, steps_per_epoch, train_loader
+from text4vpr.train.data import (
+    DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
+)
 from text4vpr.train.deepspeed_config import add_torch_autocast
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
@@ -68,6 +70,7 @@ class Trainer:
             raise ValueError("train.micro_batches > 1 (gradient caching) is not supported under DeepSpeed, whose "
                              "backward also steps the optimizer; use DDP for gradient caching")
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
+        check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
