@@ -215,3 +215,11 @@ def test_deepspeed_unreadable_state_file_is_an_error(tmp_path):
     _deepspeed_like_checkpoint(tmp_path / "evil", extra={"x": Fraction(1, 3)})
     with pytest.raises(ckpt.CheckpointError, match="mp_rank_00_model_states.pt"):
         ckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "evil", rank=0)
+
+
+@pytest.mark.parametrize("text", ['{"step": 1}', '{"files": [1, 2]}', '{"files": {"model.safetensors": 3}}',
+                                  '{"files": {"model.safetensors": {"bytes": 1}}}', "[]", "{"])
+def test_malformed_file_list_does_not_verify(tmp_path, text):
+    (tmp_path / "state.json").write_text(text)
+    problems = ckpt.verify_checkpoint(tmp_path)
+    assert len(problems) == 1 and "state.json" in problems[0]

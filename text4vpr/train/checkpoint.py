@@ -73,16 +73,16 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     try:
         files = json.loads((path / STATE).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        records = [(path / name, int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{path / STATE}: unreadable or without a file list ({type(e).__name__}: {e})"]
     problems = []
-    for name, rec in files.items():
-        f = path / name
+    for f, size, digest in records:
         if not f.is_file():
             problems.append(f"{f}: missing")
-        elif f.stat().st_size != rec["bytes"]:
-            problems.append(f"{f}: {f.stat().st_size} bytes, state.json lists {rec['bytes']} (truncated?)")
-        elif _sha256(f) != rec["sha256"]:
+        elif f.stat().st_size != size:
+            problems.append(f"{f}: {f.stat().st_size} bytes, state.json lists {size} (truncated?)")
+        elif _sha256(f) != digest:
             problems.append(f"{f}: sha256 differs from state.json's (damaged)")
     return problems
 
