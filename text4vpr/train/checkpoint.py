@@ -22,7 +22,6 @@ RNG files the same way; a file that cannot be read stops the resume with its nam
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -38,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.utils.hashing import sha256_file
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 STATE = "state.json"
@@ -47,19 +47,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, damaged, or holds something that cannot be restored."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_records(folder: str | os.PathLike) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of every file under `folder` except state.json."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != STATE)
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def write_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -82,7 +74,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
             problems.append(f"{f}: missing")
         elif f.stat().st_size != size:
             problems.append(f"{f}: {f.stat().st_size} bytes, state.json lists {size} (truncated?)")
-        elif _sha256(f) != digest:
+        elif sha256_file(f) != digest:
             problems.append(f"{f}: sha256 differs from state.json's (damaged)")
     return problems
 
