@@ -38,6 +38,8 @@ def test_overlap_is_refused_with_counts(split_shards):
     assert "data.allow_split_overlap=true" in msg and "\n" not in msg
     with pytest.raises(SplitOverlapError, match="data.test_shards"):
         check_split_overlap(DataPaths(str(s / "train"), str(s / "val"), str(s / "leaky_val"), ""))
+    with pytest.raises(SplitOverlapError, match="28 of its 28 locations"):  # the train folder itself
+        check_split_overlap(DataPaths(str(s / "train"), str(s / "train"), str(s / "val"), ""))
     check_split_overlap(DataPaths(str(s / "train"), str(s / "val"), str(s / "val"), ""))  # disjoint: fine
     check_split_overlap(DataPaths(str(s / "train"), str(s / "leaky_val"), str(s / "val"), ""), allow=True)
 

@@ -78,12 +78,10 @@ def check_split_overlap(paths: DataPaths, allow: bool = False) -> None:
     if allow:
         return
     train = location_ids(paths.train)
-    checked = {paths.train}
     for key, folder in (("val_shards", paths.val), ("test_shards", paths.test)):
-        if folder in checked:
-            continue
-        checked.add(folder)
-        ids = location_ids(folder)
+        if key == "test_shards" and folder == paths.val:
+            continue  # test = val (no test_shards given): checked already
+        ids = train if folder == paths.train else location_ids(folder)
         shared = sorted(train & ids)
         if shared:
             raise SplitOverlapError(
