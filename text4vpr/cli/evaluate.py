@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         index = None
         if args.index:
             index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
-                               weights_digest=weights_digest(model), shards_digest=shards_digest(args.shards),
+                               weights_digest=weights_digest(model), shards_digest=shards_digest(args.shards) or None,
                                allow_mismatch=args.allow_index_mismatch)
         with precision_context(args.precision, device):
             metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
