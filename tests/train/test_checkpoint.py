@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from text4vpr.train import checkpoint as ckpt
+from text4vpr.train import deepspeed_checkpoint as dsckpt
 
 
 def _model_and_opt():
@@ -66,8 +67,8 @@ def test_safe_torch_load_refuses_types_not_listed(tmp_path):
     assert torch.load(path, weights_only=False)["extra"] == Fraction(1, 3)  # an unsafe load would take it
     original = torch.load
     with pytest.raises(ckpt.CheckpointError, match="x.pt"):
-        ckpt.safe_torch_load(path, [])
-    assert ckpt.safe_torch_load(path, [Fraction])["extra"] == Fraction(1, 3)
+        dsckpt.safe_torch_load(path, [])
+    assert dsckpt.safe_torch_load(path, [Fraction])["extra"] == Fraction(1, 3)
     assert torch.load is original
 
 
@@ -190,7 +191,7 @@ def test_deepspeed_state_is_read_weights_only_and_torch_load_untouched(tmp_path,
     engine = _FakeEngine()
     unsafe = engine.checkpoint_engine
     torch.manual_seed(0)
-    state = ckpt.load_deepspeed_checkpoint(engine, tmp_path / "c", rank=0)
+    state = dsckpt.load_deepspeed_checkpoint(engine, tmp_path / "c", rank=0)
     assert state == {"step": 5}
     assert torch.equal(engine.loaded["module"]["w"], torch.arange(3.0))
     assert calls == [True, True]  # the RNG file and the engine's file, both weights-only
@@ -207,14 +208,14 @@ def test_deepspeed_unreadable_state_file_is_an_error(tmp_path):
     (tmp_path / "rng" / "random_states_0.pkl").write_bytes(b"not a pickle")
     ckpt.write_state(tmp_path / "rng", {"step": 5})  # listed as it is now: only readability can fail
     with pytest.raises(ckpt.CheckpointError, match="random_states_0.pkl"):
-        ckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "rng", rank=0)
+        dsckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "rng", rank=0)
     _deepspeed_like_checkpoint(tmp_path / "norng")
     (tmp_path / "norng" / "random_states_0.pkl").unlink()
     with pytest.raises(ckpt.CheckpointError, match="random_states_0.pkl"):
-        ckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "norng", rank=0)
+        dsckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "norng", rank=0)
     _deepspeed_like_checkpoint(tmp_path / "evil", extra={"x": Fraction(1, 3)})
     with pytest.raises(ckpt.CheckpointError, match="mp_rank_00_model_states.pt"):
-        ckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "evil", rank=0)
+        dsckpt.load_deepspeed_checkpoint(_FakeEngine(), tmp_path / "evil", rank=0)
 
 
 @pytest.mark.parametrize("text", ['{"step": 1}', '{"files": [1, 2]}', '{"files": {"model.safetensors": 3}}',

@@ -20,6 +20,7 @@ from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
+from text4vpr.train import deepspeed_checkpoint as dsckpt
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
@@ -263,7 +264,7 @@ class Trainer:
         if self.acc.scaler is not None:  # fp16: the loss scale resumes where it was
             state["scaler"] = self.acc.scaler.state_dict()
         if self.deepspeed:
-            ckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
+            dsckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
             return
         rngs = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 else [ckpt.rng_state()]
         self.acc.wait_for_everyone()
@@ -276,7 +277,7 @@ class Trainer:
         if path is None:
             return
         if self.deepspeed:
-            state = ckpt.load_deepspeed_checkpoint(self.model, path, self.acc.process_index)
+            state = dsckpt.load_deepspeed_checkpoint(self.model, path, self.acc.process_index)
         else:
             state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
         self.scheduler.load_state_dict(state.pop("scheduler"))
