@@ -5,7 +5,8 @@ Measures in one run: (a) shard build rate with and without --resize 252, (b) loa
 images/s per worker from shards (one in-process worker, and the whole DataLoader with
 --workers processes) for float32 batches (normalised in the loader), uint8 batches (the
 trainer normalises them on the device), uint8 batches of locations held by the frozen-trunk
-cache (no JPEG decode, as in cached epochs) and uint8 + fast_decode on 640 px shards, (c) a
+cache (no JPEG decode, as in cached epochs) and uint8 + fast_decode on 640 px shards, and the
+cost of shard verification (uint8 252 px with verify=True against verify=False), (c) a
 faithful re-implementation of the upstream loading path (pandas DataFrame re-grouped per
 item, PIL open from the folder, resize 252, normalise to float) on the same data, one
 process. The loading configurations run interleaved, one pass each per round, so a change
@@ -28,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from text4vpr.data.loader import LoaderConfig, build_loader  # noqa: E402
-from text4vpr.data.shards import BuildOptions, build_shards, shard_descriptions  # noqa: E402
+from text4vpr.data.shard_reader import shard_descriptions  # noqa: E402
+from text4vpr.data.shards import BuildOptions, build_shards  # noqa: E402
 from text4vpr.data.synthetic import SynthConfig, write_synthetic  # noqa: E402
 from text4vpr.data.tokenizer import train_tokenizer  # noqa: E402
 from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -123,6 +125,22 @@ class UpstreamRun:
         return {"workers": 1, "images": self.images, "seconds": self.seconds, "images_per_s": ips, "images_per_s_per_worker": ips}
 
 
+def bench_sha(shards: Path, images_per_s: float, repeats: int = 20) -> dict:
+    """The checksum part of verification, timed alone (less noisy than two loader passes)."""
+    import hashlib
+    import json
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    first = manifest["shards"][0]
+    data = (shards / first["name"]).read_bytes()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        hashlib.sha256(data).hexdigest()
+    ms = 1e3 * (time.perf_counter() - t0) / repeats
+    load_ms = 1e3 * first["views"] / images_per_s
+    return {"ms_per_shard": ms, "mb_per_shard": len(data) / 1e6, "shard_load_ms": load_ms, "fraction": ms / load_ms}
+
+
 def bench_regroup(xlsx: str, items: int = 200) -> dict | None:
     """Upstream's per-item DataFrame regroup on the real 20,004-row train file (no images)."""
     import pandas as pd
@@ -168,6 +186,8 @@ def main(argv=None) -> int:
                            LoaderRun(s252, tok, 0, bs, image_dtype="float32")),
             "u8_252_1w": ("loader uint8 (normalised on the device by the trainer, not timed), 252px shards, 1 in-process worker",
                           LoaderRun(s252, tok, 0, bs, image_dtype="uint8")),
+            "u8_252_1w_unverified": ("loader uint8, 252px shards, 1 in-process worker, verify=False (no sha256 per shard read)",
+                                     LoaderRun(s252, tok, 0, bs, image_dtype="uint8", verify=False)),
             "u8_252_cached_1w": ("loader uint8, every location in the trainer's frozen-trunk cache (no JPEG decode), "
                                  "252px shards, 1 in-process worker",
                                  LoaderRun(s252, tok, 0, bs, skip_images=every, image_dtype="uint8")),
@@ -184,6 +204,7 @@ def main(argv=None) -> int:
             for _, run in runs.values():
                 run.once()
         results = {key: run.result() for key, (_, run) in runs.items()}
+        sha = bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"])
     regroup = bench_regroup(args.real_train_xlsx)
     base = results["upstream"]["images_per_s_per_worker"]
     print(f"synthetic data: {args.locations} locations x 4 views at 640x640 (written in {synth_s:.1f} s)")
@@ -204,6 +225,12 @@ def main(argv=None) -> int:
         "upstream": results["upstream"],
         "ratio_per_worker_vs_upstream": {key: results[key]["images_per_s_per_worker"] / base for key in runs if key != "upstream"},
     }
+    overhead = results["u8_252_1w_unverified"]["images_per_s"] / results["u8_252_1w"]["images_per_s"] - 1
+    print(f"shard verification (sha256 of every shard read, split/size checks) costs {100 * overhead:+.1f} % "
+          "(uint8 252px, 1 worker: verify=True against verify=False, interleaved passes)")
+    print(f"sha256 alone: {sha['ms_per_shard']:.2f} ms per {sha['mb_per_shard']:.2f} MB shard = {100 * sha['fraction']:.2f} % "
+          f"of that shard's unverified loading time")
+    result["verify_overhead"] = {"interleaved": overhead, "sha256_alone": sha}
     if regroup is not None:
         print(f"upstream regroup alone on the real {regroup['rows']}-row train file: {regroup['ms_per_location']:.2f} ms/location "
               f"({regroup['ms_per_image']:.2f} ms/image, not included above: the synthetic frame is small)")

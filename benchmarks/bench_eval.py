@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from benchmarks.bench_data import UpstreamStyleDataset  # noqa: E402
 from benchmarks.common import machine, print_table, timed  # noqa: E402
 from text4vpr.data.loader import LoaderConfig, build_loader  # noqa: E402
-from text4vpr.data.shards import BuildOptions, build_shards, shard_descriptions  # noqa: E402
+from text4vpr.data.shard_reader import shard_descriptions  # noqa: E402
+from text4vpr.data.shards import BuildOptions, build_shards  # noqa: E402
 from text4vpr.data.synthetic import SynthConfig, write_synthetic  # noqa: E402
 from text4vpr.data.tokenizer import load_tokenizer, normalize_text, train_tokenizer  # noqa: E402
 from text4vpr.models import Text4VPR, paper_config, tiny_config  # noqa: E402

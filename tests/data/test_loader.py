@@ -14,18 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from text4vpr.data.loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LoaderConfig,
-    LoaderError,
-    all_descriptions,
-    batches_per_epoch,
-    build_loader,
-    worker_batch_range,
-)
+from text4vpr.data.loader import LoaderConfig, LoaderError, batches_per_epoch, build_loader
+from text4vpr.data.partition import worker_batch_range
+from text4vpr.data.shard_reader import shard_descriptions
 from text4vpr.data.shards import BuildOptions, build_shards
-from text4vpr.data.transforms import normalize_images
+from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def test_batch_dict_format_and_normalisation(synth_shards, synth_root, tokenizer
     ref = (ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     assert np.allclose(b["images"][0, 0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
     assert (b["attention_mask"].sum(-1) > 5).all() and (b["input_ids"][b["attention_mask"] == 0] == 0).all()
-    assert len(all_descriptions(synth_shards)) == 24
+    assert len(shard_descriptions(synth_shards)) == 24
 
 
 def test_missing_views_are_zero_images_and_pad_text(synth_root, tmp_path, tokenizer_dir):
@@ -227,7 +220,8 @@ def test_worker_batch_range_partitions_the_epoch():
 
 
 def _corrupt_member(shards, tmp_path, truncate: bool):
-    """Copy a shard folder; break one JPEG member of shard 1 (or cut shard 1 in half)."""
+    """Copy a shard folder; break one JPEG member of shard 1 (or cut shard 1 in half). Read it
+    with verify=False: the checksum would refuse the shard before these decode/tar checks run."""
     out = tmp_path / "broken"
     shutil.copytree(shards, out)
     path = out / "shard-000001.tar"
@@ -251,12 +245,12 @@ def _corrupt_member(shards, tmp_path, truncate: bool):
 def test_corrupt_jpeg_raises_naming_shard_and_key(train_shards, tokenizer_dir, tmp_path, mode):
     broken = _corrupt_member(train_shards, tmp_path, truncate=False)
     with pytest.raises(LoaderError, match=r"shard-000001\.tar: sample train-000007"):
-        list(build_loader(_cfg(broken, tokenizer_dir, shuffle_buffer=1), mode))
+        list(build_loader(_cfg(broken, tokenizer_dir, shuffle_buffer=1, verify=False), mode))
 
 
 def test_corrupt_jpeg_skip_counts_and_logs(train_shards, tokenizer_dir, tmp_path, caplog):
     broken = _corrupt_member(train_shards, tmp_path, truncate=False)
-    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval")
+    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "eval")
     with caplog.at_level(logging.WARNING, logger="text4vpr.data.loader"):
         seen = sorted(i for b in _indices(loader) for i in b)
     assert seen == [i for i in range(1, 29) if i != 7]
@@ -267,8 +261,8 @@ def test_corrupt_jpeg_skip_counts_and_logs(train_shards, tokenizer_dir, tmp_path
 def test_truncated_tar_raise_and_skip(train_shards, tokenizer_dir, tmp_path, caplog):
     broken = _corrupt_member(train_shards, tmp_path, truncate=True)
     with pytest.raises(LoaderError, match=r"shard-000001\.tar: (corrupt or truncated|\d+ samples, manifest says 5)"):
-        list(build_loader(_cfg(broken, tokenizer_dir), "eval"))
-    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval")
+        list(build_loader(_cfg(broken, tokenizer_dir, verify=False), "eval"))
+    loader = build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "eval")
     with caplog.at_level(logging.WARNING, logger="text4vpr.data.loader"):
         seen = sorted(i for b in _indices(loader) for i in b)
     lost = 28 - len(seen)
@@ -276,13 +270,13 @@ def test_truncated_tar_raise_and_skip(train_shards, tokenizer_dir, tmp_path, cap
     assert loader.dataset.stats.samples_skipped == lost and loader.dataset.stats.shards_truncated == 1
     assert any("shard-000001.tar" in r.getMessage() for r in caplog.records)
     # more slots than shards: every slot reads the short shard, its loss is counted once
-    ranks = [build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "eval", rank=r, world_size=8) for r in range(8)]
+    ranks = [build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "eval", rank=r, world_size=8) for r in range(8)]
     seen8 = sorted(i for loader8 in ranks for b in _indices(loader8) for i in b)
     assert seen8 == seen
     assert sum(r.dataset.stats.samples_skipped for r in ranks) == lost
     assert sum(r.dataset.stats.shards_truncated for r in ranks) == 1
     # train mode keeps its exact step count even when a shard is short
-    train = build_loader(_cfg(broken, tokenizer_dir, on_error="skip"), "train")
+    train = build_loader(_cfg(broken, tokenizer_dir, on_error="skip", verify=False), "train")
     assert len(_indices(train)) == len(train) == 9
 
 
@@ -314,7 +308,7 @@ def test_torchrun_two_processes_split_eval_exactly_and_train_evenly(train_shards
 
 
 def test_long_descriptions_are_cut_and_counted(synth_shards, tokenizer_dir):
-    from text4vpr.data.loader import LoaderConfig, ShardStream
+    from text4vpr.data.stream import ShardStream
 
     cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(tokenizer_dir), batch_size=2, image_size=28,
                        num_workers=0, max_text_length=8)

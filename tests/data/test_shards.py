@@ -8,15 +8,8 @@ import os
 import pytest
 
 from text4vpr.cli import main as cli
-from text4vpr.data.shards import (
-    BuildOptions,
-    ShardError,
-    build_shards,
-    find_location,
-    iter_tar_samples,
-    shard_descriptions,
-    verify_shards,
-)
+from text4vpr.data.shard_reader import ShardError, find_location, iter_tar_samples, shard_descriptions, verify_shards
+from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
 
 

@@ -397,17 +397,3 @@ def test_eval_embeddings_refuses_disjoint_queries(model_dir, synth_shards, tmp_p
     assert "6 of 6 query locations" in _one_line(_err(capsys, args))
     assert main(args + ["--allow-disjoint"]) == 0
 
-
-def test_shards_without_manifest_skip_only_the_shards_digest(model_dir, synth_shards, index_dir, tmp_path):
-    """`--shards` as a list of tar paths has no manifest to compare: the weights and the
-    locations are still checked, the shards digest cannot be."""
-    from text4vpr.data.shards import shard_paths
-
-    listed = "::".join(shard_paths(synth_shards))
-    ev = ["eval", "--model", str(model_dir), "--shards", listed, "--num-workers", "0", "--no-progress",
-          "--index", str(index_dir)]
-    assert main(ev + ["--out", str(tmp_path / "a")]) == 0
-    assert main(["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0", "--no-progress",
-                 "--index", str(index_dir), "--out", str(tmp_path / "b")]) == 0
-    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
-    assert a["accuracy"] == b["accuracy"] and a["num_queries"] == 6

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+
+from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--prefix", default="shard", help="shard file name prefix")
     b.add_argument("--min-views", type=int, default=1, help="skip locations with fewer valid views")
     b.add_argument("--strict", action="store_true", help="any dropped view or skipped location is an error")
-    b.add_argument("--drop-overlap", action="store_true", help="remove indices already seen in an earlier file")
+    b.add_argument("--exclude-from", nargs="+", default=[], metavar="XLSX",
+                   help="skip (and report) locations whose index is in these files, e.g. val minus train")
+    b.add_argument("--drop-overlap", action="store_true",
+                   help="with several --xlsx: write only the LAST file, minus indices in the earlier ones "
+                        "(same as --xlsx LAST --exclude-from EARLIER...)")
     b.add_argument("--refusal-pattern", action="append", default=None, help="regex for refusal-like text (repeatable; replaces defaults)")
+    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"drop (and report) views with more pixels (default {DEFAULT_MAX_PIXELS} = 4096x4096)")
     b.add_argument("--short-chars", type=int, default=50, help="flag descriptions shorter than this")
     b.add_argument("--report", default=None, help="also write the validation report here (default OUT/report.json)")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier, different build in --out")
@@ -40,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from text4vpr.data.shards import BuildOptions, ShardError, build_shards
+    from text4vpr.data.shard_pack import ShardWriteError
+    from text4vpr.data.shard_reader import ShardError
+    from text4vpr.data.shards import BuildOptions, build_shards
     from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
     from text4vpr.utils.atomic import atomic_write_json
 
@@ -48,13 +59,17 @@ def _build(args: argparse.Namespace) -> int:
         resize=args.resize, jpeg_quality=args.jpeg_quality, max_count=args.max_count, max_size=args.max_size,
         workers=args.workers, prefix=args.prefix, overwrite=args.overwrite,
     )
+    xlsx, exclude = _split_inputs(args)
     read = ReadOptions(
-        min_views=args.min_views, strict=args.strict, drop_overlap=args.drop_overlap,
+        min_views=args.min_views, strict=args.strict, exclude_from=exclude,
         refusal_patterns=tuple(args.refusal_pattern) if args.refusal_pattern else DEFAULT_REFUSAL_PATTERNS,
-        short_chars=args.short_chars,
+        short_chars=args.short_chars, max_pixels=args.max_pixels,
     )
     try:
-        manifest = build_shards(args.xlsx, args.images, args.out, opts, read, progress=not args.no_progress)
+        manifest = build_shards(xlsx, args.images, args.out, opts, read, progress=not args.no_progress)
+    except ShardWriteError as e:  # a full disk, permissions: the path and the reason, one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (Street360LocError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -64,6 +79,19 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_inputs(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
+    """(files to write, files whose indices are excluded): --drop-overlap writes the last file only."""
+    if args.drop_overlap and len(args.xlsx) > 1:
+        return args.xlsx[-1:], tuple(args.xlsx[:-1] + args.exclude_from)
+    return args.xlsx, tuple(args.exclude_from)
+
+
+def plain_name(text: str) -> str:
+    """A string from shard contents made safe as one file name: no separators, no dots-only."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_")
+    return name or "unnamed"
+
+
 def _report_line(c: dict) -> str:
     flags = ", ".join(f"{k} {v}" for k, v in sorted(c["flags"].items())) or "no flags"
     return (f"rows in {c['rows_in']} = written {c['rows_written']} + dropped {c['rows_dropped']} "
@@ -71,7 +99,7 @@ def _report_line(c: dict) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from text4vpr.data.shards import ShardError, find_location, verify_shards
+    from text4vpr.data.shard_reader import ShardError, find_location, verify_shards
     from text4vpr.utils.atomic import atomic_write_bytes
 
     try:
@@ -97,7 +125,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 print(f"  pos {pos}: {text}")
             if args.write_images:
                 for pos, data in images.items():
-                    path = Path(args.write_images) / f"{meta['split']}_{meta['index']:06d}_{pos}.jpg"
+                    path = Path(args.write_images) / f"{plain_name(meta['split'])}_{int(meta['index']):06d}_{int(pos)}.jpg"
                     atomic_write_bytes(path, data)
                     print(f"  wrote {path}")
     return 0 if result["ok"] else 1

@@ -12,7 +12,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
+
+from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS, image_header_problem
 
 REQUIRED_COLUMNS = ("index", "pos", "x", "y", "z", "text_description")
 NUM_VIEWS = 4
@@ -71,14 +73,6 @@ class ValidationReport:
     def balanced(self) -> bool:
         return self.rows_in == self.rows_written + self.rows_listed()
 
-    def merge(self, other: "ValidationReport") -> None:
-        """Add another report's entries and counts (used by the shard builder's workers)."""
-        for name in ("rows_in", "rows_written", "locations_in", "locations_written"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.dropped_views += other.dropped_views
-        self.skipped_locations += other.skipped_locations
-        self.flags += other.flags
-
     def counts(self) -> dict:
         by_flag: dict[str, int] = {}
         for f in self.flags:
@@ -120,6 +114,9 @@ class ReadOptions:
     strict: bool = False
     drop_overlap: bool = False
     check_images: bool = True  # existence + readable header; full decoding is checked when sharding
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger views are dropped and reported
+    # locations whose index appears in these files are skipped and reported (e.g. val minus train)
+    exclude_from: tuple[str, ...] = ()
     refusal_patterns: tuple[str, ...] = DEFAULT_REFUSAL_PATTERNS
     short_chars: int = DEFAULT_SHORT_CHARS
 
@@ -163,20 +160,6 @@ def _check_integer_column(path: Path, frame, col: str) -> None:
             raise Street360LocError(f"{path}: column '{col}' must be integers; row {i + 2} has {value!r}")
 
 
-def _image_problem(path: Path) -> str | None:
-    """Why an image cannot be used, or None. Reads only the header (cheap)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        return "missing image"
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - header parsed on open
-    except (UnidentifiedImageError, OSError) as e:
-        return f"unreadable image ({type(e).__name__})"
-    return None
-
-
 class _Reader:
     """Holds the options, patterns and report while reading a list of files."""
 
@@ -186,6 +169,10 @@ class _Reader:
         self.refusal = re.compile("|".join(options.refusal_patterns), re.IGNORECASE) if options.refusal_patterns else None
         self.report = ValidationReport()
         self.seen_index: dict[int, str] = {}  # index -> first file it appeared in
+        self.excluded: dict[int, str] = {}  # index -> the --exclude-from file holding it
+        for path in map(Path, options.exclude_from):
+            for index in _load_frame(path)["index"].astype(int).tolist():
+                self.excluded.setdefault(index, path.name)
 
     def fail_or_record(self, kind: str, entry: dict) -> None:
         """Record a drop/skip, or raise under strict."""
@@ -210,6 +197,10 @@ class _Reader:
 
     def read_location(self, path: Path, index: int, rows: list[tuple[int, dict]]) -> Location | None:
         name = path.name
+        if index in self.excluded:
+            reason = f"index also in {self.excluded[index]} (--exclude-from)"
+            self.fail_or_record("location", {"file": name, "index": index, "rows": [r for r, _ in rows], "reason": reason})
+            return None
         first = self.seen_index.get(index)
         if first is not None and first != name:
             self.report.flags.append({"file": name, "index": index, "flag": "overlap", "detail": f"index also in {first}"})
@@ -243,7 +234,7 @@ class _Reader:
             elif pos in seen_pos:
                 reason = f"duplicate pos {pos}"
             elif self.opts.check_images and self.images_dir is not None:
-                reason = _image_problem(img)
+                reason = image_header_problem(img, self.images_dir, self.opts.max_pixels)
             if reason is not None:
                 self.fail_or_record("view", {"file": name, "row": row, "index": index, "pos": pos, "reason": reason})
                 continue
@@ -293,9 +284,3 @@ def read_street360loc(
     assert reader.report.balanced(), "validation report does not add up"
     return locations, reader.report
 
-
-def iter_descriptions(locations: Iterable[Location]) -> Iterable[str]:
-    """Every description of every location (for training a tokenizer)."""
-    for loc in locations:
-        for v in loc.views:
-            yield v.description

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from text4vpr.data.shard_reader import file_sha256  # the project's one streaming sha256 of a file
 from text4vpr.utils.atomic import atomic_write_json
-from text4vpr.utils.hashing import sha256_file
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 STATE = "state.json"
@@ -48,7 +48,7 @@ def file_records(folder: str | os.PathLike) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of every file under `folder` except state.json."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != STATE)
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
 
 
 def write_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -71,7 +71,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
             problems.append(f"{f}: missing")
         elif f.stat().st_size != size:
             problems.append(f"{f}: {f.stat().st_size} bytes, state.json lists {size} (truncated?)")
-        elif sha256_file(f) != digest:
+        elif file_sha256(f) != digest:
             problems.append(f"{f}: sha256 differs from state.json's (damaged)")
     return problems
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
-from text4vpr.data.shards import BuildOptions, build_shards, iter_tar_samples, shard_descriptions, shard_paths
+from text4vpr.data.shard_reader import iter_tar_samples, shard_descriptions, shard_paths
+from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
 from text4vpr.data.tokenizer import train_tokenizer
 from text4vpr.utils.atomic import atomic_write_json

@@ -1,0 +1,56 @@
+"""Loader settings and the loader's error type (shared by partition, decode and stream)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
+
+
+class LoaderError(RuntimeError):
+    """A shard or sample could not be read or decoded; the message names shard and key."""
+
+
+@dataclass
+class LoaderConfig:
+    """Where the shards are and how batches are made."""
+
+    shards: str = ""  # shard folder (with manifest.json), or brace pattern / '::'-list of paths or URLs
+    manifest: str | None = None  # manifest.json for a pattern/URL list (train mode needs counts)
+    tokenizer: str = ""  # local Hugging Face tokenizer folder
+    batch_size: int = 64  # locations per batch (x views pairs)
+    image_size: int = 252
+    num_workers: int = 4
+    max_text_length: int = 128
+    dynamic_padding: bool = False  # pad to the longest description in the batch instead of max_text_length
+    seed: int = 0
+    shuffle_buffer: int = 256  # samples per worker
+    on_error: Literal["raise", "skip"] = "raise"
+    views: int = 4
+    batches_per_epoch: int | None = None  # train: override locations // (world_size * batch_size)
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    # "float32": ImageNet-normalised images (the batch contract); "uint8": raw 0-255 pixels,
+    # normalise on the device with text4vpr.data.transforms.normalize_images(images, view_mask)
+    image_dtype: Literal["float32", "uint8"] = "float32"
+    # let the JPEG decoder downscale by 1/2, 1/4 or 1/8 while decoding (PIL draft mode), then
+    # resize the rest of the way: much faster for large source JPEGs, but pixel values differ
+    # slightly from full decode + resize (no effect on images already at image_size)
+    fast_decode: bool = False
+    # train: the same shards go to the same rank (and worker) every epoch, in a new order each
+    # epoch; a rank then meets only its 1/world share of the locations, so a per-rank
+    # frozen-trunk cache holds 1/world of them instead of, over the epochs, nearly all
+    fixed_shard_assignment: bool = False
+    # check each shard against its manifest when read: sha256 of the whole tar (a replaced,
+    # copied or bit-flipped shard), no location key in two shards, every sample of the
+    # manifest's splits and (built with --resize) of its image size. False: trusted hot paths
+    verify: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS  # a larger image is a bad sample (raise or skip)
+
+    def check(self) -> None:
+        """Refuse values the loader cannot act on (one line naming the field)."""
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")

@@ -1,0 +1,109 @@
+"""Reading built shard folders: manifest, tar samples, checksum verification, lookups."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from text4vpr.data.street360loc import ReadOptions, read_street360loc
+
+MANIFEST = "manifest.json"
+
+
+class ShardError(RuntimeError):
+    """A shard directory is inconsistent (checksum, count, or a different earlier build)."""
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.exists():
+        raise ShardError(f"{path}: no manifest (was `text4vpr shards build` run to completion?)")
+    return json.loads(path.read_text())
+
+
+def is_shard_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def iter_tar_samples(source):
+    """Yield (key, {suffix: bytes}) per sample of a tar, in order. `source` is a path or a binary
+    stream (read once, front to back); the key is a member's base name up to its first dot."""
+    if isinstance(source, (str, Path)):
+        tar = tarfile.open(source, mode="r|*")
+    else:
+        tar = tarfile.open(fileobj=source, mode="r|*")
+    with tar:
+        key, sample = None, {}
+        for info in tar:
+            if not info.isreg():
+                continue
+            base, _, suffix = os.path.basename(info.name).partition(".")
+            if base != key and sample:
+                yield key, sample
+                sample = {}
+            key = base
+            sample[suffix] = tar.extractfile(info).read()
+        if sample:
+            yield key, sample
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(shard_dir: str | Path) -> dict:
+    """Check every shard's sha256, bytes and sample count against the manifest."""
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    problems = []
+    for s in manifest["shards"]:
+        path = shard_dir / s["name"]
+        if not path.exists():
+            problems.append(f"{s['name']}: missing")
+            continue
+        if path.stat().st_size != s["bytes"] or file_sha256(path) != s["sha256"]:
+            problems.append(f"{s['name']}: checksum mismatch")
+            continue
+        count = sum(1 for _ in iter_tar_samples(path))
+        if count != s["count"]:
+            problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+    return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
+
+
+def find_location(shard_dir: str | Path, index: int) -> list[tuple[str, dict, dict]]:
+    """All samples with this index: (shard name, json meta, {pos: jpeg bytes})."""
+    shard_dir = Path(shard_dir)
+    found = []
+    for s in load_manifest(shard_dir)["shards"]:
+        for key, sample in iter_tar_samples(shard_dir / s["name"]):
+            if key.endswith(f"-{index:06d}"):
+                meta = json.loads(sample["json"])
+                images = {int(k.split(".")[0]): v for k, v in sample.items() if k.endswith(".jpg")}
+                found.append((s["name"], meta, images))
+    return found
+
+
+def shard_descriptions(source: str | Path) -> list[str]:
+    """All descriptions in a shard folder or an xlsx file (e.g. to train a tokenizer)."""
+    source = Path(source)
+    if source.suffix == ".xlsx":
+        locations, _ = read_street360loc(source, None, ReadOptions(check_images=False))
+        return [v.description for loc in locations for v in loc.views]
+    texts = []
+    for s in load_manifest(source)["shards"]:
+        for _, sample in iter_tar_samples(source / s["name"]):
+            texts += json.loads(sample["json"])["descriptions"]
+    return texts
+
+
+def shard_paths(shard_dir: str | Path) -> list[str]:
+    """Shard file paths of a built folder, in manifest order."""
+    shard_dir = Path(shard_dir)
+    return [str(shard_dir / s["name"]) for s in load_manifest(shard_dir)["shards"]]

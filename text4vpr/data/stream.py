@@ -1,0 +1,180 @@
+"""The loader's IterableDataset: reads this (rank, worker) slot's samples and yields batches.
+
+- train: each (rank, worker) slot streams its own shards (or every S-th sample when there
+  are fewer shards than slots), endlessly, through a shuffle buffer seeded by
+  (seed, epoch, rank, worker); every rank yields exactly `batches_per_epoch` full batches,
+  so uneven shards never hang DDP. `start_batch=n` yields exactly the batches n, n+1, ...
+  an uninterrupted epoch would have yielded (same world size and num_workers).
+- eval: no shuffle, every location exactly once across all ranks x workers, last batch of
+  each worker partial, nothing padded or repeated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Iterator
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from text4vpr.data.decode import BatchMaker, Stats, log
+from text4vpr.data.loader_config import LoaderConfig, LoaderError
+from text4vpr.data.partition import (
+    batches_per_epoch,
+    pass_order,
+    resolve_shards,
+    shuffle,
+    slot_count,
+    slot_shards,
+    worker_batch_range,
+)
+from text4vpr.data.shard_reader import iter_tar_samples
+
+
+class _Unverified(Exception):
+    """A shard whose bytes do not match its manifest checksum (message names it)."""
+
+
+class ShardStream(IterableDataset):
+    """Yields ready batch dicts; one instance per (mode, epoch, rank, start_batch)."""
+
+    def __init__(self, cfg: LoaderConfig, mode: str, epoch: int, rank: int, world_size: int, start_batch: int = 0,
+                 skip_images: frozenset[int] = frozenset()):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        cfg.check()
+        self.cfg, self.mode, self.epoch = cfg, mode, epoch
+        self.rank, self.world = rank, world_size
+        self.shards = resolve_shards(cfg)
+        self.start_batch = start_batch
+        self.total = batches_per_epoch(cfg, world_size) if mode == "train" else None
+        if mode == "train" and not 0 <= start_batch <= self.total:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.total}")
+        self.stats = Stats(cfg.on_error)
+        expect = {"resize": self.shards.resize, "splits": self.shards.splits} if cfg.verify else {}
+        self.maker = BatchMaker(cfg, self.stats, skip_images, **expect)
+
+    def __len__(self) -> int:
+        """Batches this rank yields (train: exact; eval: exact when the manifest is known)."""
+        if self.mode == "train":
+            return self.total - self.start_batch
+        if self.shards.counts is None:
+            raise TypeError("eval length unknown without a manifest")
+        w = max(1, self.cfg.num_workers)
+        slots = self.world * w
+        return sum(-(-slot_count(self.shards.counts, self.rank * w + p, slots) // self.cfg.batch_size) for p in range(w))
+
+    # ---- raw samples -------------------------------------------------------------------
+    def _open(self, url: str, entry: dict | None):
+        """The shard as a stream; with `verify`, read whole and checked against its sha256 first."""
+        from webdataset import gopen
+
+        if not self.cfg.verify or entry is None:
+            return gopen(url, "rb")
+        with gopen(url, "rb") as stream:
+            data = stream.read()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise _Unverified(f"{url}: sha256 does not match its manifest entry (a changed, damaged or replaced shard; "
+                              "rebuild it, or verify=False to read it unchecked)")
+        return io.BytesIO(data)
+
+    def _read_shard(self, s: int, report: bool = True) -> Iterator[tuple[str, str, dict]]:
+        """(shard, key, {suffix: bytes}) per sample of shard s; a checksum mismatch or truncation
+        is an error or a counted skip. `report=False`: another slot reads this shard too and
+        counts its loss (skip mode)."""
+        url = self.shards.urls[s]
+        expected = self.shards.counts[s] if self.shards.counts else None
+        key, n = None, 0
+        try:
+            with self._open(url, self.shards.entries[s] if self.shards.entries else None) as stream:
+                for key, sample in iter_tar_samples(stream):
+                    yield url, key, sample
+                    n += 1
+        except _Unverified as e:
+            if report or self.cfg.on_error == "raise":
+                self.stats.fail(str(e), lost=expected if expected is not None else 1)
+            return
+        except Exception as e:  # tarfile.ReadError, EOFError, OSError, gopen errors
+            if not report and self.cfg.on_error == "skip":
+                return
+            self.stats.fail(f"{url}: corrupt or truncated tar after sample {n} (last good key {key}): {type(e).__name__}: {e}",
+                            lost=(expected - n) if expected is not None else 1, truncated=True)
+            return
+        if expected is not None and n != expected and (report or self.cfg.on_error == "raise"):
+            self.stats.fail(f"{url}: {n} samples, manifest says {expected} (truncated?)", lost=max(expected - n, 0), truncated=True)
+
+    def _slot_samples(self, order: list[int], slot: int, slots: int) -> Iterator[tuple[str, str, dict]]:
+        mine, by_sample = slot_shards(order, slot, slots)
+        i = 0
+        for s in mine:
+            owner = not by_sample or s % slots == slot  # with fewer shards than slots, one slot counts a shard's loss
+            for item in self._read_shard(s, owner):
+                if not by_sample or i % slots == slot:
+                    yield item
+                i += 1
+
+    def _train_samples(self, slot: int, slots: int, logical: int) -> Iterator[tuple[str, str, dict]]:
+        """Endless shuffled stream for one slot: new shard order every pass, seeded per epoch."""
+        n, cycle, cfg = len(self.shards.urls), 0, self.cfg
+        buffer_rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, logical, 1])
+
+        while True:  # one pass over the slot's shards per cycle; the buffer empties between passes
+            order = pass_order(n, slot, slots, cfg.seed, self.epoch, cycle, cfg.fixed_shard_assignment)
+            got = 0
+            for item in shuffle(self._slot_samples(order, slot, slots), cfg.shuffle_buffer, buffer_rng):
+                got += 1
+                yield item
+            if got == 0:
+                raise LoaderError(f"slot {slot} of {slots} got no samples from {n} shards")
+            cycle += 1
+
+    # ---- batches -----------------------------------------------------------------------
+    def _batches(self, raw: Iterator, limit: int | None) -> Iterator[dict]:
+        """Decode raw samples into full batches (train: exactly `limit`); eval keeps the partial tail."""
+        items, made = [], 0
+        for url, key, sample in raw:
+            if limit is not None and made >= limit:
+                return
+            item = self.maker.decode(url, key, sample)
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == self.cfg.batch_size:
+                yield self.maker.collate(items)
+                items, made = [], made + 1
+        if items and self.mode == "eval":
+            yield self.maker.collate(items)
+
+    def _skip(self, raw: Iterator, batches: int) -> None:
+        """Fast-forward `batches` batches. Raw samples need no decoding under on_error=raise
+        (any bad one would have raised in the original run); under skip they are decoded so
+        dropped samples are accounted exactly as in an uninterrupted run."""
+        need = batches * self.cfg.batch_size
+        while need > 0:
+            url, key, sample = next(raw)
+            if self.cfg.on_error == "raise" or self.maker.decode(url, key, sample) is not None:
+                need -= 1
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w, p = (info.num_workers, info.id) if info is not None else (1, 0)
+        try:
+            if self.mode == "eval":
+                slot, slots = self.rank * w + p, self.world * w
+                yield from self._batches(self._slot_samples(list(range(len(self.shards.urls))), slot, slots), None)
+            else:
+                logical, first, end = worker_batch_range(self.total, self.start_batch, w, p)
+                raw = self._train_samples(self.rank * w + logical, self.world * w, logical)
+                self._skip(raw, first)
+                yield from self._batches(raw, end - first)
+        finally:
+            self._log_counts(p)
+
+    def _log_counts(self, worker: int) -> None:
+        if self.stats.samples_skipped:
+            log.warning("rank %d worker %d: skipped %d samples (%d truncated shards)", self.rank, worker,
+                        self.stats.samples_skipped, self.stats.shards_truncated)
+        if self.stats.texts_truncated:
+            log.warning("rank %d worker %d: %d descriptions cut to max_text_length=%d tokens", self.rank, worker,
+                        self.stats.texts_truncated, self.cfg.max_text_length)
