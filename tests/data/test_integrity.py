@@ -340,3 +340,15 @@ def test_a_shard_list_without_a_manifest_is_read_only_unverified(synth_shards, t
     assert got == ref == list(range(35, 41))
     with_manifest = _cfg(pattern, tokenizer_dir, manifest=str(synth_shards / "manifest.json"))
     assert sorted(i for b in build_loader(with_manifest, "eval") for i in b["index"].tolist()) == ref
+
+
+def test_manifest_keys_that_are_not_the_shards_are_refused(synth_shards, tmp_path, tokenizer_dir):
+    """The manifest's key lists (used e.g. by the trainer's split-overlap check) must be the
+    shards' own: a crafted list with the right checksum is refused when the shard is read."""
+    folder = tmp_path / "s"
+    shutil.copytree(synth_shards, folder)
+    m = load_manifest(folder)
+    m["shards"][0]["keys"] = [k.replace("test-", "train-") for k in m["shards"][0]["keys"]]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LoaderError, match="shard-000000.tar.*keys differ"):
+        list(build_loader(_cfg(folder, tokenizer_dir), "eval"))

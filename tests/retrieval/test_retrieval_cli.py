@@ -245,3 +245,155 @@ def test_precision_and_progress_options(model_dir, synth_shards, tmp_path, capsy
     assert main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0",
                  "--out", str(tmp_path / "idx")]) == 0
     assert "index" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- index bound to its model and shards
+def _same_config_other_weights(tmp_path, tokenizer_dir):
+    torch.manual_seed(1)  # the fixture model used seed 0: same config (same config hash), other weights
+    out = tmp_path / "other_weights"
+    Text4VPR(tiny_config(vocab_size=300)).save_pretrained(out, tokenizer=load_tokenizer(tokenizer_dir))
+    return out
+
+
+def _reference_digest(model) -> str:
+    """sha256 over (name, dtype, shape, bytes) of the state dict in sorted name order (a naive loop)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(model.state_dict()):
+        t = model.state_dict()[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(bytes(t.reshape(-1).view(torch.uint8).tolist()))
+    return h.hexdigest()
+
+
+def test_weights_digest_follows_the_weights_not_the_loading(model_dir):
+    from text4vpr.retrieval.index import weights_digest
+
+    model = Text4VPR.from_pretrained(model_dir)
+    assert weights_digest(model) == _reference_digest(model)
+    assert weights_digest(Text4VPR.from_pretrained(model_dir)) == weights_digest(model)  # loaded twice: same
+    name, p = next((n, p) for n, p in model.named_parameters() if p.numel() > 3)
+    with torch.no_grad():
+        p.view(-1)[3] = torch.nextafter(p.view(-1)[3], torch.tensor(float("inf")))  # one ulp of one weight
+    assert weights_digest(model) != weights_digest(Text4VPR.from_pretrained(model_dir)), name
+
+
+def test_index_records_weights_and_shards_digests(model_dir, synth_shards, index_dir):
+    import hashlib
+
+    from safetensors import safe_open
+
+    from text4vpr.retrieval.index import weights_digest
+
+    header = json.loads((index_dir / "header.json").read_text())
+    assert header["weights_digest"] == weights_digest(Text4VPR.from_pretrained(model_dir))
+    assert header["shards_digest"] == hashlib.sha256((synth_shards / "manifest.json").read_bytes()).hexdigest()
+    with safe_open(str(index_dir / "part-00000.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["weights_digest"] == header["weights_digest"] and meta["shards_digest"] == header["shards_digest"]
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("warning", "  warnings.warn"))]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_index_of_other_weights_same_config_is_refused(model_dir, synth_shards, index_dir, tmp_path, tokenizer_dir, capsys):
+    other = _same_config_other_weights(tmp_path, tokenizer_dir)
+    assert Text4VPR.from_pretrained(other).config_hash() == Text4VPR.from_pretrained(model_dir).config_hash()
+    loc = ["localize", "--model", str(other), "--index", str(index_dir), "--text", "a red car"]
+    line = _one_line(_err(capsys, loc))
+    assert "another model" in line and "weights" in line and "--allow-index-mismatch" in line
+    ev = ["eval", "--model", str(other), "--shards", str(synth_shards), "--num-workers", "0", "--index", str(index_dir)]
+    line = _one_line(_err(capsys, ev + ["--out", str(tmp_path / "e")]))
+    assert "another model" in line and not (tmp_path / "e" / "metrics.json").exists()
+    with pytest.warns(UserWarning, match="index mismatch allowed: .*another model"):
+        assert main(loc + ["--allow-index-mismatch"]) == 0  # the user takes the risk, told so (stderr)
+
+
+@pytest.fixture(scope="module")
+def val_shards(synth_root, tmp_path_factory):
+    from text4vpr.data.shards import BuildOptions, build_shards
+
+    out = tmp_path_factory.mktemp("val_shards")
+    build_shards(synth_root / "val_description.xlsx", synth_root / "Street360Loc_images", out,
+                 BuildOptions(max_count=3, workers=1), progress=False, log=None)
+    return out
+
+
+def test_index_of_other_shards_and_disjoint_queries_are_refused(model_dir, synth_shards, val_shards, tmp_path, capsys):
+    val_index = tmp_path / "val_idx"
+    assert main(["index", "build", "--model", str(model_dir), "--shards", str(val_shards), "--out", str(val_index),
+                 "--num-workers", "0", "--no-progress"]) == 0
+    ev = ["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0", "--no-progress",
+          "--index", str(val_index), "--out", str(tmp_path / "e")]
+    line = _one_line(_err(capsys, ev))
+    assert "other shards" in line and "manifest digest" in line and "--allow-index-mismatch" in line
+    with pytest.warns(UserWarning, match="other shards"):
+        line = _one_line(_err(capsys, ev + ["--allow-index-mismatch"]))
+    assert "6 of 6 query locations" in line and "--allow-disjoint" in line
+    assert not (tmp_path / "e" / "metrics.json").exists()
+    with pytest.warns(UserWarning, match="other shards"):
+        assert main(ev + ["--allow-index-mismatch", "--allow-disjoint"]) == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_database"] == 6
+
+
+def test_disjoint_check_in_the_library(model_dir, synth_shards, index_dir):
+    from text4vpr.retrieval.evaluate import DisjointQueriesError
+    from text4vpr.retrieval.index import load_index
+
+    model = Text4VPR.from_pretrained(model_dir)
+    index = load_index(index_dir, model.config_hash(), model.embed_dim)
+    index.index = index.index + 1000  # every database location renamed: none of the queries is there
+    with pytest.raises(DisjointQueriesError, match="6 of 6 query locations"):
+        evaluate(model, _loader(model_dir, synth_shards), index=index)
+    index.index[:4] -= 1000  # four back: two queries still missing
+    with pytest.raises(DisjointQueriesError, match="2 of 6"):
+        evaluate(model, _loader(model_dir, synth_shards), index=index)
+    assert evaluate(model, _loader(model_dir, synth_shards), index=index, allow_disjoint=True)["num_queries"] == 6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_coordinates_name_the_part(model_dir, index_dir, tmp_path, capsys, bad):
+    damaged = tmp_path / "coords"
+    shutil.copytree(index_dir, damaged)
+    from safetensors import safe_open
+
+    part_file = damaged / "part-00000.safetensors"
+    with safe_open(str(part_file), framework="pt") as f:
+        meta = f.metadata()
+    part = load_file(str(part_file))
+    part["coords"][4, 1] = bad
+    save_file(part, str(part_file), metadata=meta)
+    line = _one_line(_err(capsys, ["localize", "--model", str(model_dir), "--index", str(damaged), "--text", "a"]))
+    assert "part-00000.safetensors" in line and "non-finite coordinates" in line and "row 4" in line
+
+
+def test_truncated_part_is_one_line_naming_the_file(model_dir, synth_shards, index_dir, tmp_path, capsys):
+    damaged = tmp_path / "trunc"
+    shutil.copytree(index_dir, damaged)
+    part_file = damaged / "part-00000.safetensors"
+    data = part_file.read_bytes()
+    for cut in (len(data) - 100, 40, 5):
+        part_file.write_bytes(data[:cut])
+        line = _one_line(_err(capsys, ["localize", "--model", str(model_dir), "--index", str(damaged), "--text", "a"]))
+        assert str(part_file) in line and "rebuild" in line, cut
+    line = _one_line(_err(capsys, ["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0",
+                                   "--no-progress", "--index", str(damaged), "--out", str(tmp_path / "e")]))
+    assert str(part_file) in line
+
+
+def test_eval_embeddings_refuses_disjoint_queries(model_dir, synth_shards, tmp_path, capsys):
+    model = Text4VPR.from_pretrained(model_dir)
+    enc = encode_split(model, _loader(model_dir, synth_shards))
+    q = {"embeddings": enc["queries"], "view_mask": enc["query_mask"], "coords": enc["coords"], "index": enc["index"]}
+    d = {"embeddings": enc["database"], "view_mask": enc["db_mask"], "coords": enc["coords"], "index": enc["index"] + 1000}
+    save_file(q, str(tmp_path / "q.safetensors"))
+    save_file(d, str(tmp_path / "d.safetensors"))
+    args = ["eval-embeddings", "--queries", str(tmp_path / "q.safetensors"), "--database", str(tmp_path / "d.safetensors"),
+            "--out", str(tmp_path / "r")]
+    assert "6 of 6 query locations" in _one_line(_err(capsys, args))
+    assert main(args + ["--allow-disjoint"]) == 0
+

@@ -118,3 +118,34 @@ def test_validation_without_top1_keeps_running(train_cache, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [e for e in events if e["kind"] == "val"]
     assert len(vals) == 2 and set(vals[0]["accuracy"]) == {"5"} and set(vals[0]["accuracy"]["5"]) == {"7.5"}
+
+
+def _steps_logged(run: Path) -> list[tuple[str, int]]:
+    return [(e["kind"], e["step"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_restart_after_a_kill_before_the_first_checkpoint_repeats_no_step(train_cache, tmp_path):
+    import shutil
+
+    run, common = tmp_path / "run", ["train.max_steps=3", "eval.final=false", "eval.every_steps=2"]
+    _train(train_cache, run, *common)
+    shutil.rmtree(run / "checkpoints")  # as if killed before the first checkpoint was written
+    _train(train_cache, run, *common, "train.resume=auto")
+    logged = _steps_logged(run)
+    assert len(logged) == len(set(logged)), logged
+    assert [s for k, s in logged if k == "train"] == [1, 2, 3] and [s for k, s in logged if k == "val"] == [2]
+
+
+def test_auto_resume_skips_a_damaged_newest_checkpoint_and_repeats_no_step(train_cache, tmp_path, capsys):
+    run, common = tmp_path / "run", ["train.max_steps=4", "train.save_every_steps=2", "eval.final=false"]
+    _train(train_cache, run, *common)
+    model_file = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # truncated
+    trainer = Trainer(_cfg(train_cache, run, *common, "train.resume=auto"))
+    assert trainer.state.step == 2
+    out = capsys.readouterr().out
+    assert "skipped 1" in out and "step-00000004" in out and "model.safetensors" in out
+    trainer.train()
+    logged = _steps_logged(run)
+    assert len(logged) == len(set(logged)), logged
+    assert [s for k, s in logged if k == "train"] == [1, 2, 3, 4]

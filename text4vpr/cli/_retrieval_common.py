@@ -26,6 +26,12 @@ def add_text_normalization_arg(parser: argparse.ArgumentParser) -> None:
                              "sent_tokenize + join (for a converted published model; pip install 'text4vpr[upstream]')")
 
 
+def add_index_risk_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-index-mismatch", action="store_true",
+                        help="rank with an index built by other weights or from other shards than those given "
+                             "(a warning, not an error; the results are then meaningless)")
+
+
 def precision_context(precision: str, device):
     """bf16 autocast (`--precision bf16`, or auto on CUDA) or nothing (fp32)."""
     import contextlib

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", required=True, help="database vectors (.safetensors or an index folder)")
     add_mode_arg(parser)
     add_ks_radii(parser)
+    parser.add_argument("--allow-disjoint", action="store_true",
+                        help="score queries whose locations are not in the database (by default an error)")
     parser.add_argument("--device", default="cpu", help="device for the search (cpu, cuda)")
     parser.add_argument("--out", required=True, help="report folder")
 
@@ -43,11 +45,13 @@ def _load(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.retrieval.evaluate import search_metrics
+    from text4vpr.retrieval.evaluate import check_queries_in_database, search_metrics
     from text4vpr.retrieval.report import markdown_table, write_report
 
     try:
         q, db = _load(args.queries), _load(args.database)
+        if not args.allow_disjoint:
+            check_queries_in_database(q["index"].long(), db["index"].long())
         metrics = search_metrics(
             q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
             db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_mode_arg, add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
+    add_index_risk_args, add_mode_arg, add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
 
@@ -24,6 +24,10 @@ def add_ks_radii(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_loader_args(parser)
     parser.add_argument("--index", default=None, help="prebuilt index of the database (default: encode the images)")
+    add_index_risk_args(parser)
+    parser.add_argument("--allow-disjoint", action="store_true",
+                        help="score queries whose locations are not in the index's database (they can only "
+                             "match by distance; by default an error)")
     add_mode_arg(parser)
     add_ks_radii(parser)
     parser.add_argument("--out", required=True, help="report folder")
@@ -40,7 +44,7 @@ def _this_rank_rows(path: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import evaluate
-    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.index import load_index, shards_digest, weights_digest
     from text4vpr.retrieval.report import markdown_table, write_report
 
     device = init_distributed()
@@ -48,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
         model = load_model_on(args.model, device)
         index = None
         if args.index:
-            index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index))
+            index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
+                               weights_digest=weights_digest(model), shards_digest=shards_digest(args.shards) or None,
+                               allow_mismatch=args.allow_index_mismatch)
         with precision_context(args.precision, device):
             metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
-                               backend=args.backend, device=device, show_progress=show_progress(args))
+                               backend=args.backend, device=device, show_progress=show_progress(args),
+                               allow_disjoint=args.allow_disjoint)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model_on(args.model, device)
         with precision_context(args.precision, device):
             header = build_index(model, eval_loader(args, model), args.out, dtype=args.dtype,
-                                 show_progress=show_progress(args))
+                                 show_progress=show_progress(args), shards=args.shards)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from text4vpr.cli._retrieval_common import add_mode_arg, add_text_normalization_arg, fail
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder")
     parser.add_argument("--index", required=True, help="index folder built by `text4vpr index build` with this model")
+    add_index_risk_args(parser)
     parser.add_argument("--text", action="append", default=[], help="a description (repeat up to 4 times, pos order)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     parser.add_argument("--top-k", type=int, default=5, help="number of locations to list")
@@ -35,7 +36,7 @@ def _print_table(results: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     from text4vpr.data.tokenizer import check_text_normalization, load_tokenizer
     from text4vpr.models import Text4VPR
-    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.index import check_digests, load_index, weights_digest
     from text4vpr.retrieval.localize import MAX_DESCRIPTIONS, encode_descriptions, rank_locations
 
     if not args.text:
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"],
                                           text_normalization=args.text_normalization)
+        # after encoding: a model with non-finite weights is named as such, not as "another model"
+        check_digests(index.header, {"weights_digest": weights_digest(model)}, args.index, args.allow_index_mismatch)
         results = rank_locations(query, mask, index, args.top_k, args.mode)
     except (FileNotFoundError, ValueError, OSError) as e:
         return fail(str(e))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from typing import Iterator
 
 import numpy as np
@@ -77,6 +78,9 @@ class ShardStream(IterableDataset):
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise _Unverified(f"{url}: sha256 does not match its manifest entry (a changed, damaged or replaced shard; "
                               "rebuild it, or verify=False to read it unchecked)")
+        if "keys" in entry and _member_keys(data) != list(entry["keys"]):
+            raise _Unverified(f"{url}: its location keys differ from its manifest entry's list (a crafted or "
+                              "mismatched manifest; rebuild the folder)")
         return io.BytesIO(data)
 
     def _read_shard(self, s: int, report: bool = True) -> Iterator[tuple[str, str, dict]]:
@@ -178,3 +182,16 @@ class ShardStream(IterableDataset):
         if self.stats.texts_truncated:
             log.warning("rank %d worker %d: %d descriptions cut to max_text_length=%d tokens", self.rank, worker,
                         self.stats.texts_truncated, self.cfg.max_text_length)
+
+
+def _member_keys(data: bytes) -> list[str]:
+    """Sample keys of an in-memory tar, in order (a member `KEY.suffix` belongs to sample KEY)."""
+    import tarfile
+
+    keys: list[str] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for name in tar.getnames():
+            key = os.path.basename(name).split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys

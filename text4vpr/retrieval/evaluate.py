@@ -24,6 +24,10 @@ from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
 
 
+class DisjointQueriesError(ValueError):
+    """Query locations are missing from the index's database (an index of another split?)."""
+
+
 @torch.no_grad()
 def encode_split(model, loader, device=None, images: bool = True, show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Text (queries) and image (database) vectors of every location this rank's loader yields, on CPU.
@@ -84,6 +88,18 @@ def _check_finite_everywhere(database: torch.Tensor) -> None:
         raise ValueError("database vectors contain non-finite values (NaN or inf) on another rank")
 
 
+def check_queries_in_database(query_ids: torch.Tensor, db_ids: torch.Tensor) -> None:
+    """Raise DisjointQueriesError naming how many query locations the database lacks (same
+    verdict on every rank: both id lists are complete on each)."""
+    missing = query_ids[~torch.isin(query_ids, db_ids)]
+    if missing.numel():
+        raise DisjointQueriesError(
+            f"{missing.numel()} of {query_ids.numel()} query locations are not in the index's database "
+            f"(e.g. location {int(missing.min())}): the index holds other locations (another split?); rebuild it "
+            "from these shards, or pass --allow-disjoint to score them anyway"
+        )
+
+
 def _gather_queries(local: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """All ranks' queries, masks and coords in rank order, and this rank's first global id."""
     rank, world = distributed_world()
@@ -140,13 +156,15 @@ def evaluate(
     backend: str = "auto",
     device: torch.device | str | None = None,
     show_progress: bool = False,
+    allow_disjoint: bool = False,
 ) -> dict:
     """Encode the loader's split and return the metrics dict (same on every rank):
     {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"}.
 
     Queries = each location's descriptions, database = each location's images (SPEC);
     with `index` (a loaded `retrieval.index.Index`), the database comes from it instead
-    (each rank searches an equal slice of its rows). The model is left in its train/eval state.
+    (each rank searches an equal slice of its rows), and every query location must be in it
+    unless `allow_disjoint`. The model is left in its train/eval state.
     """
     check_mode(mode)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -157,6 +175,8 @@ def evaluate(
     if index is None:
         database, db_mask, db_coords = local["database"], local["db_mask"], everyone["coords"]
     else:
+        if not allow_disjoint:
+            check_queries_in_database(everyone["index"], index.index)
         database, db_mask, offset = _rank_slice(index)
         db_coords = index.coords
     return search_metrics(

@@ -1,11 +1,17 @@
 """Retrieval index: database image vectors of a split, written in parts, checked on load.
 
 Layout of an index folder:
-- `header.json`: format, model config hash, D (embed dim), V (views), dtype, total count and
-  the parts with their counts;
+- `header.json`: format, model config hash, the model's weights digest and the shards
+  manifest digest it was built from, D (embed dim), V (views), dtype, total count and the
+  parts with their counts;
 - `part-XXXXX.safetensors` (one per rank that built it): `embeddings` (n, V, D),
   `view_mask` (n, V) bool, `coords` (n, 3) float64 ECEF metres, `index` (n,) int64 location
-  index. Global row ids run through the parts in order.
+  index; its metadata repeats the config hash and both digests. Global row ids run through
+  the parts in order.
+
+Loading checks that the index belongs to the model (config hash, weights digest) and, when
+given, to the shards (manifest digest); parts readable, shaped as the header says, with
+finite vectors and coordinates (docs/retrieval.md has the table of checks).
 
 Built in parallel: each rank encodes its share of the eval loader (every location exactly
 once) and writes its part; one gather of the counts at the end, then rank 0 writes the
@@ -14,7 +20,9 @@ header. Every file is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +34,7 @@ from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
 from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights and shards digests recorded
 HEADER = "header.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +42,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class RetrievalIndexError(ValueError):
     """The index is missing, damaged, or does not belong to the model in hand."""
 
+
+class IndexMismatchError(RetrievalIndexError):
+    """The index was built by other weights or from other shards than those in hand."""
 
 
 @dataclass
@@ -62,6 +73,28 @@ def rank_rows(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
+def weights_digest(model) -> str:
+    """sha256 over the model's state dict (sorted names, each with dtype, shape and raw bytes):
+    the same weights give the same digest however they were loaded or placed."""
+    model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the model
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 included)
+    return h.hexdigest()
+
+
+def shards_digest(shard_dir: str | Path) -> str:
+    """sha256 of a shard folder's manifest.json ('' when there is none, e.g. a list of tar
+    paths: nothing to compare then, the query-location check remains)."""
+    from text4vpr.data.shard_reader import MANIFEST
+
+    manifest = Path(shard_dir) / MANIFEST
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
+
+
 def part_name(rank: int) -> str:
     return f"part-{rank:05d}.safetensors"
 
@@ -87,18 +120,27 @@ def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=No
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def write_part(out_dir: str | Path, rank: int, tensors: dict[str, torch.Tensor], config_hash: str) -> Path:
+def write_part(out_dir: str | Path, rank: int, tensors: dict[str, torch.Tensor], config_hash: str,
+               digests: dict[str, str] | None = None) -> Path:
+    """One rank's part; `digests` = {"weights_digest", "shards_digest"} of what it was built from."""
     path = Path(out_dir) / part_name(rank)
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_save_file(contiguous, path, metadata={"format": FORMAT, "config_hash": config_hash})
+    atomic_save_file(contiguous, path, metadata={"format": FORMAT, "config_hash": config_hash, **_digests(digests)})
     return path
 
 
-def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dtype: str, counts: list[int]) -> dict:
+def _digests(digests: dict[str, str] | None) -> dict[str, str]:
+    d = digests or {}
+    return {name: str(d.get(name) or "") for name in ("weights_digest", "shards_digest")}
+
+
+def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dtype: str, counts: list[int],
+                 digests: dict[str, str] | None = None) -> dict:
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config_hash": config_hash,
+        **_digests(digests),
         "embed_dim": dim,
         "views": views,
         "dtype": dtype,
@@ -109,8 +151,10 @@ def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dt
     return header
 
 
-def build_index(model, loader, out_dir: str | Path, dtype: str = "float32", show_progress: bool = False) -> dict:
+def build_index(model, loader, out_dir: str | Path, dtype: str = "float32", show_progress: bool = False,
+                shards: str | Path | None = None) -> dict:
     """Encode this rank's locations and write its part; rank 0 writes the header. Returns the header.
+    `shards`: the shard folder the loader reads, whose manifest digest the index records.
 
     Under torch.distributed every rank calls this with its own eval loader; the only
     collective is one gather of the part sizes at the end.
@@ -122,7 +166,8 @@ def build_index(model, loader, out_dir: str | Path, dtype: str = "float32", show
     rank, world = distributed_world()
     model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the Text4VPR model
     tensors = encode_database(model, loader, _DTYPES[dtype], show_progress=show_progress)
-    write_part(out_dir, rank, tensors, model.config_hash())
+    digests = {"weights_digest": weights_digest(model), "shards_digest": shards_digest(shards) if shards else ""}
+    write_part(out_dir, rank, tensors, model.config_hash(), digests)
     counts = [len(tensors["index"])]
     if world > 1:
         gathered: list = [None] * world
@@ -131,7 +176,7 @@ def build_index(model, loader, out_dir: str | Path, dtype: str = "float32", show
     v, d = tensors["embeddings"].shape[1:]
     header = {"count": sum(counts)}
     if rank == 0:
-        header = write_header(out_dir, model.config_hash(), int(d), int(v), dtype, counts)
+        header = write_header(out_dir, model.config_hash(), int(d), int(v), dtype, counts, digests)
     if world > 1:
         torch.distributed.barrier()  # the header exists for everyone once this returns
     return header
@@ -141,9 +186,12 @@ def read_header(path: str | Path) -> dict:
     path = Path(path)
     if not (path / HEADER).is_file():
         raise RetrievalIndexError(f"{path}: no {HEADER}; not a text4vpr index folder (build one with `text4vpr index build`)")
-    header = json.loads((path / HEADER).read_text())
-    if header.get("format") != FORMAT:
-        raise RetrievalIndexError(f"{path / HEADER}: not a text4vpr index (format={header.get('format')!r})")
+    try:
+        header = json.loads((path / HEADER).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RetrievalIndexError(f"{path / HEADER}: unreadable ({e}); rebuild the index with `text4vpr index build`") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise RetrievalIndexError(f"{path / HEADER}: not a text4vpr index (format={dict(header).get('format')!r})")
     return header
 
 
@@ -158,9 +206,36 @@ def check_pairing(header: dict, config_hash: str | None = None, embed_dim: int |
         )
 
 
+_WHAT = {
+    "weights_digest": ("built by another model: its weights digest {got} differs from this model's {want} (same "
+                       "config, other weights)"),
+    "shards_digest": ("built from other shards: its shards manifest digest {got} differs from that of the shards "
+                      "given ({want})"),
+}
+
+
+def check_digests(header: dict, expected: dict[str, str], where: str = "index", allow_mismatch: bool = False) -> None:
+    """Raise IndexMismatchError when a recorded digest differs from `expected` (digests given
+    as None are not checked); with `allow_mismatch`, warn instead."""
+    for name, want in expected.items():
+        got = header.get(name) or ""
+        if want is None or got == want:
+            continue
+        message = (f"{where}: " + _WHAT[name].format(got=(got or "none recorded")[:12], want=(want or "none")[:12])
+                   + "; rebuild the index with `text4vpr index build`, or pass --allow-index-mismatch to rank with it "
+                   "anyway (the results are then meaningless)")
+        if not allow_mismatch:
+            raise IndexMismatchError(message)
+        warnings.warn(f"index mismatch allowed: {message}", stacklevel=3)
+
+
 def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int | None = None,
-               device: str | torch.device = "cpu", rows: tuple[int, int] | None = None) -> Index:
-    """Load an index, checking pairing with the model, part presence, sizes and finiteness.
+               device: str | torch.device = "cpu", rows: tuple[int, int] | None = None, *,
+               weights_digest: str | None = None, shards_digest: str | None = None,
+               allow_mismatch: bool = False) -> Index:
+    """Load an index, checking pairing with the model (config hash, dimension, weights digest)
+    and the shards (manifest digest; each digest checked when given), part presence, sizes,
+    readability and finiteness. `allow_mismatch` turns a digest mismatch into a warning.
 
     `rows=(lo, hi)` reads only those rows' embeddings and view masks (safetensors slices, so
     a rank of a sharded search holds its share, not the whole database); coords and ids are
@@ -169,6 +244,8 @@ def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int 
     path = Path(path)
     header = read_header(path)
     check_pairing(header, config_hash, embed_dim, str(path))
+    expected = {"weights_digest": weights_digest, "shards_digest": shards_digest}
+    check_digests(header, expected, str(path), allow_mismatch)
     total = int(header["count"])
     lo, hi = rows if rows is not None else (0, total)
     if not 0 <= lo <= hi <= total:
@@ -190,12 +267,30 @@ def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int 
 
 def _read_part(path: Path, part: dict, header: dict, a: int, b: int, device) -> dict[str, torch.Tensor]:
     """One part: embeddings and view masks of its rows [a, b), coords and ids of all."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     file = path / part["name"]
     if not file.is_file():
         raise RetrievalIndexError(f"{path}: index part {part['name']} is missing ({len(header['parts'])} parts expected)")
+    try:
+        out = _read_part_file(file, part, header, a, b, device)
+    except (SafetensorError, OSError, KeyError) as e:  # truncated, damaged, or without a tensor
+        raise RetrievalIndexError(f"{file}: unreadable index part ({e}); rebuild the index with `text4vpr index build`") from None
+    bad = ~torch.isfinite(out["coords"]).all(dim=1)
+    if bool(bad.any()):
+        raise RetrievalIndexError(f"{file}: {int(bad.sum())} non-finite coordinates (NaN or inf), first at row "
+                                  f"{int(bad.nonzero()[0])}; rebuild the index with `text4vpr index build`")
+    return out
+
+
+def _read_part_file(file: Path, part: dict, header: dict, a: int, b: int, device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     with safe_open(str(file), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if any(k in meta for k in ("weights_digest", "shards_digest")) and _digests(meta) != _digests(header):
+            raise RetrievalIndexError(f"{file}: built by another run than {HEADER} says (its digests differ); "
+                                      "rebuild the index with `text4vpr index build`")
         shape = tuple(f.get_slice("embeddings").get_shape())
         if shape != (part["count"], header["views"], header["embed_dim"]):
             raise RetrievalIndexError(f"{file}: holds {shape}, header says "

@@ -5,32 +5,86 @@ Layout of one checkpoint (a folder renamed into place only when complete):
   optimizer.safetensors    optimizer tensors, keys `state.<param>.<name>`
   rng-rank<r>.safetensors  torch CPU/CUDA generator states of each rank
   state.json               step/epoch/batch position, scheduler, counters, optimizer groups,
-                           python/numpy RNG of each rank
+                           python/numpy RNG of each rank, and `files`: every other file of the
+                           folder with its size and sha256
 Nothing is pickled, so resuming never unpickles a file.
 
-Under DeepSpeed the engine writes its own (pickle-based) files through Accelerate's
-`save_state`; resuming reads them with every `torch.load` forced to `weights_only=True`,
-allowing only the few plain types those files hold (`weights_only_torch_load`).
+Every checkpoint is verified against its `files` list before use; `resume=auto` takes the
+newest that verifies and names those it skipped. Old checkpoints are renamed out of the
+`step-*` name space before they are deleted, so a half-deleted one never counts.
+
+Under DeepSpeed the engine writes its own (pickle-based) files (`train.deepspeed_checkpoint`),
+listed and verified the same way; only the types of `deepspeed_checkpoint_types()` may be
+unpickled from them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from text4vpr.data.shard_reader import file_sha256  # the project's one streaming sha256 of a file
 from text4vpr.utils.atomic import atomic_write_json
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
+STATE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, damaged, or holds something that cannot be restored."""
+
+
+def file_records(folder: str | os.PathLike) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` except state.json."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != STATE)
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+
+
+def write_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
+    """state.json, written last (atomically), listing every other file of the folder."""
+    atomic_write_json(Path(folder) / STATE, {**state, "files": file_records(folder)}, indent=None)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: it verifies): state.json unreadable or
+    without a file list, a listed file missing, of another size, or of another sha256."""
+    path = Path(path)
+    try:
+        files = json.loads((path / STATE).read_text())["files"]
+        records = [(path / name, int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{path / STATE}: unreadable or without a file list ({type(e).__name__}: {e})"]
+    problems = []
+    for f, size, digest in records:
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f}: {f.stat().st_size} bytes, state.json lists {size} (truncated?)")
+        elif file_sha256(f) != digest:
+            problems.append(f"{f}: sha256 differs from state.json's (damaged)")
+    return problems
+
+
+def read_verified_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's state.json (without its file list), after verifying every file."""
+    problems = verify_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not verify: {'; '.join(problems)}")
+    with open(Path(path) / STATE) as f:
+        state = json.load(f)
+    state.pop("files")
+    return state
 
 
 def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -123,12 +177,12 @@ def save_checkpoint(
     for r, (tensors, meta) in enumerate(rank_rng):
         save_file(tensors, tmp / f"rng-rank{r}.safetensors")
         rng_meta.append(meta)
-    atomic_write_json(tmp / "state.json", {**state, "optimizer": opt_meta, "rng": rng_meta}, indent=None)
-    _swap_in(tmp, final, ckpt_dir, keep_last)
+    write_state(tmp, {**state, "optimizer": opt_meta, "rng": rng_meta})
+    swap_in(tmp, final, ckpt_dir, keep_last)
     return final
 
 
-def _swap_in(tmp: Path, final: Path, ckpt_dir, keep_last: int) -> None:
+def swap_in(tmp: Path, final: Path, ckpt_dir, keep_last: int) -> None:
     """Rename the complete temp folder into place; an older folder of the same step is moved
     aside first and deleted after, so some complete copy exists at every instant."""
     aside = final.with_name(f".old-{final.name}")
@@ -137,31 +191,24 @@ def _swap_in(tmp: Path, final: Path, ckpt_dir, keep_last: int) -> None:
         os.replace(final, aside)
     os.replace(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
+    for leftover in Path(ckpt_dir).glob(".del-step-*"):  # a deletion killed midway
+        shutil.rmtree(leftover, ignore_errors=True)
     for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
 
 
-def save_accelerate_checkpoint(acc, ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
-    """DeepSpeed path: Accelerate's `save_state` (DeepSpeed's own, partitioned format) into a
-    temp folder that every rank writes, plus our `state.json`; renamed into place when complete."""
-    final = Path(ckpt_dir) / f"step-{step:08d}"
-    tmp = Path(ckpt_dir) / f".tmp-step-{step:08d}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        atomic_write_json(tmp / "state.json", state, indent=None)
-        _swap_in(tmp, final, ckpt_dir, keep_last)
-    acc.wait_for_everyone()
-    return final
+def _delete(folder: Path) -> None:
+    """Rename out of the `step-*` name space first, then delete: a kill midway leaves a
+    `.del-` folder, never a half-deleted checkpoint that still counts as complete."""
+    doomed = folder.with_name(f".del-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def deepspeed_checkpoint_types() -> list:
     """The non-tensor types in DeepSpeed ZeRO-2 and Accelerate RNG files: plain records, an
-    enum, the loss-scaler's settings, numpy arrays of RNG state. Nothing else is accepted."""
+    enum, the loss-scaler's settings, numpy arrays (and dtype) of RNG state. Nothing else."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -170,34 +217,13 @@ def deepspeed_checkpoint_types() -> list:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
-    return [LossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype, _reconstruct]
+    return [LossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype, _reconstruct, *_numpy_dtype_classes()]
 
 
-@contextlib.contextmanager
-def weights_only_torch_load(allowed: list):
-    """Inside: every `torch.load` runs with weights_only=True (DeepSpeed's engine and
-    Accelerate's RNG restore ask for False), with exactly the `allowed` extra types."""
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        torch.load = original
-
-
-def load_accelerate_checkpoint(acc, path: str | os.PathLike) -> dict[str, Any]:
-    """Counterpart of `save_accelerate_checkpoint`: engine, optimizer, RNG, then our state;
-    nothing is unpickled beyond tensors and `deepspeed_checkpoint_types()`."""
-    with weights_only_torch_load(deepspeed_checkpoint_types()):
-        acc.load_state(str(path))
-    with open(Path(path) / "state.json") as f:
-        return json.load(f)
+def _numpy_dtype_classes() -> list:
+    """numpy >= 1.25 pickles the uint32 dtype of its RNG state with its class."""
+    dtypes = getattr(np, "dtypes", None)
+    return [dtypes.UInt32DType] if dtypes is not None and hasattr(dtypes, "UInt32DType") else []
 
 
 def load_checkpoint(
@@ -205,8 +231,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from `path`; return the trainer state dict."""
     path = Path(path)
-    with open(path / "state.json") as f:
-        state = json.load(f)
+    state = read_verified_state(path)
     model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), state.pop("optimizer")))
     rng_meta = state.pop("rng")
@@ -216,14 +241,37 @@ def load_checkpoint(
     return state
 
 
-def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
-    """`auto` -> newest complete checkpoint (or None); a path -> that checkpoint; '' -> None."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike, report: Callable[[str], None] = _stderr) -> Path | None:
+    """`auto` -> newest checkpoint that verifies (those skipped named through `report`; None
+    when there is none; an error when there are some and none verifies); a path -> that
+    checkpoint, verified; '' -> None."""
     if not resume:
         return None
     if resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        return found[-1] if found else None
+        return _newest_verified(ckpt_dir, report)
     p = Path(resume)
-    if not (p / "state.json").exists():
+    if not (p / STATE).exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no state.json)")
+    problems = verify_checkpoint(p)
+    if problems:
+        raise CheckpointError(f"--resume {resume}: does not verify: {'; '.join(problems)}")
     return p
+
+
+def _newest_verified(ckpt_dir, report: Callable[[str], None]) -> Path | None:
+    skipped = []
+    for p in reversed(list_checkpoints(ckpt_dir)):
+        problems = verify_checkpoint(p)
+        if not problems:
+            if skipped:
+                report(f"resume=auto: skipped {len(skipped)} newer checkpoint(s) that do not verify: {'; '.join(skipped)}")
+            return p
+        skipped.append(f"{p.name} ({'; '.join(problems)})")
+    if skipped:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint verifies: {'; '.join(skipped)}; move the folder aside "
+                              "or set train.resume='' to start over")
+    return None

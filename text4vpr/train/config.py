@@ -45,6 +45,7 @@ class DataConfig:
     train_shards: str = ""
     val_shards: str = ""
     test_shards: str = ""  # the held-out split evaluated at the end ("" = val)
+    allow_split_overlap: bool = False  # true: val/test may share locations with train (numbers then leak)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
-from text4vpr.data.shard_reader import iter_tar_samples, shard_descriptions, shard_paths
+from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, shard_descriptions, shard_paths
 from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
 from text4vpr.data.tokenizer import train_tokenizer
@@ -62,6 +62,57 @@ def prepare_data(cfg, acc) -> DataPaths:
     if not cfg.loader.tokenizer:
         raise ValueError("data.loader.tokenizer: give the local tokenizer folder (e.g. your T5 folder)")
     return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
+
+
+class SplitOverlapError(ValueError):
+    """The val or test shards hold locations of the train shards."""
+
+
+def location_ids(shards: str | Path) -> set[int]:
+    """The location indices of a shard folder: from the manifest's per-shard keys
+    (`{split}-{index:06d}`, written by builds since the keys were listed; the loader checks
+    them against the verified shards), else from the samples' JSON members (reads every shard)."""
+    entries = load_manifest(shards)["shards"]
+    if all("keys" in e for e in entries):
+        return {int(k.rsplit("-", 1)[1]) for e in entries for k in e["keys"]}
+    return {int(json.loads(sample["json"])["index"]) for path in shard_paths(shards) for _, sample in iter_tar_samples(path)}
+
+
+def check_split_overlap(paths: DataPaths, allow: bool = False) -> None:
+    """Raise SplitOverlapError when the val or test shards share location indices with the
+    train shards (validation and the best-model choice would run on training data)."""
+    if allow:
+        return
+    train = location_ids(paths.train)
+    for key, folder in (("val_shards", paths.val), ("test_shards", paths.test)):
+        if key == "test_shards" and folder == paths.val:
+            continue  # test = val (no test_shards given): checked already
+        ids = train if folder == paths.train else location_ids(folder)
+        shared = sorted(train & ids)
+        if shared:
+            raise SplitOverlapError(
+                f"data.{key} {folder}: {len(shared)} of its {len(ids)} locations are also among the "
+                f"{len(train)} train locations of {paths.train} (e.g. {', '.join(map(str, shared[:5]))}); "
+                "rebuild that split without them (its numbers would be measured on training data), or set "
+                "data.allow_split_overlap=true"
+            )
+
+
+def check_split_overlap_once(paths: DataPaths, allow: bool, acc) -> None:
+    """`check_split_overlap` on the main process (it reads every shard once); every rank
+    raises the same error."""
+    from accelerate.utils import broadcast_object_list
+
+    message = [None]
+    if acc.is_main_process:
+        try:
+            check_split_overlap(paths, allow)
+        except SplitOverlapError as e:
+            message[0] = str(e)
+    if acc.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0] is not None:
+        raise SplitOverlapError(message[0])
 
 
 def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:

@@ -65,3 +65,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return events
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> None:
+    """Drop the events logged after `step`, atomically: a resumed (or restarted) run logs them
+    again, so no step appears twice. A missing file stays missing."""
+    from text4vpr.utils.atomic import atomic_write_text
+
+    if not Path(path).exists():
+        return
+    kept = [e for e in read_metrics(path) if e.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))

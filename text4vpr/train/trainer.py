@@ -20,10 +20,13 @@ from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
+from text4vpr.train import deepspeed_checkpoint as dsckpt
 from text4vpr.train.config import RunConfig
-from text4vpr.train.data import DataPaths, eval_loader, prepare_data, steps_per_epoch, train_loader
+from text4vpr.train.data import (
+    DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
+)
 from text4vpr.train.deepspeed_config import add_torch_autocast
-from text4vpr.train.logs import MetricsLogger, read_metrics
+from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.progress import Progress
@@ -68,6 +71,7 @@ class Trainer:
             raise ValueError("train.micro_batches > 1 (gradient caching) is not supported under DeepSpeed, whose "
                              "backward also steps the optimizer; use DDP for gradient caching")
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
+        check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
@@ -78,6 +82,8 @@ class Trainer:
         self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
+        if self.acc.is_main_process:  # this run's log: nothing after the step it starts from, even 0
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.log = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.acc.is_main_process)
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -258,7 +264,7 @@ class Trainer:
         if self.acc.scaler is not None:  # fp16: the loss scale resumes where it was
             state["scaler"] = self.acc.scaler.state_dict()
         if self.deepspeed:
-            ckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
+            dsckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
             return
         rngs = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 else [ckpt.rng_state()]
         self.acc.wait_for_everyone()
@@ -267,11 +273,11 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.train.resume, self.ckpt_dir)
+        path = ckpt.resolve_resume(self.cfg.train.resume, self.ckpt_dir, report=self.acc.print)
         if path is None:
             return
         if self.deepspeed:
-            state = ckpt.load_accelerate_checkpoint(self.acc, path)
+            state = dsckpt.load_deepspeed_checkpoint(self.model, path, self.acc.process_index)
         else:
             state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
         self.scheduler.load_state_dict(state.pop("scheduler"))
@@ -279,8 +285,6 @@ class Trainer:
         if scaler is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(scaler)
         self.state = TrainState(**state)
-        if self.acc.is_main_process:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.acc.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
 
     def _modules(self) -> torch.nn.ModuleDict:
@@ -302,12 +306,3 @@ class Trainer:
         self.log.close()
         return result
 
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    import json
-
-    kept = [e for e in read_metrics(path) if e["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
