@@ -26,7 +26,7 @@ from text4vpr.train.deepspeed_config import add_torch_autocast
 from text4vpr.train.logs import MetricsLogger, read_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
-from text4vpr.train.progress import Progress
+from text4vpr.utils.progress import Progress
 from text4vpr.train.step import cached_backward, plain_backward
 from text4vpr.utils.atomic import atomic_write_text
 from text4vpr.utils.distributed import average_gradients, broadcast_buffers
