@@ -55,9 +55,6 @@ class ImageEncoder(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(True)
 
-    def trainable_layers(self) -> nn.ModuleList:
-        return self.backbone.encoder.layer[self.num_frozen :]
-
     @property
     def frozen_is_deterministic(self) -> bool:
         """True when the frozen blocks have no dropout / drop-path (so their output can be cached)."""

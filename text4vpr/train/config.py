@@ -84,7 +84,6 @@ class TrainConfig:
     frozen_cache: bool = False  # cache the frozen DINOv2 blocks' tokens per location (see frozen_cache.py)
     frozen_cache_dtype: str = "same"  # same (exact) | bfloat16 (half the memory, rounded)
     frozen_cache_device: str = "auto"  # auto (the training device) | cpu
-    nan_at_steps: list[int] = field(default_factory=list)  # test aid: force a NaN loss at these steps
     progress: bool = True
 
     def __post_init__(self) -> None:
