@@ -1,15 +1,13 @@
 """Hand-made gradient averaging: bucket layout, and a no-op outside a process group.
 (Its multi-rank result is checked by tests/train/test_distributed_train.py.)"""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from text4vpr.utils.distributed import _buckets, average_grad, average_gradients, gather_rows, gather_sizes
+from text4vpr.utils.testing import run_torchrun
 
 
 def test_buckets_keep_order_split_on_size_and_dtype():
@@ -31,13 +29,7 @@ def test_average_gradients_is_a_no_op_without_a_group():
 def test_collectives_with_gradients_two_ranks(tmp_path):
     """torchrun 2 CPU ranks: gather_rows / all_reduce_sum values and gradients equal one
     process's, and the loss and global BatchNorm emit no deprecation warning."""
-    worker = Path(__file__).parent / "dist_collectives_worker.py"
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = run_torchrun(Path(__file__).parent / "dist_collectives_worker.py", tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         assert (tmp_path / f"ok-{rank}").read_text().strip() == "ok"
