@@ -44,7 +44,10 @@ class _Strips(torch.autograd.Function):
     (block x block) tile at a time; the backward recomputes the tiles, and turns gradients
     with respect to the normalised vectors into gradients of the raw ones in place. In one
     process the gathered tensors are the local ones and share their gradient buffers, so
-    beyond the inputs and their gradients only O(N) vectors and one tile are alive."""
+    beyond the inputs and their gradients only O(N) vectors and one tile are alive. (There,
+    rows and columns are still two passes: one pass over shared tiles halves the matmuls but
+    rounds differently from the multi-rank strips, enough to miss the 2-rank test's 1e-5 on
+    the noise-dominated aggregation.tau gradient.)"""
 
     @staticmethod
     def forward(ctx, img, txt, img_all, txt_all, scale, pos, groups, groups_all, block: int):
