@@ -251,7 +251,7 @@ def measure_phases(s: Setup, batch: dict, steps: int, flops: dict) -> dict:
         timer("loss fwd+bwd", loss_fwd_bwd)
         timer("image bwd", lambda: img.backward(img_l.grad))
         timer("text bwd", lambda: txt.backward(txt_l.grad))
-        timer("clip + optimizer", lambda: (t._clip(), t.optimizer.step(), t.optimizer.zero_grad(set_to_none=True)))
+        timer("clip + optimizer", lambda: (t.strategy.clip(t.model), t.optimizer.step(), t.optimizer.zero_grad(set_to_none=True)))
     med = timer.medians()
     total = sum(med.values())
     out = {}

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from text4vpr.kernels.topk import MODES, group_topk  # noqa: E402
+from text4vpr.kernels.common import MODES  # noqa: E402
+from text4vpr.kernels.topk import group_topk  # noqa: E402
 from text4vpr.utils.testing import unexplained_id_differences  # noqa: E402
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from text4vpr.losses import ContrastiveLoss, info_nce, info_nce_and_grads
+from text4vpr.utils.testing import run_torchrun
 
 
 def reference_loss(img, txt, temperature=0.1, groups=None):
@@ -104,13 +102,7 @@ def test_shape_errors_are_clear():
 @pytest.mark.slow
 def test_two_rank_gloo_equals_single_process(tmp_path):
     """torchrun 2 CPU ranks: loss and every parameter gradient equal one process (<= 1e-5)."""
-    worker = Path(__file__).parent / "dist_loss_worker.py"
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = run_torchrun(Path(__file__).parent / "dist_loss_worker.py", tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         assert (tmp_path / f"ok-{rank}").read_text().strip() == "ok"

@@ -1,30 +1,26 @@
-"""Symmetric InfoNCE (SPEC): plain, tiled, cross-rank and gradient-cache forms.
+"""Symmetric InfoNCE (docs/method.md): one routine for one process, many ranks, plain or tiled.
 
-SPEC loss for N pairs: i, t L2-normalised, logits = s * i @ t.T with s = 1/temperature,
+The loss for N pairs: i, t L2-normalised, logits = s * i @ t.T with s = 1/temperature,
 loss = (1/N) * sum_n [CE(row n, n) + CE(column n, n)] (the SUM of both directions).
 
-Building blocks
-- `info_nce(image_emb, text_emb, temperature=0.1)`: the SPEC loss on one process.
-- `ContrastiveLoss(...)`: module for the trainer. Takes this rank's (n, D) embeddings; when
-  torch.distributed runs with world_size > 1 it gathers embeddings (never logits) from all
-  ranks with gradients flowing back to their owners, and computes only its own rows and
-  columns against the global set (local loss). The loss it returns has the value of the
-  single-process loss on the concatenated batch on every rank, and a gradient scaled so that
-  DDP's usual gradient *averaging* yields exactly the single-process gradient (the world-size
-  trap: a gathered-with-grad full loss, or a local loss without the x world_size factor,
-  gives gradients off by a factor of world_size).
-- `tiled=True`: never builds the N x N logits. Forward is a blockwise online log-sum-exp,
-  backward recomputes the blocks (custom autograd.Functions); memory O(N * D). On one
-  process a fused Function works from the raw embeddings (normalisation folded into the
-  tiles), so it needs little beyond the inputs and their gradients; across ranks each rank
-  tiles its own row strip and column strip of the global logits.
+`contrastive_loss` computes it in one path, whatever the world size:
+1. normalise this rank's (n, D) image and text embeddings (fp32, autocast off; tile by tile);
+2. gather every rank's embeddings (never logits) with gradients flowing back to their
+   owners (`utils.distributed.gather_rows`; the embeddings themselves in one process);
+3. log-sum-exp of this rank's rows (its images vs all texts) and columns (its texts vs all
+   images) of the global logits, by tiles whose backward recomputes them (`_Strips`, which
+   folds the normalisation into the tiles): `tiled=True` uses block_size tiles, memory
+   O(N * D) (little beyond the inputs and their gradients); plain uses one tile.
+The value returned is the global loss on every rank; its gradient is scaled so that DDP's
+usual gradient *averaging* yields exactly the single-process gradient (a gathered-with-grad
+full loss, or a local loss without the x world_size factor, is off by a factor of world_size).
+
 - `exclude_same_location=True` with `group_ids` (n,): the other views of the same location
   are removed from the negatives (upstream keeps them as negatives; so does our default).
 - `ContrastiveLoss.loss_and_grads(...)` / `info_nce_and_grads(...)`: gradient caching.
   Given detached embeddings of the whole (local) batch it returns (loss, d/d image_emb,
   d/d text_emb); the trainer re-encodes each micro-batch and calls
   `torch.autograd.backward(emb, grad)`, so accumulation never shrinks the negatives.
-Everything runs in fp32 with autocast disabled.
 """
 
 from __future__ import annotations
@@ -32,249 +28,127 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from text4vpr.utils.distributed import all_reduce_sum, average_grad, distributed_world, gather_rows, gather_sizes
 
 DEFAULT_BLOCK = 4096
 MAX_SCALE = 100.0
 
 
-# ---------------------------------------------------------------------- distributed helpers
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _gather_sizes(n: int, device: torch.device, world: int) -> list[int]:
-    local = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local)
-    return [int(s.item()) for s in sizes]
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather of (n_r, D) rows (sizes may differ); backward sums the gradients of every
-    rank's loss and hands each owner its own rows."""
+# ---------------------------------------------------------------------- the two strips, by tiles
+class _Strips(torch.autograd.Function):
+    """This rank's local sum, sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n], from raw fp32
+    embeddings: rows are its images vs all texts, columns its texts vs all images. Vectors
+    are normalised tile by tile (never stored normalised) and the logits exist one
+    (block x block) tile at a time; the backward recomputes the tiles, and turns gradients
+    with respect to the normalised vectors into gradients of the raw ones in place. In one
+    process the gathered tensors are the local ones and share their gradient buffers, so
+    beyond the inputs and their gradients only O(N) vectors and one tile are alive. (There,
+    rows and columns are still two passes: one pass over shared tiles halves the matmuls but
+    rounds differently from the multi-rank strips, enough to miss the 2-rank test's 1e-5 on
+    the noise-dominated aggregation.tau gradient.)"""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-        world, m = len(sizes), max(sizes)
-        padded = x.new_zeros((m, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        ctx.sizes, ctx.rank = sizes, rank
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)])  # (N, D)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        sizes, rank = ctx.sizes, ctx.rank
-        start = sum(sizes[:rank])
-        grad = grad.contiguous().clone()  # never reduce autograd's incoming buffer in place
-        if dist.get_backend() == "nccl" and len(set(sizes)) == 1:
-            out = grad.new_empty((sizes[rank], *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
-            return out, None, None
-        dist.all_reduce(grad)  # gloo has no reduce_scatter
-        return grad[start : start + sizes[rank]], None, None
-
-
-def _gather_nograd(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    m = max(sizes)
-    padded = x.new_zeros((m, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-class _AverageGrad(torch.autograd.Function):
-    """Identity whose backward averages the gradient over ranks (for a shared temperature)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad / dist.get_world_size()
-
-
-# ---------------------------------------------------------------------- logits, plain and tiled
-def _negative_mask(q_pos, q_groups, k_groups, k_start: int, k_end: int) -> torch.Tensor | None:
-    """True where key j is another view of query i's location (excluded); None if no groups."""
-    if q_groups is None:
-        return None
-    same = q_groups[:, None] == k_groups[None, k_start:k_end]  # (n, bk)
-    cols = torch.arange(k_start, k_end, device=q_pos.device)
-    return same & (q_pos[:, None] != cols[None, :])
-
-
-def _lse_plain(q, k, scale, q_pos, q_groups, k_groups) -> torch.Tensor:
-    """Row log-sum-exp of scale * q @ k.T (n,), full logits in memory."""
-    logits = (q @ k.T) * scale  # (n, M)
-    mask = _negative_mask(q_pos, q_groups, k_groups, 0, k.shape[0])
-    if mask is not None:
-        logits = logits.masked_fill(mask, float("-inf"))
-    return torch.logsumexp(logits, dim=1)
-
-
-class _TiledLSE(torch.autograd.Function):
-    """Row log-sum-exp of scale * q @ k.T by (block x block) tiles; backward recomputes tiles."""
-
-    @staticmethod
-    def forward(ctx, q, k, scale, q_pos, q_groups, k_groups, block: int):
+    def forward(ctx, img, txt, img_all, txt_all, scale, pos, groups, groups_all, block: int):
         s = scale.detach()
-        lse = q.new_empty(q.shape[0])
-        for a in range(0, q.shape[0], block):
-            qa = q[a : a + block]
-            m = q.new_full((qa.shape[0],), float("-inf"))
-            acc = q.new_zeros(qa.shape[0])
-            for b in range(0, k.shape[0], block):
-                logits = _masked(_tile_dots(qa, k, b, block) * s, q_pos, q_groups, k_groups, a, b, block)
-                m, acc = _online_update(m, acc, logits, dim=1)
-            lse[a : a + block] = m + torch.log(acc)
-        ctx.save_for_backward(q, k, s, lse, q_pos,
-                              *(() if q_groups is None else (q_groups, k_groups)))
-        ctx.block = block
-        return lse
-
-    @staticmethod
-    def backward(ctx, g_lse):
-        q, k, s, lse, q_pos, *groups = ctx.saved_tensors
-        q_groups, k_groups = groups if groups else (None, None)
-        block = ctx.block
-        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-        ds = torch.zeros((), dtype=q.dtype, device=q.device)
-        for a in range(0, q.shape[0], block):
-            qa, ga, la = q[a : a + block], g_lse[a : a + block], lse[a : a + block]
-            for b in range(0, k.shape[0], block):
-                kb = k[b : b + block]
-                dots = _tile_dots(qa, k, b, block)  # (bq, bk)
-                logits = _masked(dots * s, q_pos, q_groups, k_groups, a, b, block)
-                w = torch.exp(logits - la[:, None]) * ga[:, None]  # d loss / d logits, 0 where masked
-                dq[a : a + block] += (w @ kb) * s
-                dk[b : b + block] += (w.T @ qa) * s
-                if ctx.needs_input_grad[2]:
-                    ds += (w * dots).sum()
-        return dq, dk, (ds if ctx.needs_input_grad[2] else None), None, None, None, None
-
-
-def _tile_dots(qa: torch.Tensor, k: torch.Tensor, b: int, block: int) -> torch.Tensor:
-    return qa @ k[b : b + block].T  # (bq, bk)
-
-
-def _masked(logits, q_pos, q_groups, k_groups, a: int, b: int, block: int) -> torch.Tensor:
-    """Tile logits with excluded same-location keys set to -inf (no-op without groups)."""
-    if q_groups is None:
-        return logits
-    k_end = b + logits.shape[1]
-    mask = _negative_mask(q_pos[a : a + block], q_groups[a : a + block], k_groups, b, k_end)
-    return logits.masked_fill(mask, float("-inf"))
-
-
-def _row_lse(q, k, scale, q_pos, q_groups, k_groups, tiled: bool, block: int) -> torch.Tensor:
-    """(n,) log-sum-exp of each query's row scale * q_i @ k.T, queries (n, D) vs keys (M, D)."""
-    if tiled:
-        return _TiledLSE.apply(q, k, scale, q_pos, q_groups, k_groups, block)
-    return _lse_plain(q, k, scale, q_pos, q_groups, k_groups)
-
-
-class _FusedTiledInfoNCE(torch.autograd.Function):
-    """One process, tiled: sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n] of the SPEC logits,
-    straight from the raw embeddings. Normalisation is folded into the tiles and undone in
-    place in the backward, so beyond the inputs and their two gradients only O(N) vectors
-    and one tile live at a time. Each tile costs one matmul forward and three backward."""
-
-    @staticmethod
-    def forward(ctx, img, txt, scale, groups, block: int):
-        s, n = scale.detach().float(), img.shape[0]
-        inv_i, inv_t = _inv_norms(img, block), _inv_norms(txt, block)  # (N,) each
-        pos = torch.arange(n, device=img.device)
-        m_r, acc_r = img.new_full((n,), float("-inf"), dtype=torch.float32), img.new_zeros(n, dtype=torch.float32)
-        m_c, acc_c = m_r.clone(), acc_r.clone()
-        positive = img.new_zeros((), dtype=torch.float32)
-        for a in range(0, n, block):
-            ra = slice(a, a + block)
-            ia = img[ra].float() * inv_i[ra, None]  # (bq, D) normalised
-            positive += torch.linalg.vecdot(ia, txt[ra].float() * inv_t[ra, None]).sum()
-            for b in range(0, n, block):
-                rb = slice(b, b + block)
-                tb = txt[rb].float() * inv_t[rb, None]  # (bk, D) normalised
-                logits = _masked((ia @ tb.T) * s, pos, groups, groups, a, b, block)  # (bq, bk)
-                m_r[ra], acc_r[ra] = _online_update(m_r[ra], acc_r[ra], logits, dim=1)
-                m_c[rb], acc_c[rb] = _online_update(m_c[rb], acc_c[rb], logits, dim=0)
-        lse_r, lse_c = m_r + torch.log(acc_r), m_c + torch.log(acc_c)
-        ctx.save_for_backward(img, txt, s, inv_i, inv_t, lse_r, lse_c, positive,
-                              *(() if groups is None else (groups,)))
-        ctx.block = block
-        return lse_r.sum() + lse_c.sum() - 2 * s * positive
+        inv = [_inv_norms(x, block) for x in (img, txt)]  # (n,) each
+        inv_all = inv if img_all is img else [_inv_norms(x, block) for x in (img_all, txt_all)]  # (N,) each
+        strips = ((img, inv[0], txt_all, inv_all[1]), (txt, inv[1], img_all, inv_all[0]))  # rows, columns
+        lse = [_strip_lse(q, qi, k, ki, s, pos, groups, groups_all, block) for q, qi, k, ki in strips]
+        positive = img.new_zeros(())  # sum_n i_hat_n . t_hat_n
+        for a in range(0, img.shape[0], block):
+            positive += torch.linalg.vecdot(_unit(img, inv[0], a, block), _unit(txt, inv[1], a, block)).sum()
+        ctx.save_for_backward(img, txt, img_all, txt_all, s, pos, *inv, *inv_all, *lse, positive,
+                              *(() if groups is None else (groups, groups_all)))
+        ctx.block, ctx.shared = block, img_all is img
+        return lse[0].sum() + lse[1].sum() - 2 * s * positive
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, s, inv_i, inv_t, lse_r, lse_c, positive, *groups = ctx.saved_tensors
-        groups = groups[0] if groups else None
-        block, n = ctx.block, img.shape[0]
-        pos = torch.arange(n, device=img.device)
-        g = g.float()
-        di = torch.zeros(img.shape, dtype=torch.float32, device=img.device)  # d/d normalised image
-        dt = torch.zeros(txt.shape, dtype=torch.float32, device=txt.device)  # d/d normalised text
-        ds = torch.zeros((), dtype=torch.float32, device=img.device)
-        for a in range(0, n, block):
-            ra = slice(a, a + block)
-            ia = img[ra].float() * inv_i[ra, None]  # (bq, D)
-            ta = txt[ra].float() * inv_t[ra, None]  # (bq, D)
-            di[ra] -= (2 * g * s) * ta  # positives
-            dt[ra] -= (2 * g * s) * ia
-            for b in range(0, n, block):
-                rb = slice(b, b + block)
-                tb = txt[rb].float() * inv_t[rb, None]  # (bk, D)
-                dots = ia @ tb.T  # (bq, bk)
-                logits = _masked(dots * s, pos, groups, groups, a, b, block)
-                w = (torch.exp(logits - lse_r[ra, None]) + torch.exp(logits - lse_c[None, rb])) * g
-                di[ra] += (w @ tb) * s
-                dt[rb] += (w.T @ ia) * s
-                if ctx.needs_input_grad[2]:
-                    ds += (w * dots).sum()
-        _normalize_backward_(di, img, inv_i, block)
-        _normalize_backward_(dt, txt, inv_t, block)
+        img, txt, img_all, txt_all, s, pos, inv_i, inv_t, inv_ia, inv_ta, lse_r, lse_c, positive, *groups = ctx.saved_tensors
+        groups, groups_all = groups if groups else (None, None)
+        block, want_ds = ctx.block, ctx.needs_input_grad[4]
+        di, dt = torch.zeros_like(img), torch.zeros_like(txt)  # d/d normalised local vectors
+        di_all, dt_all = (di, dt) if ctx.shared else (torch.zeros_like(img_all), torch.zeros_like(txt_all))
+        tiles = (s, g, pos, groups, groups_all, block, want_ds)
+        ds = _strip_backward(img, inv_i, txt_all, inv_ta, lse_r, di, dt_all, *tiles)  # rows
+        ds = ds + _strip_backward(txt, inv_t, img_all, inv_ia, lse_c, dt, di_all, *tiles)  # columns
+        for a in range(0, img.shape[0], block):  # the positives
+            di[a : a + block] -= (2 * g * s) * _unit(txt, inv_t, a, block)
+            dt[a : a + block] -= (2 * g * s) * _unit(img, inv_i, a, block)
+        grads = [(di, img, inv_i), (dt, txt, inv_t)]
+        if not ctx.shared:
+            grads += [(di_all, img_all, inv_ia), (dt_all, txt_all, inv_ta)]
+        for grad, x, inv in grads:
+            _normalize_backward_(grad, x, inv, block)
         ds = ds - 2 * g * positive
-        return di.to(img.dtype), dt.to(txt.dtype), (ds if ctx.needs_input_grad[2] else None), None, None
+        d_all = (None, None) if ctx.shared else (di_all, dt_all)
+        return di, dt, *d_all, (ds if want_ds else None), None, None, None, None
+
+
+def _strip_lse(q, q_inv, k, k_inv, s, pos, q_groups, k_groups, block: int) -> torch.Tensor:
+    """(n,) log-sum-exp of each row of s * q_hat @ k_hat.T, by tiles (streaming, -inf-safe)."""
+    lse = q.new_empty(q.shape[0])
+    for a in range(0, q.shape[0], block):
+        qa = _unit(q, q_inv, a, block)  # (bq, D)
+        m = q.new_full((qa.shape[0],), float("-inf"))  # running max
+        acc = torch.zeros_like(m)  # running sum of exp(logit - max)
+        for b in range(0, k.shape[0], block):
+            logits = _tile(qa, _unit(k, k_inv, b, block), s, a, b, pos, q_groups, k_groups)[1]  # (bq, bk)
+            m_new = torch.maximum(m, logits.amax(dim=1))
+            shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            acc = acc * torch.exp(m - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
+            m = m_new
+        lse[a : a + block] = m + torch.log(acc)
+    return lse
+
+
+def _strip_backward(q, q_inv, k, k_inv, lse, dq, dk, s, g, pos, q_groups, k_groups, block: int,
+                    want_ds: bool) -> torch.Tensor:
+    """Add g * d(sum lse)/d q_hat and /d k_hat into dq, dk; return the part of d/d s (0 unless wanted)."""
+    ds = torch.zeros((), dtype=q.dtype, device=q.device)
+    for a in range(0, q.shape[0], block):
+        qa = _unit(q, q_inv, a, block)  # (bq, D)
+        for b in range(0, k.shape[0], block):
+            kb = _unit(k, k_inv, b, block)  # (bk, D)
+            dots, logits = _tile(qa, kb, s, a, b, pos, q_groups, k_groups)  # (bq, bk)
+            w = torch.exp(logits - lse[a : a + block, None]) * g  # d/d logits, 0 where masked
+            dq[a : a + block] += (w @ kb) * s
+            dk[b : b + block] += (w.T @ qa) * s
+            if want_ds:
+                ds += (w * dots).sum()
+    return ds
+
+
+def _tile(qa, kb, s, a: int, b: int, pos, q_groups, k_groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile (a, b): dot products (bq, bk) and logits s * dots, with the excluded same-location
+    keys at -inf (a key is never excluded from its own query's row)."""
+    dots = qa @ kb.T  # (bq, bk)
+    logits = dots * s
+    if q_groups is None:
+        return dots, logits
+    cols = torch.arange(b, b + kb.shape[0], device=qa.device)
+    same = q_groups[a : a + qa.shape[0], None] == k_groups[None, b : b + kb.shape[0]]  # (bq, bk)
+    return dots, logits.masked_fill(same & (pos[a : a + qa.shape[0], None] != cols[None, :]), float("-inf"))
+
+
+def _unit(x: torch.Tensor, inv: torch.Tensor, a: int, block: int) -> torch.Tensor:
+    """Rows a .. a + block of x, normalised: (b, D)."""
+    return x[a : a + block] * inv[a : a + block, None]
 
 
 def _inv_norms(x: torch.Tensor, block: int) -> torch.Tensor:
-    """1 / max(||x_n||, 1e-12) per row, in fp32, without an (N, D) temporary (F.normalize's eps)."""
-    norms = torch.cat([x[a : a + block].float().norm(dim=1) for a in range(0, x.shape[0], block)])  # (N,)
+    """1 / max(||x_n||, 1e-12) per row without an (N, D) temporary (F.normalize's eps): (N,)."""
+    norms = torch.cat([x[a : a + block].norm(dim=1) for a in range(0, x.shape[0], block)] or [x.new_zeros(0)])
     return norms.clamp_min(1e-12).reciprocal()
 
 
 def _normalize_backward_(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, block: int) -> None:
     """In place: gradient w.r.t. x_hat = x / ||x|| -> gradient w.r.t. x (blockwise)."""
     for a in range(0, x.shape[0], block):
-        ga, xa = grad[a : a + block], x[a : a + block].float() * inv[a : a + block, None]  # (b, D)
+        ga, xa = grad[a : a + block], _unit(x, inv, a, block)  # (b, D)
         ga.sub_(xa * torch.linalg.vecdot(xa, ga)[:, None]).mul_(inv[a : a + block, None])
-
-
-def _online_update(m, acc, logits, dim: int):
-    """One step of the streaming log-sum-exp along `dim` of a tile; -inf-safe."""
-    m_new = torch.maximum(m, logits.amax(dim=dim))
-    shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-    tile = torch.exp(logits - (shift[:, None] if dim == 1 else shift[None, :])).sum(dim=dim)
-    return m_new, acc * torch.exp(m - shift) + tile
-
-
-def _single_process_sum(i, t, scale, groups) -> torch.Tensor:
-    """sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n] with one (N, N) logits matrix."""
-    logits = (i @ t.T) * scale  # (N, N)
-    mask = _negative_mask(torch.arange(i.shape[0], device=i.device), groups, groups, 0, i.shape[0])
-    if mask is not None:
-        logits = logits.masked_fill(mask, float("-inf"))
-    positive = torch.diagonal(logits).sum()
-    return torch.logsumexp(logits, dim=1).sum() + torch.logsumexp(logits, dim=0).sum() - 2 * positive
 
 
 # ---------------------------------------------------------------------- the loss
@@ -295,34 +169,23 @@ def contrastive_loss(
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(f"expected two (N, D) tensors of equal shape, got {tuple(image_emb.shape)} "
                          f"and {tuple(text_emb.shape)}")
-    world, rank = _world() if distributed else (1, 0)
+    rank, world = distributed_world() if distributed else (0, 1)
     with torch.autocast(device_type=image_emb.device.type, enabled=False):
-        scale = scale.float()
-        g_loc = None if group_ids is None else group_ids.to(image_emb.device)
-        if world == 1 and tiled:
-            return _FusedTiledInfoNCE.apply(image_emb, text_emb, scale, g_loc, block_size) / image_emb.shape[0]
-        i = F.normalize(image_emb.float(), dim=-1)  # (n, D)
-        t = F.normalize(text_emb.float(), dim=-1)  # (n, D)
-        if world == 1:
-            return _single_process_sum(i, t, scale, g_loc) / i.shape[0]
-        n = i.shape[0]
-        sizes = _gather_sizes(n, i.device, world)
-        i_all = _GatherWithGrad.apply(i, sizes, rank)  # (N, D)
-        t_all = _GatherWithGrad.apply(t, sizes, rank)  # (N, D)
-        g_all = None if g_loc is None else _gather_nograd(g_loc, sizes)
+        img, txt = image_emb.float(), text_emb.float()  # (n, D) each; normalised inside the tiles
+        n = img.shape[0]
+        sizes = gather_sizes(n, img.device, world)  # [n] in one process
         start, total = sum(sizes[:rank]), sum(sizes)
-        if scale.requires_grad:
-            scale = _AverageGrad.apply(scale)
-        pos = torch.arange(start, start + n, device=i.device)
-        lse_r = _row_lse(i, t_all, scale, pos, g_loc, g_all, tiled, block_size)  # my rows vs all texts
-        lse_c = _row_lse(t, i_all, scale, pos, g_loc, g_all, tiled, block_size)  # my columns vs all images
-        positive = torch.linalg.vecdot(i, t).sum() * scale  # same for both directions
-        local_sum = lse_r.sum() + lse_c.sum() - 2 * positive
+        img_all, txt_all = gather_rows(img, sizes, rank), gather_rows(txt, sizes, rank)  # (N, D); img, txt in one process
+        groups = None if group_ids is None else group_ids.to(img.device)
+        groups_all = None if groups is None else gather_rows(groups, sizes, rank)
+        scale = average_grad(scale.float(), world)  # shared by every rank: their mean gradient
+        block = block_size if tiled else max(total, 1)  # plain: one tile
+        pos = torch.arange(start, start + n, device=img.device)  # my pairs' global indices
+        local_sum = _Strips.apply(img, txt, img_all, txt_all, scale, pos, groups, groups_all, block)
         # gradient: world/N * local sum (DDP averages it back to d(global loss));
         # value: the global loss, identical on every rank.
         for_grad = local_sum * (world / total)
-        value = local_sum.detach().clone()
-        dist.all_reduce(value)
+        value = local_sum.detach() if world == 1 else all_reduce_sum(local_sum.detach())
         return for_grad + (value / total - for_grad.detach())
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from text4vpr.kernels.topk import MODES, decode_keys, encode_keys, group_topk, merge_topk
+from text4vpr.kernels.common import MODES, decode_keys, encode_keys, merge_topk
+from text4vpr.kernels.topk import group_topk
 
 _spec = importlib.util.spec_from_file_location("topk_reference", Path(__file__).with_name("topk_reference.py"))
 ref = importlib.util.module_from_spec(_spec)

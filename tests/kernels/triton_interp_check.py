@@ -17,7 +17,8 @@ import torch  # noqa: E402
 import topk_reference as ref  # noqa: E402
 
 from text4vpr.kernels.group_topk_triton import group_topk_triton  # noqa: E402
-from text4vpr.kernels.topk import MODES, group_topk, group_topk_torch  # noqa: E402
+from text4vpr.kernels.common import MODES  # noqa: E402
+from text4vpr.kernels.topk import group_topk, group_topk_torch  # noqa: E402
 
 
 def cases():

@@ -89,3 +89,9 @@ def test_cuda_graphs_with_gradient_caching_are_refused():
     ok = load_config(RunConfig, None, ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs",
                                        "train.micro_batches=2"])
     assert ok.train.micro_batches == 2
+
+
+def test_test_hooks_are_not_config_keys():
+    """Faults are injected by the tests themselves (see test_trainer.py), not through the run config."""
+    with pytest.raises(ConfigError, match=r"train\.nan_at_steps"):
+        load_config(RunConfig, None, ["train.nan_at_steps=[1]"])

@@ -44,8 +44,20 @@ def test_run_directory_contents(train_cache, tmp_path):
     assert kept == ["step-00000002", "step-00000004"]
 
 
-def test_forced_nan_is_skipped_and_counted(train_cache, tmp_path):
-    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=3", "train.nan_at_steps=[1]", "eval.final=false"))
+def _nan_at_steps(trainer, steps, monkeypatch):
+    """Fault injection: the trainer's loss turns NaN at these optimizer steps (no hook in the trainer)."""
+    forward = trainer.loss_fn.forward
+
+    def faulty(*args, **kwargs):
+        loss = forward(*args, **kwargs)
+        return loss * float("nan") if trainer.state.step in steps else loss
+
+    monkeypatch.setattr(trainer.loss_fn, "forward", faulty)
+
+
+def test_forced_nan_is_skipped_and_counted(train_cache, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=3", "eval.final=false"))
+    _nan_at_steps(trainer, [1], monkeypatch)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer.state.nonfinite_total == 1
@@ -56,9 +68,11 @@ def test_forced_nan_is_skipped_and_counted(train_cache, tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the other steps did train
 
 
-def test_many_nans_in_a_row_stop_the_run(train_cache, tmp_path):
+def test_many_nans_in_a_row_stop_the_run(train_cache, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=6", "train.max_nonfinite_in_row=3"))
+    _nan_at_steps(trainer, [0, 1, 2], monkeypatch)
     with pytest.raises(NonFiniteLossError, match="in a row"):
-        _train(train_cache, tmp_path / "run", "train.max_steps=6", "train.nan_at_steps=[0,1,2]", "train.max_nonfinite_in_row=3")
+        trainer.train()
 
 
 def test_fp16_gradient_overflow_is_a_scaler_backoff_not_a_fault(train_cache, tmp_path):

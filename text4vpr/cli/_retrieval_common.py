@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from text4vpr.kernels.topk import MODES
+from text4vpr.kernels.common import MODES
 
 
 def add_model_loader_args(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
+from text4vpr.utils.distributed import distributed_world
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest
 from text4vpr.data.street360loc import split_name
@@ -79,12 +79,10 @@ def dataset_size(cfg: LoaderConfig) -> int:
 
 
 def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size: explicit, else torch.distributed's, else (0, 1)."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if world_size is None:
-        world_size = torch.distributed.get_world_size() if dist else 1
-    if rank is None:
-        rank = torch.distributed.get_rank() if dist else 0
+    """Rank and world size: explicit, else torch.distributed's (`distributed_world`), else (0, 1)."""
+    group_rank, group_world = distributed_world()
+    world_size = group_world if world_size is None else world_size
+    rank = group_rank if rank is None else rank
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return rank, world_size

@@ -4,6 +4,7 @@
 and the fused Triton kernel (`group_topk_triton.py`) on CUDA tensors.
 """
 
-from text4vpr.kernels.topk import MODES, group_topk, group_topk_torch, merge_topk
+from text4vpr.kernels.common import MODES, merge_topk
+from text4vpr.kernels.topk import group_topk, group_topk_torch
 
 __all__ = ["MODES", "group_topk", "group_topk_torch", "merge_topk"]

@@ -27,13 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from text4vpr.kernels.topk import (
+from text4vpr.kernels.common import (
     MAX_TRITON_K,
-    _check_inputs,
-    _rotations,
     check_finite,
+    check_inputs,
     check_mode,
     merge_topk,
+    rotated_views,
     view_scales,
 )
 
@@ -209,7 +209,7 @@ def group_topk_triton(
     accumulated and selected in fp32. Block sizes and splits default to H100/H200 choices.
     """
     check_mode(mode)
-    query_mask, db_mask = _check_inputs(queries, query_mask, database, db_mask, k)
+    query_mask, db_mask = check_inputs(queries, query_mask, database, db_mask, k)
     if k > MAX_TRITON_K:
         raise ValueError(f"the Triton kernel supports k <= {MAX_TRITON_K}; use the torch path")
     check_finite(queries, "queries")
@@ -227,7 +227,7 @@ def group_topk_triton(
     query_mask, db_mask = query_mask.to(dev), db_mask.to(dev)
     qs = view_scales(queries.to(dev), query_mask, mode)  # (Q, V)
     q = queries.to(device=dev, dtype=torch.float32) * qs[..., None]  # (Q, V, D)
-    q = _rotations(q, mode).reshape(-1, num_q, num_v * dim).to(database.dtype).contiguous()  # (R, Q, V*D)
+    q = rotated_views(q, mode).reshape(-1, num_q, num_v * dim).to(database.dtype).contiguous()  # (R, Q, V*D)
     db = prepare_database(database, db_mask, mode)  # (N, V*D)
     if db.stride(1) != 1:
         db = db.contiguous()

@@ -11,13 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from text4vpr.utils.distributed import distributed_world
-
-
-def _all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t)
+from text4vpr.utils.distributed import all_reduce_sum, distributed_world
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -31,10 +25,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         xf = x.float()
         # two passes, as BatchNorm does: mean first, then the centred sum of squares (a
         # single E[x^2] - E[x]^2 pass loses precision when |mean| >> std)
-        stats = _all_reduce_with_grad(torch.cat([xf.new_tensor([float(x.shape[0])]), xf.sum(0)]))
+        stats = all_reduce_sum(torch.cat([xf.new_tensor([float(x.shape[0])]), xf.sum(0)]))
         n = stats[0].detach()
         mean = stats[1:] / n
-        var = _all_reduce_with_grad(((xf - mean) ** 2).sum(0)) / n  # biased, used to normalise
+        var = all_reduce_sum(((xf - mean) ** 2).sum(0)) / n  # biased, used to normalise
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1

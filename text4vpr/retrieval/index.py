@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from text4vpr.data.street360loc import NUM_VIEWS
-from text4vpr.kernels.topk import check_finite
+from text4vpr.kernels.common import check_finite
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
 from text4vpr.utils.progress import progress
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from text4vpr.kernels.topk import decode_keys, encode_keys, group_topk
+from text4vpr.kernels.common import decode_keys, encode_keys
+from text4vpr.kernels.topk import group_topk
 
 _PAD_ID = 2**32 - 1  # padding entries: score -inf, largest id -> always last
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from text4vpr.config import ConfigError, check_choice
 from text4vpr.data.loader import LoaderConfig
-from text4vpr.kernels.topk import MODES
+from text4vpr.kernels.common import MODES
 from text4vpr.train.optim import OptimConfig
 
 
@@ -85,7 +85,6 @@ class TrainConfig:
     frozen_cache: bool = False  # cache the frozen DINOv2 blocks' tokens per location (see frozen_cache.py)
     frozen_cache_dtype: str = "same"  # same (exact) | bfloat16 (half the memory, rounded)
     frozen_cache_device: str = "auto"  # auto (the training device) | cpu
-    nan_at_steps: list[int] = field(default_factory=list)  # test aid: force a NaN loss at these steps
     progress: bool = True
 
     def __post_init__(self) -> None:

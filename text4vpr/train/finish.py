@@ -1,54 +1,66 @@
-"""End of a run: evaluate the best model on the held-out split, chance level, report files."""
+"""End of a run: evaluate the best model on the held-out split, chance level, report files.
+
+The trainer hands over plain values (`FinalRun`), the unwrapped model and its evaluation
+call; nothing here reads the trainer."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Callable
 
 from text4vpr.models import Text4VPR
 from text4vpr.retrieval.chance import chance_accuracy
+from text4vpr.retrieval.report import markdown_table
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
-from text4vpr.retrieval.report import markdown_table
 from text4vpr.train.report import write_report
 from text4vpr.utils.atomic import atomic_write_json
 
 
-def _load_best(trainer) -> str:
-    """Load best_model weights into the live model when validation chose one; say which."""
-    best = trainer.run_dir / "best_model"
+@dataclasses.dataclass
+class FinalRun:
+    run_dir: Path
+    test_shards: str  # the held-out shards
+    split: str  # "test", or "val" when no test split exists
+    ks: tuple[int, ...]
+    radii: tuple[float, ...]
+    steps: int
+    epochs: int
+    best_step: int  # the step of best_model (-1: none chosen)
+    processes: int
+    nonfinite_skipped: int
+    loss_scale_backoffs: int | None  # fp16 only
+    is_main: bool  # this process writes the files
+
+
+def load_best(model: Text4VPR, run: FinalRun) -> str:
+    """Load best_model weights into `model` (unwrapped) when validation chose one; say which."""
+    best = run.run_dir / "best_model"
     if not (best / "model.safetensors").exists():
-        return f"final (step {trainer.state.step})"
-    model = trainer.acc.unwrap_model(trainer.model)
+        return f"final (step {run.steps})"
     model.load_state_dict(Text4VPR.from_pretrained(best).state_dict(), strict=True)  # tied weights restored
-    return f"best by validation top-1 within 5 m (step {trainer.state.best_step})"
+    return f"best by validation top-1 within 5 m (step {run.best_step})"
 
 
-def finish_run(trainer) -> dict:
-    cfg = trainer.cfg
-    if not cfg.eval.final:
-        return {}
-    which = _load_best(trainer)
-    split = "test" if cfg.data.test_shards or trainer.paths.test != trainer.paths.val else "val"
-    metrics = trainer._evaluate(trainer.paths.test)  # every rank takes part
-    metrics["split"] = split
+def finish_run(model: Text4VPR, evaluate: Callable[[str], dict], run: FinalRun) -> dict:
+    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards)`), then, on
+    the main process, add chance level and write final_metrics.json and the report."""
+    which = load_best(model, run)
+    metrics = evaluate(run.test_shards)
+    metrics["split"] = run.split
     metrics["model"] = which
-    if not trainer.acc.is_main_process:
+    if not run.is_main:
         return metrics
-    coords = read_coords(trainer.paths.test)
-    metrics["chance"] = chance_accuracy(coords, coords, tuple(cfg.eval.ks), tuple(cfg.eval.radii))
-    run_dir: Path = trainer.run_dir
-    atomic_write_json(run_dir / "final_metrics.json", metrics)
-    summary = {
-        "steps": trainer.state.step,
-        "epochs": trainer.state.epoch,
-        "processes": trainer.acc.num_processes,
-        "model evaluated": which,
-        "non-finite steps skipped": trainer.state.nonfinite_total,
-    }
-    if trainer.acc.scaler is not None:  # fp16
-        summary["fp16 loss-scale back-offs (steps skipped by design)"] = trainer.state.loss_scale_backoffs
-    write_report(run_dir, metrics, read_metrics(run_dir / "metrics.jsonl"), summary)
-    print(f"\nHeld-out {split} split, {metrics['num_queries']} queries, model: {which}")
+    coords = read_coords(run.test_shards)
+    metrics["chance"] = chance_accuracy(coords, coords, run.ks, run.radii)
+    atomic_write_json(run.run_dir / "final_metrics.json", metrics)
+    summary = {"steps": run.steps, "epochs": run.epochs, "processes": run.processes, "model evaluated": which,
+               "non-finite steps skipped": run.nonfinite_skipped}
+    if run.loss_scale_backoffs is not None:
+        summary["fp16 loss-scale back-offs (steps skipped by design)"] = run.loss_scale_backoffs
+    write_report(run.run_dir, metrics, read_metrics(run.run_dir / "metrics.jsonl"), summary)
+    print(f"\nHeld-out {run.split} split, {metrics['num_queries']} queries, model: {which}")
     print(markdown_table(metrics), end="")
-    print(f"\nrun directory: {run_dir} (report.md, final_metrics.json, plots, model/)")
+    print(f"\nrun directory: {run.run_dir} (report.md, final_metrics.json, plots, model/)")
     return metrics

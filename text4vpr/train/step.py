@@ -14,9 +14,23 @@ micro-batches change GEMM shapes; the re-encoding still reproduces the first pas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a step's forward/backward needs from the trainer and its engine."""
+
+    loss_fn: Callable  # (img (P, D), txt (P, D), groups (P,)) -> the loss
+    backward: Callable  # loss -> None: the engine's backward (loss scaling, DeepSpeed's step)
+    autocast: Callable  # () -> the forward's autocast context
+    no_sync: Callable = lambda model: contextlib.nullcontext()  # model -> no gradient reduction inside
+    text_head: Callable | None = None  # gradient caching: the unwrapped model's `text_head`
+    reduce_grads: Callable | None = None  # gradient caching: DDP's reduction, by hand, after the step
+    check_first: bool = False  # skip the backward of a non-finite loss (engines that step inside backward)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -58,17 +72,17 @@ def finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss.detach()))
 
 
-def plain_backward(model, batch: dict, loss_fn: Callable, backward: Callable, autocast, check_first: bool = False) -> torch.Tensor:
+def plain_backward(model, batch: dict, ctx: StepContext) -> torch.Tensor:
     """Encode the whole batch with activations, loss, backward. Returns the detached loss.
 
-    `check_first` skips the backward of a non-finite loss (for engines that step inside
+    `ctx.check_first` skips the backward of a non-finite loss (for engines that step inside
     backward, like DeepSpeed); it costs a device sync, so DDP checks the gradient norm after.
     """
-    img, txt = encode(model, batch, autocast)
+    img, txt = encode(model, batch, ctx.autocast)
     i, t, g = pairs(batch, img, txt)
-    loss = loss_fn(i, t, g)
-    if not check_first or finite(loss):
-        backward(loss)
+    loss = ctx.loss_fn(i, t, g)
+    if not ctx.check_first or finite(loss):
+        ctx.backward(loss)
     return loss.detach()
 
 
@@ -93,49 +107,46 @@ def _set_rng_states(states: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
-def cached_backward(
-    model, batch: dict, loss_fn: Callable, backward: Callable, autocast, micro_batches: int, no_sync: Callable,
-    text_head: Callable, reduce_grads: Callable | None = None, check_first: bool = False,
-) -> torch.Tensor:
+def cached_backward(model, batch: dict, ctx: StepContext, micro_batches: int) -> torch.Tensor:
     """Gradient-cached step, equal to `plain_backward` on the whole batch (see the module note on bf16).
 
     1. each micro-batch through both towers up to the text BatchNorm, without activations;
-    2. `text_head` (BatchNorm over the whole batch, every rank, then the residual layers) and
+    2. `ctx.text_head` (BatchNorm over the whole batch, every rank, then the residual layers) and
        the loss on all pairs, with autograd: gradients of the head and of the cached outputs;
     3. each micro-batch again, with activations, back-propagating its cached gradients.
-    Dropout in pass 3 replays pass 1's random numbers. Every backward runs under `no_sync`;
-    `reduce_grads` then averages the gradients over ranks (DDP's reduction, by hand).
+    Dropout in pass 3 replays pass 1's random numbers. Every backward runs under `ctx.no_sync`;
+    `ctx.reduce_grads` then averages the gradients over ranks (DDP's reduction, by hand).
     """
     chunks = split_batch(batch, micro_batches)
     device = batch["view_mask"].device
-    rngs, img, z = _first_pass(model, chunks, autocast, no_sync, device)  # (B, V, D) leaves
+    rngs, img, z = _first_pass(model, chunks, ctx, device)  # (B, V, D) leaves
     i, zp, g = pairs(batch, img, z)  # (P, D), (P, D), (P,)
-    with autocast():
-        t = text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
-    loss = loss_fn(i, t, g)
+    with ctx.autocast():
+        t = ctx.text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
+    loss = ctx.loss_fn(i, t, g)
     after = _rng_states(device)  # after the head's dropout too
-    if check_first and not finite(loss):
+    if ctx.check_first and not finite(loss):
         _set_rng_states(after, device)
         return loss.detach()
-    with no_sync(model):
-        backward(loss)  # head and loss parameters, and the cached outputs' gradients
-    _second_pass(model, chunks, rngs, _grad(img), _grad(z), autocast, no_sync, device)
+    with ctx.no_sync(model):
+        ctx.backward(loss)  # head and loss parameters, and the cached outputs' gradients
+    _second_pass(model, chunks, rngs, _grad(img), _grad(z), ctx, device)
     _set_rng_states(after, device)
-    if reduce_grads is not None:
-        reduce_grads()
+    if ctx.reduce_grads is not None:
+        ctx.reduce_grads()
     return loss.detach()
 
 
-def _first_pass(model, chunks: list[dict], autocast, no_sync: Callable, device) -> tuple[list, torch.Tensor, torch.Tensor]:
+def _first_pass(model, chunks: list[dict], ctx: StepContext, device) -> tuple[list, torch.Tensor, torch.Tensor]:
     """Pass 1: every micro-batch without activations (under `no_sync`: DDP must not expect
     a backward). Returns the RNG state before each and the (B, V, D) image vectors and
     pre-BatchNorm text features, as leaves wanting gradients."""
     saved_buffers = _buffers(model)
     rngs, imgs, feats = [], [], []
-    with _autograd_without_activations(), no_sync(model):
+    with _autograd_without_activations(), ctx.no_sync(model):
         for c in chunks:
             rngs.append(_rng_states(device))
-            img, z = encode(model, c, autocast, text_head=False)
+            img, z = encode(model, c, ctx.autocast, text_head=False)
             imgs.append(img.detach())
             feats.append(z.detach())
     _restore_buffers(model, saved_buffers)  # running statistics update in passes 2 and 3 only
@@ -161,14 +172,14 @@ def _never(_: None) -> torch.Tensor:
 
 
 def _second_pass(model, chunks: list[dict], rngs: list, g_img: torch.Tensor, g_z: torch.Tensor,
-                 autocast, no_sync: Callable, device) -> None:
+                 ctx: StepContext, device) -> None:
     """Pass 3: each micro-batch again with activations (pass 1's random numbers), back-propagating
     its slice of the cached gradients (which already carry any loss scale)."""
     sizes = [c["view_mask"].shape[0] for c in chunks]
     for c, rng, gi, gz in zip(chunks, rngs, g_img.split(sizes), g_z.split(sizes)):
         _set_rng_states(rng, device)
-        with no_sync(model):
-            ri, rz = encode(model, c, autocast, text_head=False)
+        with ctx.no_sync(model):
+            ri, rz = encode(model, c, ctx.autocast, text_head=False)
             _backward_from(((ri, gi), (rz, gz)))
 
 

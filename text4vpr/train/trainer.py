@@ -13,24 +13,23 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import set_seed
 
 from text4vpr.config import dump_yaml
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
-from text4vpr.train import deepspeed_checkpoint as dsckpt
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
 )
-from text4vpr.train.deepspeed_config import add_torch_autocast
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
-from text4vpr.train.progress import Progress
-from text4vpr.train.step import cached_backward, plain_backward
+from text4vpr.utils.progress import Progress
+from text4vpr.train.step import StepContext, cached_backward, plain_backward
+from text4vpr.train.strategy import make_strategy
 from text4vpr.utils.atomic import atomic_write_text
 from text4vpr.utils.distributed import average_gradients, broadcast_buffers
 
@@ -61,15 +60,7 @@ class Trainer:
         set_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
-        if self.deepspeed and add_torch_autocast(self.acc.state.deepspeed_plugin.deepspeed_config, t.mixed_precision):
-            self.acc.print("DeepSpeed: torch_autocast section added (bf16 forward inside the engine, fp32 gradients)")
-        if self.deepspeed and cfg.loss.learnable:
-            raise ValueError("loss.learnable=true is not supported under DeepSpeed: the engine optimises only the "
-                             "model's parameters and the temperature lives in the loss; use DDP or a fixed temperature")
-        if self.deepspeed and t.micro_batches > 1:
-            raise ValueError("train.micro_batches > 1 (gradient caching) is not supported under DeepSpeed, whose "
-                             "backward also steps the optimizer; use DDP for gradient caching")
+        self.strategy = make_strategy(self.acc, cfg)  # DDP or DeepSpeed: everything that differs
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
@@ -136,7 +127,7 @@ class Trainer:
             with self.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
         loss = self._forward_backward(batch)
-        grad_norm = self._clip()
+        grad_norm = self.strategy.clip(self.model)
         if self._skip(loss, grad_norm):
             drop_update(self.optimizer, self.acc.scaler)
         else:
@@ -148,14 +139,12 @@ class Trainer:
         return float(loss), pairs, time.perf_counter() - t0
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
-        loss_fn = self._loss_with_faults
+        ctx = StepContext(self.loss_fn, self.acc.backward, self.autocast, self.acc.no_sync,
+                          self.acc.unwrap_model(self.model).text_head, self._reduce_by_hand,
+                          self.strategy.check_loss_first)
         if self.cfg.train.micro_batches > 1:
-            return cached_backward(
-                self.model, batch, loss_fn, self.acc.backward, self.autocast, self.cfg.train.micro_batches,
-                self.acc.no_sync, self.acc.unwrap_model(self.model).text_head, self._reduce_by_hand,
-                check_first=self.deepspeed,
-            )
-        return plain_backward(self.model, batch, loss_fn, self.acc.backward, self.autocast, check_first=self.deepspeed)
+            return cached_backward(self.model, batch, ctx, self.cfg.train.micro_batches)
+        return plain_backward(self.model, batch, ctx)
 
     def _reduce_by_hand(self) -> None:
         """What DDP would have done in a step run wholly under no_sync (gradient caching):
@@ -165,22 +154,8 @@ class Trainer:
         broadcast_buffers(self.model)
 
     def autocast(self):
-        """Accelerate's autocast; under DeepSpeed (whose own bf16 mode is off, see launch/) torch's."""
-        if self.deepspeed and self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
-        return self.acc.autocast()
-
-    def _loss_with_faults(self, img, txt, groups):
-        loss = self.loss_fn(img, txt, groups)
-        if self.state.step in self.cfg.train.nan_at_steps:
-            loss = loss * float("nan")
-        return loss
-
-    def _clip(self) -> torch.Tensor | None:
-        if self.deepspeed:
-            return None  # DeepSpeed clips inside its own step (gradient_clipping in its config)
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        """The forward's autocast (the engine's choice)."""
+        return self.strategy.autocast()
 
     def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
@@ -263,23 +238,13 @@ class Trainer:
         state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
         if self.acc.scaler is not None:  # fp16: the loss scale resumes where it was
             state["scaler"] = self.acc.scaler.state_dict()
-        if self.deepspeed:
-            dsckpt.save_accelerate_checkpoint(self.acc, self.ckpt_dir, self.state.step, state, self.cfg.train.keep_last)
-            return
-        rngs = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 else [ckpt.rng_state()]
-        self.acc.wait_for_everyone()
-        ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self._modules(), self.optimizer,
-                             state, rngs, self.acc.is_main_process, self.cfg.train.keep_last)
-        self.acc.wait_for_everyone()
+        self.strategy.save(self.ckpt_dir, self.state.step, self._modules(), self.optimizer, state)
 
     def _resume(self) -> None:
         path = ckpt.resolve_resume(self.cfg.train.resume, self.ckpt_dir, report=self.acc.print)
         if path is None:
             return
-        if self.deepspeed:
-            state = dsckpt.load_deepspeed_checkpoint(self.model, path, self.acc.process_index)
-        else:
-            state = ckpt.load_checkpoint(path, self._modules(), self.optimizer, self.acc.process_index)
+        state = self.strategy.load(path, self._modules(), self.optimizer, engine=self.model)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         scaler = state.pop("scaler", None)
         if scaler is not None and self.acc.scaler is not None:
@@ -299,10 +264,17 @@ class Trainer:
 
     def finish(self) -> dict:
         """Export the final model, evaluate the best one on the held-out split, write the report."""
-        from text4vpr.train.finish import finish_run
+        from text4vpr.train.finish import FinalRun, finish_run
 
         self._export(self.run_dir / "model")
-        result = finish_run(self)
+        result = {}
+        if self.cfg.eval.final:
+            st, e = self.state, self.cfg.eval
+            split = "test" if self.cfg.data.test_shards or self.paths.test != self.paths.val else "val"
+            run = FinalRun(self.run_dir, self.paths.test, split, tuple(e.ks), tuple(e.radii), st.step, st.epoch,
+                           st.best_step, self.acc.num_processes, st.nonfinite_total,
+                           st.loss_scale_backoffs if self.acc.scaler is not None else None, self.acc.is_main_process)
+            result = finish_run(self.acc.unwrap_model(self.model), self._evaluate, run)
         self.log.close()
         return result
 

@@ -1,6 +1,10 @@
-"""torch.distributed helpers: averaging gradients by hand, leaving a run cleanly."""
+"""torch.distributed helpers: who am I, collectives with gradients (for the loss and the
+global BatchNorm), averaging gradients by hand, leaving a run cleanly."""
 
 from __future__ import annotations
+
+import torch
+import torch.distributed as dist
 
 
 def shutdown_distributed() -> bool:
@@ -10,8 +14,6 @@ def shutdown_distributed() -> bool:
     Rank 0 usually finishes last (it writes the reports); left alone in teardown after its
     peers have exited, a gloo rank was seen to abort at interpreter exit.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return False
     dist.barrier()
@@ -41,9 +43,6 @@ def average_gradients(parameters, bucket_numel: int = 1 << 25) -> None:
     A parameter without a gradient counts as zeros (as in DDP), so every rank reduces the
     same buckets. No-op when not distributed.
     """
-    import torch
-    import torch.distributed as dist
-
     if distributed_world()[1] == 1:
         return
     params = [p for p in parameters if p.requires_grad]
@@ -58,7 +57,6 @@ def broadcast_buffers(module, src: int = 0, bucket_numel: int = 1 << 25) -> None
     """Every buffer (BatchNorm running statistics, ...) from rank `src` to all ranks, in flat
     buckets: what DDP does before each synced forward, for steps that run under `no_sync`
     only. No-op when not distributed."""
-    import torch.distributed as dist
 
     if distributed_world()[1] == 1:
         return
@@ -67,7 +65,6 @@ def broadcast_buffers(module, src: int = 0, bucket_numel: int = 1 << 25) -> None
 
 def distributed_world() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) when not initialised."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -76,7 +73,6 @@ def distributed_world() -> tuple[int, int]:
 
 def _flat_collective(tensors: list, bucket_numel: int, collective) -> None:
     """Run `collective(flat)` in place on each flat bucket of `tensors`, then copy the results back."""
-    import torch
 
     for bucket in _buckets(tensors, bucket_numel):
         flat = torch.cat([t.reshape(-1) for t in bucket])  # (sum numel,)
@@ -97,3 +93,80 @@ def _buckets(grads: list, bucket_numel: int) -> list[list]:
             last.append(g)
             size += g.numel()
     return out
+
+
+# ---------------------------------------------------------------------- collectives with gradients
+def gather_sizes(n: int, device: torch.device, world: int) -> list[int]:
+    """Every rank's row count (`[n]` with one process, no communication)."""
+    if world == 1:
+        return [n]
+    local = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local)
+    return [int(s.item()) for s in sizes]
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    """Concatenation of every rank's (n_r, ...) rows (`sizes` from `gather_sizes`), in rank
+    order. Gradients flow back to each row's owner (summed over the ranks' losses). With
+    one process this is `x` itself."""
+    if len(sizes) == 1:
+        return x
+    return _GatherRows.apply(x, sizes, rank)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather wants equal shapes
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, rank
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])  # (sum sizes, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, rank = ctx.sizes, ctx.rank
+        grad = grad.contiguous().clone()  # never reduce autograd's incoming buffer in place
+        if dist.get_backend() == "nccl" and len(set(sizes)) == 1:
+            out = grad.new_empty((sizes[rank], *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out, None, None
+        dist.all_reduce(grad)  # gloo has no reduce_scatter
+        start = sum(sizes[:rank])
+        return grad[start : start + sizes[rank]], None, None
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over all ranks, as a new tensor; the gradient reaching each rank's `x` is the
+    sum of every rank's gradient of the result. (torch.distributed.nn's version is deprecated.)"""
+    return _AllReduceSum.apply(x)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_reduce_sum(grad)
+
+
+def average_grad(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Identity whose backward averages the gradient over the `world` ranks (a parameter every
+    rank uses, such as a shared temperature). `x` itself when world is 1."""
+    return x if world == 1 else _AverageGrad.apply(x)
+
+
+class _AverageGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_reduce_sum(grad) / dist.get_world_size()

@@ -1,6 +1,11 @@
-"""Comparison helpers for tests and benchmarks (tensor equality up to summation order)."""
+"""Helpers for tests and benchmarks: tensor equality up to summation order, torchrun workers."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -20,6 +25,16 @@ def assert_close_by_norm(actual: torch.Tensor, expected: torch.Tensor, rel: floa
     bound = rel * expected.double().norm().item() + floor * expected.numel() ** 0.5
     assert err <= bound, f"{name}: ‖diff‖ = {err:.3e} > {bound:.3e} (rel {relative_error(actual, expected):.2e})"
 
+
+def run_torchrun(worker: Path, out_dir: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone` of `worker out_dir` on `nproc` CPU ranks
+    (one thread each), with this checkout first on PYTHONPATH; run in `out_dir`."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(worker), str(out_dir)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out_dir)
 
 
 def unexplained_id_differences(ids: torch.Tensor, ref_ids: torch.Tensor, ref_scores: torch.Tensor, tol: float) -> int:
