@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from text4vpr.utils.launch_check import LaunchMismatch, check_world_size
+
+    try:
+        check_world_size()
+    except LaunchMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     mod = importlib.import_module(args._module)
     try:
         rc = int(mod.run(args) or 0)

@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description="Train Text4VPR (launch with `accelerate launch`).")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    from text4vpr.utils.launch_check import LaunchMismatch, check_world_size
+
+    try:
+        check_world_size()
+    except LaunchMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"not a dotted override (key.sub=value): {' '.join(bad)}")
