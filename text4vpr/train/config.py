@@ -76,6 +76,7 @@ class TrainConfig:
     save_every_steps: int = 0  # 0 = at epoch ends only
     keep_last: int = 2
     resume: str = ""  # "" | auto | path to a checkpoint folder
+    overwrite: bool = False  # clear a non-empty output_dir (a run directory) first; else it is refused
     max_nonfinite_in_row: int = 5
     log_every_steps: int = 10
     tensorboard: bool = True

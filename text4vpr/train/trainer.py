@@ -27,6 +27,7 @@ from text4vpr.train.logs import MetricsLogger, read_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.progress import Progress
+from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import cached_backward, plain_backward
 from text4vpr.utils.atomic import atomic_write_text
 from text4vpr.utils.distributed import average_gradients, broadcast_buffers
@@ -58,6 +59,7 @@ class Trainer:
         set_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)  # never mix runs
         self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed and add_torch_autocast(self.acc.state.deepspeed_plugin.deepspeed_config, t.mixed_precision):
             self.acc.print("DeepSpeed: torch_autocast section added (bf16 forward inside the engine, fp32 gradients)")
