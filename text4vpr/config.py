@@ -162,6 +162,22 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     return data
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` when it is a file; else the packaged config of that name (`street360loc`,
+    `configs/street360loc.yaml`), so README commands work from an installed wheel too."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if packaged.is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return packaged
+    names = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"--config {path}: no such file (packaged configs: {names}; pass a YAML path or one of those names)")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """Defaults of `cls`, updated by the YAML file at `path`, then by dotted overrides."""
     data: dict = {}

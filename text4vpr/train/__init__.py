@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # text4vpr/configs/demo.yaml, shipped in the package (configs/demo.yaml in a checkout)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="run config YAML (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="run config YAML, or a packaged config's name (demo | street360loc | tiny_test); "
+                             "default: demo")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
 
 
 def resolve_config(config: str | None, overrides: list[str], resume: str | None = None):
     """Load the run config: file (or the embedded demo default) + overrides (+ --resume)."""
-    from text4vpr.config import load_config
+    from text4vpr.config import find_config, load_config
     from text4vpr.train.config import RunConfig
 
-    path = config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    path = find_config(config or DEFAULT_CONFIG)
     extra = [f"train.resume={resume}"] if resume else []
     return load_config(RunConfig, path, list(overrides) + extra)
 
