@@ -151,7 +151,10 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        value = _load_yaml(raw) if raw != "" else ""
+        try:
+            value = _load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it") from None
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -182,16 +185,34 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     """Defaults of `cls`, updated by the YAML file at `path`, then by dotted overrides."""
     data: dict = {}
     if path is not None:
-        with open(path) as f:
-            loaded = _load_yaml(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = loaded
+        data = read_yaml_mapping(path)
+        try:
+            from_dict(cls, data)  # the file alone: its own mistakes are reported as the file's
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    overrides = list(overrides)
     data = apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(f"command line ({' '.join(overrides)}): {e}") from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; ConfigError naming the file and line when it is not one."""
+    try:
+        with open(path) as f:
+            loaded = _load_yaml(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data:, model:, train:, ...)")
+    return loaded
 
 
 def dump_yaml(cfg: Any) -> str:

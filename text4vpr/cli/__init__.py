@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # subcommand name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,7 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from text4vpr.cli.errors import add_debug_flag
+
     parser = argparse.ArgumentParser(prog="text4vpr", description="Text4VPR: text-to-place retrieval.")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
@@ -35,20 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from text4vpr.utils.launch_check import LaunchMismatch, check_world_size
+    from text4vpr.cli.errors import run_guarded
+    from text4vpr.utils.launch_check import check_world_size
 
-    try:
+    args = build_parser().parse_args(argv)
+
+    def command() -> int:
         check_world_size()
-    except LaunchMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    mod = importlib.import_module(args._module)
-    try:
-        rc = int(mod.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return importlib.import_module(args._module).run(args)
+
+    rc = run_guarded(command, args.debug)
     from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
     if rc == 0 and shutdown_distributed():  # under accelerate launch / torchrun: every rank leaves together

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from text4vpr.cli.errors import fail  # noqa: F401 - the subcommands' one-line error
 from text4vpr.kernels.topk import MODES
 
 
@@ -66,7 +66,15 @@ def is_main_rank() -> bool:
     return distributed_world()[0] == 0
 
 
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def check_shards(path: str, flag: str = "--shards") -> None:
+    """UsageError unless `path` is a folder holding shards (checked before any model is loaded)."""
+    from pathlib import Path
+
+    from text4vpr.cli.errors import UsageError
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{flag} {path}: no such folder; pass a folder written by `text4vpr shards build`")
+    if not any(p.glob("*.tar")):
+        raise UsageError(f"{flag} {path}: no shards (*.tar) in this folder; build them with `text4vpr shards build`")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_mode_arg, add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
+    add_mode_arg, add_model_loader_args, check_shards, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
 
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.index import load_index
     from text4vpr.retrieval.report import markdown_table, write_report
 
+    check_shards(args.shards)  # before any model is loaded
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)

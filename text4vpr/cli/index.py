@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on, precision_context,
+    add_model_loader_args, check_shards, eval_loader, fail, init_distributed, is_main_rank, load_model_on, precision_context,
     show_progress,
 )
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.index import build_index
 
+    check_shards(args.shards)  # before any model is loaded
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)

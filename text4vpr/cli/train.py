@@ -13,4 +13,5 @@ def run(args) -> int:
     from text4vpr.train import main
 
     argv = ([f"--config={args.config}"] if args.config else []) + ([f"--resume={args.resume}"] if args.resume else [])
+    argv += ["--debug"] if args.debug else []
     return main(argv + list(args.overrides))

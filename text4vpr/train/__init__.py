@@ -47,29 +47,26 @@ def _quiet_cpu_only_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from text4vpr.config import ConfigError
+    from text4vpr.cli.errors import add_debug_flag, run_guarded
+    from text4vpr.utils.launch_check import check_world_size
 
     _quiet_cpu_only_warnings()
     parser = argparse.ArgumentParser(prog="train.py", description="Train Text4VPR (launch with `accelerate launch`).")
     add_arguments(parser)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    from text4vpr.utils.launch_check import LaunchMismatch, check_world_size
-
-    try:
-        check_world_size()
-    except LaunchMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"not a dotted override (key.sub=value): {' '.join(bad)}")
-    try:
+
+    def train() -> int:
+        check_world_size()
         run(args.config, args.overrides, args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return 0
+
+    rc = run_guarded(train, args.debug)
     from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
-    if shutdown_distributed():  # ranks leave together (rank 0 wrote the report last)
+    if rc == 0 and shutdown_distributed():  # ranks leave together (rank 0 wrote the report last)
         exit_process(0)
-    return 0
+    return rc

@@ -58,6 +58,9 @@ class ModelSection:
     init_from: str = ""
     config: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_choice("model.preset", self.preset, ("tiny", "paper", "custom"))
+
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

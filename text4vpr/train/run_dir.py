@@ -53,6 +53,9 @@ def _is_inside(path: Path, folder: Path) -> bool:
 def check_run_dir(run_dir: Path, cfg) -> bool:
     """Raise RunDirError unless this run may use `run_dir`; return whether to clear it first."""
     t = cfg.train
+    if t.resume not in ("", "auto") and not (Path(t.resume) / "state.json").is_file():
+        raise RunDirError(f"train.resume={t.resume}: not a complete checkpoint folder (no state.json); pass "
+                          f"{run_dir}/checkpoints/step-NNNNNNNN or train.resume=auto")
     entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     saved = run_dir / CONFIG_NAME
     resumes_here = t.resume == "auto" or (t.resume and _is_inside(Path(t.resume), run_dir))
