@@ -1,4 +1,5 @@
-"""`text4vpr index build --model DIR --shards DIR --out INDEX`: database image vectors of a split.
+"""`text4vpr index build --model DIR --shards DIR --out INDEX`: database image vectors of a split;
+`text4vpr index queries ... --out Q.safetensors`: its descriptions' vectors, for `eval-embeddings`.
 
 Launch with `accelerate launch -m text4vpr index build ...` to encode on several GPUs; each
 rank writes its own part.
@@ -22,9 +23,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="stored vector dtype (bfloat16 halves the size; search accumulates in fp32)")
+    queries = sub.add_parser(
+        "queries", help="encode the descriptions of a split into a query file for `text4vpr eval-embeddings`",
+        description="Encode every location's descriptions of a split (text tower only) into one .safetensors "
+                    "file (embeddings, view_mask, coords, index), the --queries input of `text4vpr eval-embeddings`.")
+    add_model_loader_args(queries)
+    queries.add_argument("--out", required=True, help="query file to write (.safetensors)")
 
 
 def run(args: argparse.Namespace) -> int:
+    return _queries(args) if args.index_command == "queries" else _build(args)
+
+
+def _queries(args: argparse.Namespace) -> int:
+    from text4vpr.retrieval.queries import encode_queries
+
+    check_shards(args.shards)
+    device = init_distributed()
+    try:
+        model = load_model_on(args.model, device)
+        with precision_context(args.precision, device):
+            summary = encode_queries(model, eval_loader(args, model), args.out, device=device,
+                                     show_progress=show_progress(args))
+    except (FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    if is_main_rank():
+        print(f"queries {args.out}: {summary['count']} locations, D={summary['embed_dim']}; evaluate with "
+              f"`text4vpr eval-embeddings --queries {args.out} --database INDEX --out REPORT`")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.index import build_index
 
     check_shards(args.shards)  # before any model is loaded
