@@ -19,11 +19,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-embeddings": ("text4vpr.cli.eval_embeddings", "evaluate precomputed query/database vectors"),
     "localize": ("text4vpr.cli.localize", "locate a place from up to four descriptions"),
     "train": ("text4vpr.cli.train", "train a model (same as `accelerate launch train.py`)"),
+    "config": ("text4vpr.cli.config", "show the resolved run config with every key"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     from text4vpr.cli.errors import add_debug_flag
+    from text4vpr.cli.help import finish_help
 
     parser = argparse.ArgumentParser(prog="text4vpr", description="Text4VPR: text-to-place retrieval.")
     add_debug_flag(parser)
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
+    finish_help(parser)
     return parser
 
 

@@ -34,7 +34,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def add_mode_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default="upstream", help="group similarity (default: upstream, the SPEC's)")
+    parser.add_argument("--mode", choices=MODES, default="upstream", help="group similarity (upstream is the published method's)")
 
 
 def init_distributed():

@@ -16,7 +16,7 @@ from text4vpr.cli._retrieval_common import (
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values (default 1 5 10)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values")
     parser.add_argument("--radii", type=float, nargs="+", default=[5, 10, 15, 30], help="radii in metres")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="search kernel")
 

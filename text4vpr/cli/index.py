@@ -18,7 +18,10 @@ from text4vpr.cli._retrieval_common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION")
     sub.required = True
-    build = sub.add_parser("build", help="encode the database images of a split into an index folder")
+    build = sub.add_parser(
+        "build", help="encode the database images of a split into an index folder",
+        description="Encode every location's images of a split into an index folder (header + one part per rank), "
+                    "the database of `text4vpr localize`, `eval --index` and `eval-embeddings --database`.")
     add_model_loader_args(build)
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

@@ -14,4 +14,5 @@ def run(args) -> int:
 
     argv = ([f"--config={args.config}"] if args.config else []) + ([f"--resume={args.resume}"] if args.resume else [])
     argv += ["--debug"] if args.debug else []
+    argv += ["--print-config"] if args.print_config else []
     return main(argv + list(args.overrides))

@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run config YAML, or a packaged config's name (demo | street360loc | tiny_test); "
                              "default: demo")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key, as YAML) and exit without training")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
 
 
@@ -27,6 +29,14 @@ def resolve_config(config: str | None, overrides: list[str], resume: str | None 
     path = find_config(config or DEFAULT_CONFIG)
     extra = [f"train.resume={resume}"] if resume else []
     return load_config(RunConfig, path, list(overrides) + extra)
+
+
+def print_config(config: str | None, overrides: list[str], resume: str | None = None) -> int:
+    """The resolved run config, every key, as YAML a `--config` file accepts."""
+    from text4vpr.config import dump_yaml
+
+    print(dump_yaml(resolve_config(config, list(overrides), resume)), end="")
+    return 0
 
 
 def run(config: str | None = None, overrides: list[str] = (), resume: str | None = None) -> dict:
@@ -48,18 +58,22 @@ def _quiet_cpu_only_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from text4vpr.cli.errors import add_debug_flag, run_guarded
+    from text4vpr.cli.help import finish_help
     from text4vpr.utils.launch_check import check_world_size
 
     _quiet_cpu_only_warnings()
     parser = argparse.ArgumentParser(prog="train.py", description="Train Text4VPR (launch with `accelerate launch`).")
     add_arguments(parser)
     add_debug_flag(parser)
+    finish_help(parser)
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"not a dotted override (key.sub=value): {' '.join(bad)}")
 
     def train() -> int:
+        if args.print_config:
+            return print_config(args.config, args.overrides, args.resume)
         check_world_size()
         run(args.config, args.overrides, args.resume)
         return 0
