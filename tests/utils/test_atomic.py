@@ -43,3 +43,21 @@ def test_files_get_the_users_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("a.json", "m.safetensors", "plain.txt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_saved_model_files_follow_the_umask(tmp_path, tokenizer_dir):
+    """A whole save_pretrained folder (weights, config, tokenizer) is readable by the group under umask 022."""
+    import os
+    import stat
+
+    from text4vpr.data.tokenizer import load_tokenizer
+    from text4vpr.models import Text4VPR, tiny_config
+
+    old = os.umask(0o022)
+    try:
+        Text4VPR(tiny_config(vocab_size=300)).save_pretrained(tmp_path / "m", tokenizer=load_tokenizer(tokenizer_dir))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert len(files) >= 3
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
