@@ -35,40 +35,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _queries(args) if args.index_command == "queries" else _build(args)
+    return _encode(args, _queries if args.index_command == "queries" else _build)
 
 
-def _queries(args: argparse.Namespace) -> int:
-    from text4vpr.retrieval.queries import encode_queries
-
-    check_shards(args.shards)
-    device = init_distributed()
-    try:
-        model = load_model_on(args.model, device)
-        with precision_context(args.precision, device):
-            summary = encode_queries(model, eval_loader(args, model), args.out, device=device,
-                                     show_progress=show_progress(args))
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
-    if is_main_rank():
-        print(f"queries {args.out}: {summary['count']} locations, D={summary['embed_dim']}; evaluate with "
-              f"`text4vpr eval-embeddings --queries {args.out} --database INDEX --out REPORT`")
-    return 0
-
-
-def _build(args: argparse.Namespace) -> int:
-    from text4vpr.retrieval.index import build_index
-
+def _encode(args: argparse.Namespace, write) -> int:
+    """Load the model on this rank's device, then `write(args, model, loader, device)` -> the line to print."""
     check_shards(args.shards)  # before any model is loaded
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)
         with precision_context(args.precision, device):
-            header = build_index(model, eval_loader(args, model), args.out, dtype=args.dtype,
-                                 show_progress=show_progress(args))
+            line = write(args, model, eval_loader(args, model), device)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():
-        print(f"index {args.out}: {header['count']} locations, D={header['embed_dim']}, "
-              f"{len(header['parts'])} part(s), {header['dtype']}")
+        print(line)
     return 0
+
+
+def _queries(args: argparse.Namespace, model, loader, device) -> str:
+    from text4vpr.retrieval.queries import encode_queries
+
+    summary = encode_queries(model, loader, args.out, device=device, show_progress=show_progress(args))
+    return (f"queries {args.out}: {summary['count']} locations, D={summary['embed_dim']}; evaluate with "
+            f"`text4vpr eval-embeddings --queries {args.out} --database INDEX --out REPORT`")
+
+
+def _build(args: argparse.Namespace, model, loader, device) -> str:
+    from text4vpr.retrieval.index import build_index
+
+    header = build_index(model, loader, args.out, dtype=args.dtype, show_progress=show_progress(args))
+    return (f"index {args.out}: {header['count']} locations, D={header['embed_dim']}, "
+            f"{len(header['parts'])} part(s), {header['dtype']}")

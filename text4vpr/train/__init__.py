@@ -43,7 +43,20 @@ def run(config: str | None = None, overrides: list[str] = (), resume: str | None
     cfg = resolve_config(config, list(overrides), resume)  # config errors before heavy imports
     from text4vpr.train.trainer import Trainer
 
+    _print_threads()
     return Trainer(cfg).train()
+
+
+def _print_threads() -> None:
+    """CPU threads per process change both speed and the float summation order (the result):
+    say how many this run has (`accelerate launch` sets OMP_NUM_THREADS=1 when it is unset)."""
+    import os
+
+    import torch
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"CPU threads per process: {torch.get_num_threads()} "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
 
 
 def _quiet_cpu_only_warnings() -> None:
