@@ -43,11 +43,15 @@ def _accelerate(*args):
     return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *args]
 
 
-def test_cpu_flag_with_two_processes_stops_with_the_fix(tmp_path):
+@pytest.mark.parametrize("entry", [
+    [str(REPO / "train.py")],
+    ["-m", "text4vpr", "eval", "--model", "m", "--shards", "s", "--out", "run"],
+], ids=["train.py", "text4vpr eval"])
+def test_cpu_flag_with_two_processes_stops_with_the_fix(tmp_path, entry):
     """The real launcher's single-process path: one line, exit 2, before any model is built."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(_accelerate("--cpu", "--num_processes", "2", str(REPO / "train.py"),
-                                   f"train.output_dir={tmp_path / 'run'}"),
+    r = subprocess.run(_accelerate("--cpu", "--num_processes", "2", *entry, f"train.output_dir={tmp_path / 'run'}")
+                       if entry[0] != "-m" else _accelerate("--cpu", "--num_processes", "2", *entry),
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
