@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train Text4VPR: `accelerate launch train.py [--config configs/X.yaml] [key.sub=value ...]`.
 
-With no arguments it runs the embedded demo (configs/demo.yaml): synthetic Street360Loc,
+With no arguments it runs the packaged demo (text4vpr/configs/demo.yaml): synthetic Street360Loc,
 tiny model, CPU-friendly, a few minutes.
 """
 

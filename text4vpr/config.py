@@ -151,7 +151,10 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        value = _load_yaml(raw) if raw != "" else ""
+        try:
+            value = _load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it") from None
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -162,20 +165,54 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     return data
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` when it is a file; else the packaged config of that name (`street360loc`,
+    `configs/street360loc.yaml`), so README commands work from an installed wheel too."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if packaged.is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return packaged
+    names = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"--config {path}: no such file (packaged configs: {names}; pass a YAML path or one of those names)")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """Defaults of `cls`, updated by the YAML file at `path`, then by dotted overrides."""
     data: dict = {}
     if path is not None:
-        with open(path) as f:
-            loaded = _load_yaml(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = loaded
+        data = read_yaml_mapping(path)
+        try:
+            from_dict(cls, data)  # the file alone: its own mistakes are reported as the file's
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    overrides = list(overrides)
     data = apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(f"command line ({' '.join(overrides)}): {e}") from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; ConfigError naming the file and line when it is not one."""
+    try:
+        with open(path) as f:
+            loaded = _load_yaml(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data:, model:, train:, ...)")
+    return loaded
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -397,3 +397,22 @@ def test_eval_embeddings_refuses_disjoint_queries(model_dir, synth_shards, tmp_p
     assert "6 of 6 query locations" in _one_line(_err(capsys, args))
     assert main(args + ["--allow-disjoint"]) == 0
 
+
+
+def test_index_queries_feeds_eval_embeddings(model_dir, synth_shards, index_dir, tmp_path):
+    """`index queries` + `eval-embeddings` against the index = `eval --index` on the same split."""
+    q = tmp_path / "q.safetensors"
+    assert main(["index", "queries", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(q),
+                 "--num-workers", "0", "--batch-size", "4"]) == 0
+    saved = load_file(str(q))
+    enc = encode_split(Text4VPR.from_pretrained(model_dir), _loader(model_dir, synth_shards), images=False)
+    order = torch.argsort(enc["index"])
+    assert torch.equal(saved["index"], enc["index"][order]) and saved["coords"].dtype == torch.float64
+    assert torch.equal(saved["embeddings"], enc["queries"][order])
+    assert torch.equal(saved["view_mask"], enc["query_mask"][order])
+    assert main(["eval-embeddings", "--queries", str(q), "--database", str(index_dir), "--out", str(tmp_path / "e")]) == 0
+    assert main(["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0",
+                 "--index", str(index_dir), "--out", str(tmp_path / "r")]) == 0
+    a = json.loads((tmp_path / "e" / "metrics.json").read_text())["accuracy"]
+    b = json.loads((tmp_path / "r" / "metrics.json").read_text())["accuracy"]
+    assert a == b

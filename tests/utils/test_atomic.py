@@ -25,3 +25,39 @@ def test_safetensors_round_trip(tmp_path):
     atomic_save_file(t, tmp_path / "sub" / "t.safetensors", metadata={"k": "v"})
     back = load_file(tmp_path / "sub" / "t.safetensors")
     assert torch.equal(back["x"], t["x"]) and torch.equal(back["i"], t["i"])
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_users_umask(tmp_path, umask, mode):
+    """Like `open(path, "w")`: 0666 less the umask, not the temp file's private 0600."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"v": 1})
+        atomic_save_file({"x": torch.zeros(2)}, tmp_path / "m.safetensors")
+        with open(tmp_path / "plain.txt", "w") as f:  # the reference: what the OS gives a plain file
+            f.write("x")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "m.safetensors", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_saved_model_files_follow_the_umask(tmp_path, tokenizer_dir):
+    """A whole save_pretrained folder (weights, config, tokenizer) is readable by the group under umask 022."""
+    import os
+    import stat
+
+    from text4vpr.data.tokenizer import load_tokenizer
+    from text4vpr.models import Text4VPR, tiny_config
+
+    old = os.umask(0o022)
+    try:
+        Text4VPR(tiny_config(vocab_size=300)).save_pretrained(tmp_path / "m", tokenizer=load_tokenizer(tokenizer_dir))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert len(files) >= 3
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}

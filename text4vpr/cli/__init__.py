@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # subcommand name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,28 +19,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-embeddings": ("text4vpr.cli.eval_embeddings", "evaluate precomputed query/database vectors"),
     "localize": ("text4vpr.cli.localize", "locate a place from up to four descriptions"),
     "train": ("text4vpr.cli.train", "train a model (same as `accelerate launch train.py`)"),
+    "config": ("text4vpr.cli.config", "show the resolved run config with every key"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from text4vpr.cli.errors import add_debug_flag
+    from text4vpr.cli.help import finish_help
+
     parser = argparse.ArgumentParser(prog="text4vpr", description="Text4VPR: text-to-place retrieval.")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
+    finish_help(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from text4vpr.cli.errors import run_guarded
+    from text4vpr.utils.launch_check import check_world_size
+
     args = build_parser().parse_args(argv)
-    mod = importlib.import_module(args._module)
-    try:
-        rc = int(mod.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    def command() -> int:
+        check_world_size()
+        return importlib.import_module(args._module).run(args)
+
+    rc = run_guarded(command, args.debug)
     from text4vpr.utils.distributed import exit_process, shutdown_distributed
 
     if rc == 0 and shutdown_distributed():  # under accelerate launch / torchrun: every rank leaves together
@@ -50,4 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from text4vpr.cli.errors import fail  # noqa: F401 - the subcommands' one-line error (re-exported)
 from text4vpr.kernels.common import MODES
 
 
@@ -47,7 +47,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def add_mode_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default="upstream", help="group similarity (default: upstream, the SPEC's)")
+    parser.add_argument("--mode", choices=MODES, default="upstream", help="group similarity (upstream is the published method's)")
 
 
 def init_distributed():
@@ -80,7 +80,24 @@ def is_main_rank() -> bool:
     return distributed_world()[0] == 0
 
 
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def check_loader_args(args: argparse.Namespace) -> None:
+    """The loader's flags, checked before any model is loaded: the text normalisation (its
+    optional package), then the shard folder."""
+    from text4vpr.data.tokenizer import check_text_normalization
+
+    check_text_normalization(args.text_normalization, "--text-normalization")
+    check_shards(args.shards)
+
+
+def check_shards(path: str, flag: str = "--shards") -> None:
+    """UsageError unless `path` is a folder holding shards (checked before any model is loaded)."""
+    from pathlib import Path
+
+    from text4vpr.cli.errors import UsageError
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{flag} {path}: no such folder; pass a folder written by `text4vpr shards build`")
+    if not any(p.glob("*.tar")):
+        raise UsageError(f"{flag} {path}: no shards (*.tar) in this folder; build them with `text4vpr shards build`")
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_index_risk_args, add_mode_arg, add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
+    add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values (default 1 5 10)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values")
     parser.add_argument("--radii", type=float, nargs="+", default=[5, 10, 15, 30], help="radii in metres")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="search kernel")
 
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.index import load_index, shards_digest, weights_digest
     from text4vpr.retrieval.report import markdown_table, write_report
 
+    check_loader_args(args)  # before any model is loaded
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)

@@ -1,4 +1,5 @@
-"""`text4vpr index build --model DIR --shards DIR --out INDEX`: database image vectors of a split.
+"""`text4vpr index build --model DIR --shards DIR --out INDEX`: database image vectors of a split;
+`text4vpr index queries ... --out Q.safetensors`: its descriptions' vectors, for `eval-embeddings`.
 
 Launch with `accelerate launch -m text4vpr index build ...` to encode on several GPUs; each
 rank writes its own part.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_model_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on, precision_context,
+    add_model_loader_args, check_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on, precision_context,
     show_progress,
 )
 
@@ -17,25 +18,53 @@ from text4vpr.cli._retrieval_common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION")
     sub.required = True
-    build = sub.add_parser("build", help="encode the database images of a split into an index folder")
+    build = sub.add_parser(
+        "build", help="encode the database images of a split into an index folder",
+        description="Encode every location's images of a split into an index folder (header + one part per rank), "
+                    "the database of `text4vpr localize`, `eval --index` and `eval-embeddings --database`.")
     add_model_loader_args(build)
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="stored vector dtype (bfloat16 halves the size; search accumulates in fp32)")
+    queries = sub.add_parser(
+        "queries", help="encode the descriptions of a split into a query file for `text4vpr eval-embeddings`",
+        description="Encode every location's descriptions of a split (text tower only) into one .safetensors "
+                    "file (embeddings, view_mask, coords, index), the --queries input of `text4vpr eval-embeddings`.")
+    add_model_loader_args(queries)
+    queries.add_argument("--out", required=True, help="query file to write (.safetensors)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.retrieval.index import build_index
+    return _encode(args, _queries if args.index_command == "queries" else _build)
 
+
+def _encode(args: argparse.Namespace, write) -> int:
+    """Load the model on this rank's device, then `write(args, model, loader, device)` -> the line to print."""
+    check_loader_args(args)  # before any model is loaded
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)
         with precision_context(args.precision, device):
-            header = build_index(model, eval_loader(args, model), args.out, dtype=args.dtype,
-                                 show_progress=show_progress(args), shards=args.shards)
+            line = write(args, model, eval_loader(args, model), device)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():
-        print(f"index {args.out}: {header['count']} locations, D={header['embed_dim']}, "
-              f"{len(header['parts'])} part(s), {header['dtype']}")
+        print(line)
     return 0
+
+
+def _queries(args: argparse.Namespace, model, loader, device) -> str:
+    from text4vpr.retrieval.queries import encode_queries
+
+    summary = encode_queries(model, loader, args.out, device=device, show_progress=show_progress(args))
+    return (f"queries {args.out}: {summary['count']} locations, D={summary['embed_dim']}; evaluate with "
+            f"`text4vpr eval-embeddings --queries {args.out} --database INDEX --out REPORT`")
+
+
+def _build(args: argparse.Namespace, model, loader, device) -> str:
+    from text4vpr.retrieval.index import build_index
+
+    header = build_index(model, loader, args.out, dtype=args.dtype, show_progress=show_progress(args),
+                         shards=args.shards)
+    return (f"index {args.out}: {header['count']} locations, D={header['embed_dim']}, "
+            f"{len(header['parts'])} part(s), {header['dtype']}")

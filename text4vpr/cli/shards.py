@@ -55,6 +55,11 @@ def _build(args: argparse.Namespace) -> int:
     from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
     from text4vpr.utils.atomic import atomic_write_json
 
+    images = Path(args.images)
+    if not images.is_dir() or next(images.glob("*_[0-9].jpg"), None) is None:
+        why = "no such folder" if not images.is_dir() else "no {index:06d}_{pos}.jpg views in this folder"
+        print(f"error: --images {args.images}: {why}; pass the folder that holds 000001_1.jpg, ...", file=sys.stderr)
+        return 2
     opts = BuildOptions(
         resize=args.resize, jpeg_quality=args.jpeg_quality, max_count=args.max_count, max_size=args.max_size,
         workers=args.workers, prefix=args.prefix, overwrite=args.overwrite,

@@ -1,30 +1,71 @@
-"""`text4vpr synth`: write a synthetic Street360Loc (xlsx + images) in the real layout."""
+"""`text4vpr synth`: write a synthetic Street360Loc (xlsx + images) in the real layout, plus a
+tokenizer trained on its train descriptions, and print the commands that train on it."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+TOKENIZER_VOCAB = 1000  # as the trainer's embedded demo
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count of locations, images, workers)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--locations", type=int, default=300, help="number of locations (all splits)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=640, help="square image side in px")
-    p.add_argument("--refusal-rate", type=float, default=0.0, help="fraction of refusal-like descriptions")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--locations", type=positive_int, default=300, help="number of locations (all splits)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the scenes and descriptions")
+    p.add_argument("--image-size", type=positive_int, default=640, help="square image side in px")
+    p.add_argument("--refusal-rate", type=fraction, default=0.0, help="fraction of refusal-like descriptions")
+    p.add_argument("--workers", type=positive_int, default=1, help="rendering processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def next_commands(out: str) -> list[str]:
+    """The shard builds and the training run for a synth folder, ready to paste."""
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    root = Path(out)
+    cmds = [f"text4vpr shards build --xlsx {q(root / f'{s}_description.xlsx')} --images {q(root / 'Street360Loc_images')} "
+            f"--out {q(root / 'shards' / s)}" for s in SPLITS]
+    shards = " ".join(f"data.{s}_shards={q(root / 'shards' / s)}" for s in SPLITS)
+    cmds.append(f"text4vpr train --config demo data.synthetic.locations=0 {shards} "
+                f"data.loader.tokenizer={q(root / 'tokenizer')} train.output_dir={q(root / 'run')}")
+    return cmds
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.data.synthetic import SynthConfig, write_synthetic
+    from text4vpr.data.synthetic import SynthConfig, plan_locations, write_synthetic
+    from text4vpr.data.tokenizer import train_tokenizer
 
     cfg = SynthConfig(
         locations=args.locations, seed=args.seed, image_size=args.image_size,
         refusal_rate=args.refusal_rate, workers=args.workers,
     )
     summary = write_synthetic(args.out, cfg, progress=not args.no_progress)
+    texts = [v["text"] for loc in plan_locations(cfg) if loc.split == "train" for v in loc.views]
+    train_tokenizer(texts, Path(args.out) / "tokenizer", vocab_size=TOKENIZER_VOCAB)
     splits = ", ".join(
         f"{name} {s['locations']} (index {s['first_index']}..{s['last_index']})" for name, s in summary["splits"].items()
     )
-    print(f"synth: {args.locations} locations at {args.image_size}px in {args.out}: {splits}")
+    print(f"synth: {args.locations} locations at {args.image_size}px in {args.out}: {splits}; "
+          f"tokenizer in {Path(args.out) / 'tokenizer'}")
+    print("next: build the shards, then train on them:")
+    for cmd in next_commands(args.out):
+        print(f"  {cmd}")
     return 0

@@ -13,4 +13,6 @@ def run(args) -> int:
     from text4vpr.train import main
 
     argv = ([f"--config={args.config}"] if args.config else []) + ([f"--resume={args.resume}"] if args.resume else [])
+    argv += ["--debug"] if args.debug else []
+    argv += ["--print-config"] if args.print_config else []
     return main(argv + list(args.overrides))

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -178,7 +177,6 @@ def write_shard(task: dict) -> dict:
             hw = _HashingWriter(f)
             with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 _pack_into(tar, task, record)
-        os.chmod(out / name, 0o644)  # mkstemp makes 0600; shards are meant to be shared
     record.update(bytes=hw.bytes, sha256=hw.sha.hexdigest())
     with writing(out / PARTS / f"{name}.json"):
         atomic_write_json(out / PARTS / f"{name}.json", record)

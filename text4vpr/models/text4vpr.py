@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from einops import pack, unpack
 from torch import nn
 
 from text4vpr.config import from_dict, to_dict
@@ -97,9 +98,8 @@ class Text4VPR(nn.Module):
         runs `text_head` on the whole batch's present views afterwards.
         """
         encoder = self.text_encoder if head else self.text_encoder.features
-        lead = input_ids.shape[:-1]
-        ids = input_ids.reshape(-1, input_ids.shape[-1])  # (B*V, L)
-        mask = attention_mask.reshape(ids.shape)  # (B*V, L)
+        ids, packed = pack([input_ids], "* l")  # (B*V, L): each view of each location one row
+        mask, _ = pack([attention_mask], "* l")  # (B*V, L)
         keep = mask.bool().any(dim=1)  # (B*V,)
         if views_complete or bool(keep.all()):
             out = encoder(ids, mask)
@@ -109,7 +109,7 @@ class Text4VPR(nn.Module):
                               dtype=enc.dtype if enc is not None else torch.float32)
             if enc is not None:
                 out = out.index_put((keep,), enc)
-        return out.reshape(*lead, self.embed_dim)
+        return unpack(out, packed, "* d")[0]  # (B, V, D), or (N, D)
 
     def text_head(self, features: torch.Tensor) -> torch.Tensor:
         """(P, D) pre-BatchNorm features of present views -> (P, D) text vectors (the batch-coupled part)."""

@@ -59,6 +59,9 @@ class ModelSection:
     init_from: str = ""
     config: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_choice("model.preset", self.preset, ("tiny", "paper", "custom"))
+
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -77,6 +80,7 @@ class TrainConfig:
     save_every_steps: int = 0  # 0 = at epoch ends only
     keep_last: int = 2
     resume: str = ""  # "" | auto | path to a checkpoint folder
+    overwrite: bool = False  # clear a non-empty output_dir (a run directory) first; else it is refused
     max_nonfinite_in_row: int = 5
     log_every_steps: int = 10
     tensorboard: bool = True

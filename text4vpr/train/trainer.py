@@ -27,9 +27,10 @@ from text4vpr.train.data import (
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
-from text4vpr.utils.progress import Progress
+from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
+from text4vpr.utils.progress import Progress
 from text4vpr.utils.atomic import atomic_write_text
 from text4vpr.utils.distributed import average_gradients, broadcast_buffers
 
@@ -60,6 +61,7 @@ class Trainer:
         set_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)  # never mix runs
         self.strategy = make_strategy(self.acc, cfg)  # DDP or DeepSpeed: everything that differs
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)

@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
 A reader never sees a half-written file, and a killed writer leaves only a `.tmp-*` file
-that the next run ignores or overwrites.
+that the next run ignores or overwrites. The file gets the mode a plain `open` would give
+(0666 less the umask), not the temp file's private 0600.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc where possible (setting it to read it races with threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`."""
@@ -21,6 +33,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
