@@ -1,7 +1,7 @@
 """`text4vpr eval --model DIR --shards DIR [--index INDEX] [--mode M] --out DIR`.
 
-Top-k accuracy within r metres on a split (SPEC), written as metrics.json, metrics.md and
-accuracy_vs_radius.png. Runs single-process or under `accelerate launch` (ranks share the
+Top-k accuracy within r metres on a split (docs/method.md), written as metrics.json, report.md
+and accuracy_vs_radius.png; `--html` adds report.html (charts, map, gallery of the worst queries). Runs single-process or under `accelerate launch` (ranks share the
 encoding; rank 0 writes the report).
 """
 
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mode_arg(parser)
     add_ks_radii(parser)
     parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
+    parser.add_argument("--gallery", type=int, default=40, help="worst queries shown in report.html (default 40)")
 
 
 def _this_rank_rows(path: str) -> tuple[int, int]:
@@ -51,11 +53,36 @@ def run(args: argparse.Namespace) -> int:
             index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index))
         with precision_context(args.precision, device):
             metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
-                               backend=args.backend, device=device, show_progress=show_progress(args))
+                               backend=args.backend, device=device, show_progress=show_progress(args),
+                               with_ranking=True)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():
-        paths = write_report(metrics, args.out)
+        metrics, ranking = metrics
+        paths = write_report(args.out, metrics)
+        if args.html:
+            paths["html"] = _write_html(args, model, metrics, ranking)
         print(markdown_table(metrics), end="")
-        print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _write_html(args: argparse.Namespace, model, metrics: dict, ranking):
+    import dataclasses
+    from pathlib import Path
+
+    from text4vpr.retrieval.html_report import run_identity, write_html_report
+
+    config = {"model": dataclasses.asdict(model.config), "eval": {k: v for k, v in vars(args).items() if k != "func"}}
+    identity = run_identity(args.model, args.shards, args.mode, config, index=args.index or "(images encoded)")
+    shard_dirs = [args.shards, *_index_shards(args.index)]
+    return write_html_report(Path(args.out) / "report.html", metrics, ranking, shard_dirs, identity,
+                             failures=args.gallery, successes=max(1, args.gallery // 4))
+
+
+def _index_shards(path: str | None) -> list[str]:
+    """The shard folder an index was built from, when its header records one (thumbnails)."""
+    from text4vpr.retrieval.index import read_header
+
+    shards = read_header(path).get("shards") if path else None
+    return [shards] if shards else []

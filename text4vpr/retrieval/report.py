@@ -1,4 +1,6 @@
-"""Evaluation report: metrics.json, a markdown table, and a PNG of accuracy against radius."""
+"""Evaluation report files: the metrics as JSON, `report.md` (the accuracy table, a summary, figures)
+and a PNG of accuracy against radius. One writer for `text4vpr eval` and the trainer's final
+evaluation (which adds its training figures); the HTML report is `html_report.py`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 from text4vpr.utils.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 METRICS_JSON = "metrics.json"
-TABLE_MD = "metrics.md"
+REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_radius.png"
 
 
@@ -52,12 +54,17 @@ def plot_accuracy(metrics: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_report(metrics: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write metrics.json, metrics.md and accuracy_vs_radius.png into `out_dir`."""
+def write_report(out_dir: str | Path, metrics: dict, *, title: str = "Text4VPR evaluation", summary: dict | None = None,
+                 figures: tuple[str, ...] = (), metrics_name: str = METRICS_JSON) -> dict[str, Path]:
+    """Write the metrics JSON (`metrics_name`), accuracy_vs_radius.png and report.md into `out_dir`:
+    a title, `summary` as bullets, the table beside chance, then the plot and `figures` (file
+    names in `out_dir`, e.g. the trainer's loss curve)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / METRICS_JSON, "table": out / TABLE_MD, "plot": out / PLOT_PNG}
+    paths = {"json": out / metrics_name, "table": out / REPORT_MD, "plot": out / PLOT_PNG}
     atomic_write_json(paths["json"], metrics)
-    atomic_write_text(paths["table"], markdown_table(metrics))
     plot_accuracy(metrics, paths["plot"])
+    lines = [f"# {title}", "", *(f"- {k}: {v}" for k, v in (summary or {}).items()), "", markdown_table(metrics), ""]
+    lines += [f"![{Path(name).stem}]({name})\n" for name in (PLOT_PNG, *figures)]
+    atomic_write_text(paths["table"], "\n".join(lines))
     return paths

@@ -110,6 +110,8 @@ class EvalConfig:
     radii: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 30.0])
     mode: str = "upstream"  # upstream | cosine | any-heading
     final: bool = True  # evaluate the best model on data.test_shards at the end
+    html: bool = True  # the final evaluation also writes report.html (gallery of the worst queries)
+    gallery: int = 40  # worst queries shown in report.html (and a quarter as many random successes)
 
     def __post_init__(self) -> None:
         check_choice("eval.mode", self.mode, MODES)

@@ -9,8 +9,7 @@ from text4vpr.retrieval.chance import chance_accuracy
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
 from text4vpr.retrieval.report import markdown_table
-from text4vpr.train.report import write_report
-from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.train.report import write_html, write_run_report
 
 
 def _load_best(trainer) -> str:
@@ -29,7 +28,7 @@ def finish_run(trainer) -> dict:
         return {}
     which = _load_best(trainer)
     split = "test" if cfg.data.test_shards or trainer.paths.test != trainer.paths.val else "val"
-    metrics = trainer._evaluate(trainer.paths.test)  # every rank takes part
+    metrics, ranking = trainer._evaluate(trainer.paths.test, with_ranking=True)  # every rank takes part
     metrics["split"] = split
     metrics["model"] = which
     if not trainer.acc.is_main_process:
@@ -37,7 +36,6 @@ def finish_run(trainer) -> dict:
     coords = read_coords(trainer.paths.test)
     metrics["chance"] = chance_accuracy(coords, coords, tuple(cfg.eval.ks), tuple(cfg.eval.radii))
     run_dir: Path = trainer.run_dir
-    atomic_write_json(run_dir / "final_metrics.json", metrics)
     summary = {
         "steps": trainer.state.step,
         "epochs": trainer.state.epoch,
@@ -47,8 +45,10 @@ def finish_run(trainer) -> dict:
     }
     if trainer.acc.scaler is not None:  # fp16
         summary["fp16 loss-scale back-offs (steps skipped by design)"] = trainer.state.loss_scale_backoffs
-    write_report(run_dir, metrics, read_metrics(run_dir / "metrics.jsonl"), summary)
+    write_run_report(run_dir, metrics, read_metrics(run_dir / "metrics.jsonl"), summary)
+    if cfg.eval.html:
+        write_html(run_dir, metrics, ranking, trainer.paths.test, cfg)
     print(f"\nHeld-out {split} split, {metrics['num_queries']} queries, model: {which}")
     print(markdown_table(metrics), end="")
-    print(f"\nrun directory: {run_dir} (report.md, final_metrics.json, plots, model/)")
+    print(f"\nrun directory: {run_dir} (report.md, report.html, final_metrics.json, plots, model/)")
     return metrics

@@ -1,12 +1,15 @@
-"""End-of-run report: markdown with the final table beside chance, loss and accuracy plots."""
+"""End-of-run report: the evaluation report (`retrieval.report.write_report`) of the final
+evaluation, with the training loss and the validation accuracy over steps as extra figures."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from text4vpr.retrieval.report import markdown_table
-from text4vpr.utils.atomic import atomic_open, atomic_write_text
+from text4vpr.retrieval.report import write_report
+from text4vpr.utils.atomic import atomic_open
+
+FINAL_METRICS = "final_metrics.json"
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -32,7 +35,8 @@ def plot_loss(events: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy(events: list[dict], path: Path, r: str = "5") -> None:
+def plot_validation(events: list[dict], path: Path, r: str = "5") -> None:
+    """Validation accuracy within r metres against the step, one line per k."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,27 +56,23 @@ def plot_accuracy(events: list[dict], path: Path, r: str = "5") -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: str | os.PathLike, final: dict, events: list[dict], summary: dict) -> Path:
-    """`report.md` plus `loss.png` and `accuracy.png` in the run directory."""
+def write_run_report(run_dir: str | os.PathLike, final: dict, events: list[dict], summary: dict) -> Path:
+    """final_metrics.json, report.md and its plots (accuracy_vs_radius, loss, val_accuracy) in the run directory."""
     run_dir = Path(run_dir)
     plot_loss(events, run_dir / "loss.png")
     radii = list(next(iter(final["accuracy"].values())))
-    r = "5" if "5" in radii else radii[0]
-    plot_accuracy(events, run_dir / "accuracy.png", r=r)
-    lines = [
-        "# Text4VPR training report",
-        "",
-        *(f"- {k}: {v}" for k, v in summary.items()),
-        "",
-        f"## Final evaluation ({final.get('split', 'held-out')} split)",
-        "",
-        markdown_table(final),
-        "",
-        "![loss](loss.png)",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-    ]
-    path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    plot_validation(events, run_dir / "val_accuracy.png", r="5" if "5" in radii else radii[0])
+    title = f"Text4VPR training report: final evaluation ({final.get('split', 'held-out')} split)"
+    return write_report(run_dir, final, title=title, summary=summary, figures=("loss.png", "val_accuracy.png"),
+                        metrics_name=FINAL_METRICS)["table"]
+
+
+def write_html(run_dir: str | os.PathLike, final: dict, ranking, shards: str, cfg) -> Path:
+    """report.html of the final evaluation: the run's config as its identity."""
+    from text4vpr.config import dump_yaml
+    from text4vpr.retrieval.html_report import run_identity, write_html_report
+
+    identity = run_identity(final.get("model", "model"), shards, final["mode"], dump_yaml(cfg),
+                            split=final.get("split", "held-out"), run=run_dir)
+    return write_html_report(Path(run_dir) / "report.html", final, ranking, [shards], identity,
+                             failures=cfg.eval.gallery, successes=max(1, cfg.eval.gallery // 4))

@@ -242,13 +242,14 @@ class Trainer:
             self._export(self.run_dir / "best_model")
         return metrics
 
-    def _evaluate(self, shards: str) -> dict:
+    def _evaluate(self, shards: str, with_ranking: bool = False):
         e = self.cfg.eval
         loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
         model = self.acc.unwrap_model(self.model)
         model.eval()
         with self.autocast():
-            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device)
+            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device,
+                               with_ranking=with_ranking)
         model.train()
         return metrics
 
