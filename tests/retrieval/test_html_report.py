@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import numpy as np
@@ -17,7 +15,7 @@ from text4vpr.data.tokenizer import load_tokenizer
 from text4vpr.models import Text4VPR, tiny_config
 from text4vpr.retrieval.html_report import DIST_EDGES, HEADLINE_R, distance_histogram, select_gallery
 from text4vpr.retrieval.ranking import Ranking
-from text4vpr.utils.browser import dump_dom, parse_dom, screenshot
+from text4vpr.utils.browser import screenshot
 
 
 @pytest.fixture(scope="module")
@@ -62,57 +60,15 @@ def test_distance_histogram_counts_every_query_once():
     assert counts == want and sum(counts) == len(top1)
 
 
-def check_report_page(html_path, metrics: dict, want_failures: int, want_successes: int, thumbs_per_card: int):
-    """Open the report in Chromium and check what a reader would see against the numbers."""
-    raw, console = dump_dom(html_path)
-    dom = parse_dom(raw)
-    body = dom.select("body")[0]
-    assert body.attrs.get("data-js-ok") == "1", "the page's script did not run to its end"
-    assert dom.by_id("js-errors").text.strip() == "" and console == [], (dom.by_id("js-errors").text, console)
-    for el in dom.elements:  # self-contained: no external script, image, font or style
-        for a in ("src", "href"):
-            v = el.attrs.get(a)
-            assert v is None or v.startswith(("data:", "#")), f"external reference {a}={v!r}"
-    assert not dom.select("link") and all("src" not in e.attrs for e in dom.select("script"))
-    cells = dom.select("td", attr="data-value")
-    acc = metrics["accuracy"]
-    assert len(cells) == sum(len(row) for row in acc.values())
-    for td in cells:
-        want = acc[td.attrs["data-k"]][td.attrs["data-r"]]
-        assert float(td.attrs["data-value"]) == want
-    shown = [e.text for e in dom.select("span", cls="pct")]
-    assert shown == [f"{100 * v:.1f} %" for row in acc.values() for v in row.values()]
-    if "chance" in metrics:
-        got = [float(e.attrs["data-value"]) for e in dom.select("span", cls="chance")]
-        assert got == [v for row in metrics["chance"].values() for v in row.values()]
-    cards = dom.select("article", cls="card")
-    assert sum(c.attrs["data-kind"] == "failure" for c in cards) == want_failures
-    assert sum(c.attrs["data-kind"] == "success" for c in cards) == want_successes
-    images = [e for e in dom.select("img") if e.attrs.get("src", "").startswith("data:image/jpeg;base64,")]
-    assert len(images) == thumbs_per_card * len(cards)
-    for img in images[:8]:
-        w, h = Image.open(io.BytesIO(base64.b64decode(img.attrs["src"].split(",", 1)[1]))).size
-        assert max(w, h) <= 96
-    assert len(dom.select("svg", cls="map")[0].attrs) and len(dom.select("circle")) >= metrics["num_queries"]
-    return dom
-
-
-def expected_cards(metrics: dict, failures: int, successes: int) -> tuple[int, int]:
-    """Card counts from the metrics alone: misses at top-1 within 5 m are the failures."""
-    q = metrics["num_queries"]
-    misses = round((1 - metrics["accuracy"]["1"]["5"]) * q)
-    return min(failures, misses), min(successes, q - misses)
-
-
-def test_eval_html_report_in_chromium(model_dir, synth_shards, tmp_path):
+def test_eval_html_report_in_chromium(model_dir, synth_shards, tmp_path, report_page):
     out = tmp_path / "report"
     rc = main(["eval", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0",
                "--out", str(out), "--html", "--gallery", "4"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    fails, succ = expected_cards(metrics, 4, 1)
+    fails, succ = report_page.expected_cards(metrics, 4, 1)
     assert fails + succ > 0
-    check_report_page(out / "report.html", metrics, fails, succ, thumbs_per_card=16)  # 4 views x (truth + top-3)
+    report_page.check(out / "report.html", metrics, fails, succ, thumbs_per_card=16)  # 4 views x (truth + top-3)
     png = screenshot(out / "report.html", tmp_path / "shot.png", 1000, 1400)
     with Image.open(png) as im:
         assert im.size == (1000, 1400)

@@ -78,7 +78,8 @@ class TrainConfig:
     resume: str = ""  # "" | auto | path to a checkpoint folder
     max_nonfinite_in_row: int = 5
     log_every_steps: int = 10
-    tensorboard: bool = True
+    tensorboard: bool = True  # the tensorboard tracker, besides those in log_with
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers: wandb, mlflow, comet_ml, aim, ...
     cpu: bool = False  # force CPU (Accelerator(cpu=True)): real gloo ranks under torchrun
     global_batchnorm: bool = True  # BatchNorm statistics over all ranks (exact multi-rank)
     frozen_cache: bool = False  # cache the frozen DINOv2 blocks' tokens per location (see frozen_cache.py)

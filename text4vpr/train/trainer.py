@@ -28,6 +28,7 @@ from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.progress import Progress
 from text4vpr.train.step import cached_backward, plain_backward
+from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.atomic import atomic_write_text
 from text4vpr.utils.distributed import average_gradients, broadcast_buffers
 
@@ -54,7 +55,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t = cfg.train
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu)
+        self.trackers = tracker_names(t.log_with, t.tensorboard)
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, log_with=self.trackers or None,
+                               project_dir=str(Path(t.output_dir) / TRACKERS_DIR))
         set_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -78,7 +81,8 @@ class Trainer:
         self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
-        self.log = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.acc.is_main_process)
+        start_trackers(self.acc, self.trackers, self.run_dir, dataclasses.asdict(cfg))
+        self.log = MetricsLogger(self.run_dir, self.acc if self.trackers else None, enabled=self.acc.is_main_process)
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
 
