@@ -73,3 +73,37 @@ def test_eval_html_report_in_chromium(model_dir, synth_shards, tmp_path, report_
     with Image.open(png) as im:
         assert im.size == (1000, 1400)
         assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn
+
+
+@pytest.fixture(scope="module")
+def index_dir(model_dir, synth_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index_html") / "idx"
+    assert main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(out),
+                 "--num-workers", "0", "--batch-size", "4"]) == 0
+    return out
+
+
+def test_localize_html_in_chromium(model_dir, index_dir, synth_shards, tmp_path, capsys):
+    from text4vpr.data.geo import ecef_to_geodetic
+    from text4vpr.utils.browser import dump_dom, parse_dom
+
+    page = tmp_path / "where.html"
+    texts = ["a red car by the curb and a tall green tree", "a grey building with many windows"]
+    args = ["localize", "--model", str(model_dir), "--index", str(index_dir), "--top-k", "4", "--json"]
+    assert main(args + [f"--text={t}" for t in texts] + ["--html", str(page), "--shards", str(synth_shards)]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    raw, console = dump_dom(page)
+    dom = parse_dom(raw)
+    assert dom.select("body")[0].attrs.get("data-js-ok") == "1" and console == [] and not dom.by_id("js-errors").text
+    cards = dom.select("article", cls="result")
+    assert [int(c.attrs["data-query"]) for c in cards] == [r["index"] for r in results]
+    assert len([e for e in dom.select("img") if e.attrs["src"].startswith("data:image/jpeg")]) == 4 * len(results)
+    assert [li.text for li in dom.select("li")[: len(texts)]] == texts
+    xyz = np.array([r["ecef"] for r in results])
+    got = np.array([float(td.attrs["data-value"]) for td in dom.select("td", attr="data-value")]).reshape(4, 4)
+    want = np.array([[np.sqrt(((a - b) ** 2).sum()) for b in xyz] for a in xyz])  # naive pairwise loop
+    assert np.allclose(got, want, rtol=0, atol=1e-9) and np.allclose(np.diag(got), 0)
+    assert np.allclose(ecef_to_geodetic(xyz)[:, 0], [r["lat"] for r in results])
+    # without shards: the page still renders, each card saying where thumbnails would come from
+    assert main(args + [f"--text={texts[0]}", "--html", str(tmp_path / "bare.html")]) == 0
+    assert "not in the shards" in (tmp_path / "bare.html").read_text()

@@ -59,12 +59,27 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     if is_main_rank():
         metrics, ranking = metrics
+        if args.html:
+            _add_chance(metrics, ranking)
         paths = write_report(args.out, metrics)
         if args.html:
             paths["html"] = _write_html(args, model, metrics, ranking)
         print(markdown_table(metrics), end="")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _add_chance(metrics: dict, ranking, max_pairs: int = 50_000_000) -> None:
+    """Chance level beside the accuracy (as the trainer's report has it), when the
+    query x database distance matrix it needs is affordable."""
+    from text4vpr.retrieval.chance import chance_accuracy
+
+    q, n = ranking.query_coords.shape[0], ranking.db_coords.shape[0]
+    if q * n > max_pairs:
+        print(f"chance level left out: {q} x {n} distances exceed {max_pairs}")
+        return
+    metrics["chance"] = chance_accuracy(ranking.query_coords, ranking.db_coords, tuple(metrics["ks"]),
+                                        tuple(metrics["radii"]))
 
 
 def _write_html(args: argparse.Namespace, model, metrics: dict, ranking):

@@ -31,10 +31,10 @@ _CSS = """
 body{font-family:sans-serif;margin:16px 24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table.acc{border-collapse:collapse}table.acc td,table.acc th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-.chance{color:#888;font-size:11px}.charts{display:flex;flex-wrap:wrap;gap:18px}
+.chance{color:#888;font-size:11px}.charts{display:flex;flex-wrap:wrap;gap:12px}
 dl.id{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dl.id dt{font-weight:bold}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:10px 0}
-.card.failure{border-left:6px solid #d62728}.card.success{border-left:6px solid #2ca02c}
+.card.failure{border-left:6px solid #d62728}.card.result{border-left:6px solid #1f77b4}.card.success{border-left:6px solid #2ca02c}
 .card h3{font-size:15px;margin:2px 0 6px}.descs{font-size:12px;margin:4px 0 8px;padding-left:22px}
 .locs{display:flex;flex-wrap:wrap;gap:14px}.loc{font-size:12px}.loc .label{margin-bottom:2px}
 .thumbs{display:flex;gap:2px}.thumbs img,.thumbs .none{width:96px;height:96px;object-fit:cover;background:#eee}
@@ -55,7 +55,7 @@ c.classList.toggle('hidden',k!=='all'&&c.getAttribute('data-kind')!==k);});});})
 document.body.setAttribute('data-js-ok','1');})();"""
 
 
-def _page(title: str, sections: list[str]) -> str:
+def page(title: str, sections: list[str]) -> str:
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{_CSS}</style><script>{_HEAD_SCRIPT}</script></head>"
             f"<body><h1>{escape(title)}</h1>{''.join(sections)}<pre id=\"js-errors\"></pre>"
@@ -74,7 +74,7 @@ def run_identity(model: str, shards: str, mode: str, config: dict | str | None =
     return ident
 
 
-def _identity_section(identity: dict) -> str:
+def identity_section(identity: dict) -> str:
     rows = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in identity.items() if k != "config")
     config = identity.get("config")
     cfg = f"<details><summary>config</summary><pre>{escape(config)}</pre></details>" if config else ""
@@ -90,9 +90,9 @@ def accuracy_table(metrics: dict) -> str:
     for k, row in acc.items():
         cells = []
         for r in radii:
-            c = (f'<br><span class="chance" data-value="{chance[k][r]!r}">chance {100 * chance[k][r]:.1f} %</span>'
+            c = (f'<br><span class="chance" data-value="{float(chance[k][r])!r}">chance {100 * chance[k][r]:.1f} %</span>'
                  if chance else "")
-            cells.append(f'<td data-k="{escape(k)}" data-r="{escape(r)}" data-value="{row[r]!r}">'
+            cells.append(f'<td data-k="{escape(k)}" data-r="{escape(r)}" data-value="{float(row[r])!r}">'
                          f'<span class="pct">{100 * row[r]:.1f} %</span>{c}</td>')
         rows.append(f"<tr><th>top-{escape(k)}</th>{''.join(cells)}</tr>")
     caption = (f"{metrics['mode']} similarity, {metrics['num_queries']} queries, "
@@ -126,11 +126,13 @@ def query_map(ranking: Ranking, top1: np.ndarray) -> str:
     """Query positions (lat/lon from ECEF), green when the top-1 is within HEADLINE_R."""
     n = len(top1)
     keep = np.arange(n) if n <= MAX_MAP_POINTS else np.linspace(0, n - 1, MAX_MAP_POINTS).astype(int)
+    keep = keep[np.argsort(top1[keep] > HEADLINE_R, kind="stable")]  # misses drawn last, on top
     llh = ecef_to_geodetic(ranking.query_coords.numpy()[keep])
     ids = ranking.query_index.numpy()[keep]
     colours = [svg.HIT if d <= HEADLINE_R else svg.MISS for d in top1[keep]]
     titles = [f"location {i}: top-1 {d:.1f} m away" for i, d in zip(ids.tolist(), top1[keep].tolist())]
-    return svg.scatter_map(llh[:, 1], llh[:, 0], colours, titles)
+    legend = ((svg.HIT, f"top-{HEADLINE_K} within {HEADLINE_R:g} m"), (svg.MISS, "miss"))
+    return svg.scatter_map(llh[:, 1], llh[:, 0], colours, titles, legend)
 
 
 def select_gallery(ranking: Ranking, failures: int, successes: int, seed: int = 0) -> list[tuple[int, str]]:
@@ -158,11 +160,11 @@ def _flags(card: LocationCard | None) -> str:
     return "".join(f'<span class="flag">{escape(f)}</span>' for f in card.flags) if card else ""
 
 
-def _location_block(label: str, card: LocationCard | None) -> str:
+def location_block(label: str, card: LocationCard | None) -> str:
     return f'<div class="loc"><div class="label">{label}</div>{_flags(card)}{_thumbs(card)}</div>'
 
 
-def _descriptions(card: LocationCard | None, texts: Sequence[str] | None = None) -> str:
+def descriptions_list(card: LocationCard | None, texts: Sequence[str] | None = None) -> str:
     items = list(enumerate(texts, 1)) if texts is not None else sorted(card.descriptions.items()) if card else []
     return '<ol class="descs">' + "".join(f'<li value="{p}">{escape(t)}</li>' for p, t in items) + "</ol>"
 
@@ -175,25 +177,27 @@ def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: d
     """One query: its descriptions, the true location's views, the top results' views."""
     index = int(ranking.query_index[q])
     card = cards.get(index)
-    blocks = [_location_block(f"<b>true location {index}</b>", card)]
+    blocks = [location_block(f"<b>true location {index}</b>", card)]
     for j in range(min(TOP_SHOWN, ranking.ids.shape[1])):
         row = int(ranking.ids[q, j])
         other = int(ranking.db_index[row])
-        blocks.append(_location_block(f"top-{j + 1}: location {other}, score {float(ranking.scores[q, j]):.4f}, "
+        same = " (the true location)" if other == index else ""
+        blocks.append(location_block(f"top-{j + 1}: location {other}{same}, score {float(ranking.scores[q, j]):.4f}, "
                                       f"{_dist_span(float(dist[q, j]))}", cards.get(other)))
     verdict = "miss" if kind == "failure" else "hit"
     return (f'<article class="card {kind}" data-kind="{kind}" data-query="{index}" id="q{index}">'
             f"<h3>location {index}: top-1 {dist[q, 0]:.1f} m away ({verdict} at top-{HEADLINE_K} within "
-            f"{HEADLINE_R:g} m)</h3>{_flags(card)}{_descriptions(card)}<div class=\"locs\">{''.join(blocks)}</div></article>")
+            f"{HEADLINE_R:g} m)</h3>{_flags(card)}{descriptions_list(card)}<div class=\"locs\">{''.join(blocks)}</div></article>")
 
 
 def _gallery_section(picked, ranking: Ranking, dist: np.ndarray, cards) -> str:
     n_fail = sum(1 for _, k in picked if k == "failure")
+    misses = int((dist[:, 0] > HEADLINE_R).sum())
     buttons = ('<div class="filters"><button data-show="all">all</button><button data-show="failure">failures</button>'
                '<button data-show="success">successes</button></div>')
     body = "".join(gallery_card(q, kind, ranking, dist, cards) for q, kind in picked)
-    return (f'<section id="gallery"><h2>Gallery: the {n_fail} worst queries and {len(picked) - n_fail} random '
-            f"successes</h2>{buttons}{body}</section>")
+    return (f'<section id="gallery"><h2>Gallery: the {n_fail} worst of {misses} misses at top-{HEADLINE_K} within '
+            f"{HEADLINE_R:g} m, and {len(picked) - n_fail} random successes</h2>{buttons}{body}</section>")
 
 
 def render_report(metrics: dict, ranking: Ranking, cards: dict[int, LocationCard], identity: dict,
@@ -204,8 +208,8 @@ def render_report(metrics: dict, ranking: Ranking, cards: dict[int, LocationCard
     charts = (f'<section id="charts"><h2>Accuracy, map and distances</h2><div class="charts">{accuracy_chart(metrics)}'
               f"{query_map(ranking, top1)}{distance_histogram(top1)}</div></section>")
     table = f'<section id="table"><h2>Top-k accuracy within r metres</h2>{accuracy_table(metrics)}</section>'
-    return _page("Text4VPR evaluation report", [table, charts, _gallery_section(picked, ranking, dist, cards),
-                                                 _identity_section(identity)])
+    return page("Text4VPR evaluation report", [table, charts, _gallery_section(picked, ranking, dist, cards),
+                                                 identity_section(identity)])
 
 
 def write_html_report(path: str | Path, metrics: dict, ranking: Ranking, shard_dirs: Sequence[str | Path],
