@@ -11,19 +11,9 @@ import torch
 from PIL import Image
 
 from text4vpr.cli import main
-from text4vpr.data.tokenizer import load_tokenizer
-from text4vpr.models import Text4VPR, tiny_config
 from text4vpr.retrieval.html_report import DIST_EDGES, HEADLINE_R, distance_histogram, select_gallery
 from text4vpr.retrieval.ranking import Ranking
 from text4vpr.utils.browser import screenshot
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_model_html")
-    Text4VPR(tiny_config(vocab_size=300)).save_pretrained(out, tokenizer=load_tokenizer(tokenizer_dir))
-    return out
 
 
 def _random_ranking(q=50, n=30, k=5, seed=0) -> Ranking:
@@ -73,14 +63,6 @@ def test_eval_html_report_in_chromium(model_dir, synth_shards, tmp_path, report_
     with Image.open(png) as im:
         assert im.size == (1000, 1400)
         assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn
-
-
-@pytest.fixture(scope="module")
-def index_dir(model_dir, synth_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("index_html") / "idx"
-    assert main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(out),
-                 "--num-workers", "0", "--batch-size", "4"]) == 0
-    return out
 
 
 def test_localize_html_in_chromium(model_dir, index_dir, synth_shards, tmp_path, capsys):

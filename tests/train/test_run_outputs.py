@@ -68,3 +68,18 @@ def test_run_report_html_in_chromium(tracked_run, report_page):
     assert md.startswith("# Text4VPR training report") and "![loss](loss.png)" in md
     for name in ("accuracy_vs_radius.png", "loss.png", "val_accuracy.png"):
         assert (tracked_run / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_tracker_names_refuse_unknown_and_missing(monkeypatch):
+    import accelerate.tracking
+
+    from text4vpr.config import ConfigError
+    from text4vpr.train.trackers import tracker_names
+
+    assert tracker_names([], True) == ["tensorboard"] and tracker_names(["tensorboard"], True) == ["tensorboard"]
+    assert tracker_names([], False) == []
+    with pytest.raises(ConfigError, match="unknown tracker 'mlfow'"):
+        tracker_names(["mlfow"], False)
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])  # nothing installed
+    with pytest.raises(ConfigError, match=r"mlflow is not installed; pip install \"text4vpr\[trackers\]\""):
+        tracker_names(["mlflow"], False)

@@ -31,14 +31,28 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(metrics: dict, path: str | Path) -> None:
-    """Accuracy (%) against radius (m), one line per k; Agg backend (no display needed)."""
+def figure(width: float = 5.5, height: float = 3.5):
+    """A matplotlib figure and axes on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a figure as PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_accuracy(metrics: dict, path: str | Path) -> None:
+    """Accuracy (%) against radius (m), one line per k."""
+    fig, ax = figure()
     for k, row in metrics["accuracy"].items():
         radii = [float(r) for r in row]
         ax.plot(radii, [100 * v for v in row.values()], marker="o", label=f"top-{k}")
@@ -48,10 +62,7 @@ def plot_accuracy(metrics: dict, path: str | Path) -> None:
     ax.set_title(f"Text4VPR retrieval ({metrics['mode']}, {metrics['num_queries']} queries)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out_dir: str | Path, metrics: dict, *, title: str = "Text4VPR evaluation", summary: dict | None = None,

@@ -6,44 +6,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from text4vpr.retrieval.report import write_report
-from text4vpr.utils.atomic import atomic_open
+from text4vpr.retrieval.report import figure, save_figure, write_report
 
 FINAL_METRICS = "final_metrics.json"
 
 
-def _save_fig(fig, path: Path) -> None:
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
-
-
 def plot_loss(events: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [e["step"] for e in events if e["kind"] == "train"]
-    loss = [e["loss"] for e in events if e["kind"] == "train"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, loss, lw=1)
+    """Training loss against the step."""
+    train = [e for e in events if e["kind"] == "train"]
+    fig, ax = figure(6, 3.5)
+    ax.plot([e["step"] for e in train], [e["loss"] for e in train], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("InfoNCE loss (sum of both directions)")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_validation(events: list[dict], path: Path, r: str = "5") -> None:
     """Validation accuracy within r metres against the step, one line per k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     evals = [e for e in events if e["kind"] == "val"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(6, 3.5)
     if evals:
         for k in evals[0]["accuracy"]:
             ax.plot([e["step"] for e in evals], [100 * e["accuracy"][k][r] for e in evals], marker="o", label=f"top-{k}")
@@ -52,8 +35,7 @@ def plot_validation(events: list[dict], path: Path, r: str = "5") -> None:
     ax.set_ylabel(f"accuracy within {r} m (%)")
     ax.set_title("Validation accuracy over training")
     ax.grid(alpha=0.3)
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_run_report(run_dir: str | os.PathLike, final: dict, events: list[dict], summary: dict) -> Path:
