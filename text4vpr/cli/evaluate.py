@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.index import load_index
     from text4vpr.retrieval.report import markdown_table, write_report
 
+    if args.gallery < 0:
+        return fail(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)

@@ -116,6 +116,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choice("eval.mode", self.mode, MODES)
+        if self.gallery < 0:
+            raise ConfigError(f"eval.gallery must be >= 0 (worst queries shown in report.html), got {self.gallery}")
 
 
 @dataclass
