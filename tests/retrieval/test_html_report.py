@@ -113,3 +113,28 @@ def test_tar_scan_matches_the_tarfile_reader(synth_shards, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert dict(_scan_tar(odd, {7, 8})) == {7: {"json": b'{"index": 7}', "1.jpg": b"x"}, 8: {"json": b'{"index": 8}'}}
+
+
+def test_cards_carry_the_data_report_flags(synth_shards, tmp_path):
+    """A refusal flagged at build time and a dropped view show on the location's card."""
+    import shutil
+
+    from text4vpr.data.shards import iter_tar_samples, load_manifest
+    from text4vpr.retrieval.html_report import location_block
+    from text4vpr.retrieval.thumbnails import load_cards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    manifest = load_manifest(shards)
+    _, sample = next(iter_tar_samples(shards / manifest["shards"][0]["name"]))
+    first = json.loads(sample["json"])["index"]
+    manifest["report"]["flags"].append({"file": "t.xlsx", "row": 3, "index": first, "pos": 2, "flag": "refusal",
+                                        "detail": "I'm sorry, I can't assist with that."})
+    manifest["report"]["dropped_views"].append({"file": "t.xlsx", "row": 4, "index": first, "pos": 3,
+                                                "reason": "missing image"})
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cards = load_cards([shards], [first, 10**6])
+    assert set(cards) == {first}  # a location not in the shards is absent, not an error
+    assert cards[first].flags == ["pos 2: refusal", "pos 3: dropped (missing image)"]
+    html = location_block("x", cards[first])
+    assert html.count('class="flag"') == 2 and "pos 2: refusal" in html

@@ -35,8 +35,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self._f.close()
-        if self.tracker is not None:
-            self.tracker.end_training()
+        if self.tracker is not None:  # not end_training(): that also destroys the process group
+            for t in self.tracker.trackers:
+                t.finish()
             self.tracker = None
 
 
