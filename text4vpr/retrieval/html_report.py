@@ -108,9 +108,12 @@ def accuracy_chart(metrics: dict) -> str:
     return svg.line_chart(series, "k (locations retrieved)", "accuracy (%)", cls="acc-vs-k")
 
 
+def _metres(v: float) -> str:
+    return f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"
+
+
 def _distance_label(lo: float, hi: float) -> str:
-    fmt = lambda v: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"  # noqa: E731
-    return f">{fmt(lo)}" if hi == float("inf") else f"{fmt(lo)}-{fmt(hi)}"
+    return f">{_metres(lo)}" if hi == float("inf") else f"{_metres(lo)}-{_metres(hi)}"
 
 
 def distance_histogram(top1: np.ndarray) -> str:
