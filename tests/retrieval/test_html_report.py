@@ -138,3 +138,28 @@ def test_cards_carry_the_data_report_flags(synth_shards, tmp_path):
     assert cards[first].flags == ["pos 2: refusal", "pos 3: dropped (missing image)"]
     html = location_block("x", cards[first])
     assert html.count('class="flag"') == 2 and "pos 2: refusal" in html
+
+
+def test_evaluate_ranking_matches_a_naive_search(model_dir, synth_shards):
+    """with_ranking=True: the same metrics, and per query the ids, scores and location ids a
+    float64 loop over the database gives (higher score first, then lower row)."""
+    from text4vpr.data.loader import LoaderConfig, build_loader
+    from text4vpr.models import Text4VPR
+    from text4vpr.retrieval.evaluate import encode_split, evaluate
+
+    model = Text4VPR.from_pretrained(model_dir)
+    cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(model_dir), batch_size=4, image_size=56, num_workers=0)
+    plain = evaluate(model, build_loader(cfg, "eval"))
+    metrics, ranking = evaluate(model, build_loader(cfg, "eval"), with_ranking=True)
+    assert metrics == plain
+    enc = encode_split(model, build_loader(cfg, "eval"))
+    text = (enc["queries"] * enc["query_mask"][..., None]).double().flatten(1).numpy()
+    images = (enc["database"] * enc["db_mask"][..., None]).double().flatten(1).numpy()
+    assert ranking.query_index.tolist() == ranking.db_index.tolist() == enc["index"].tolist()
+    for q in range(len(text)):
+        scores = images @ text[q]
+        order = np.lexsort((np.arange(len(images)), -scores))[: ranking.ids.shape[1]]
+        assert ranking.ids[q].tolist() == order.tolist()
+        assert np.allclose(ranking.scores[q].numpy(), scores[order], rtol=1e-5, atol=1e-5)
+    want = np.linalg.norm(enc["coords"].numpy()[order] - enc["coords"].numpy()[q], axis=-1)
+    assert np.array_equal(ranking.distances()[q], want)

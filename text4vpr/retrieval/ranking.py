@@ -25,7 +25,3 @@ class Ranking:
         q = self.query_coords.numpy().astype(np.float64)
         db = self.db_coords.numpy().astype(np.float64)
         return np.linalg.norm(db[self.ids.numpy()] - q[:, None, :], axis=-1)
-
-    def hits(self, k: int, radius: float) -> np.ndarray:
-        """(Q,) bool: any of the top k within `radius` metres (the metric's definition)."""
-        return self.distances()[:, :k].min(axis=1) <= radius
