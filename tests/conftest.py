@@ -63,3 +63,61 @@ def synth_shards(synth_root, tmp_path_factory):
         log=None,
     )
     return out
+
+
+class ReportPage:
+    """Checks of a report.html in headless Chromium against the metrics it was written from."""
+
+    @staticmethod
+    def expected_cards(metrics: dict, failures: int, successes: int) -> tuple[int, int]:
+        """Card counts from the metrics alone: misses at top-1 within 5 m are the failures."""
+        q = metrics["num_queries"]
+        misses = round((1 - metrics["accuracy"]["1"]["5"]) * q)
+        return min(failures, misses), min(successes, q - misses)
+
+    @staticmethod
+    def check(html_path, metrics: dict, want_failures: int, want_successes: int, thumbs_per_card: int):
+        """Open the report in Chromium; check what a reader would see against the numbers."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        from text4vpr.utils.browser import dump_dom, parse_dom
+
+        raw, console = dump_dom(html_path)
+        dom = parse_dom(raw)
+        body = dom.select("body")[0]
+        assert body.attrs.get("data-js-ok") == "1", "the page's script did not run to its end"
+        assert dom.by_id("js-errors").text.strip() == "" and console == [], (dom.by_id("js-errors").text, console)
+        for el in dom.elements:  # self-contained: no external script, image, font or style
+            for a in ("src", "href"):
+                v = el.attrs.get(a)
+                assert v is None or v.startswith(("data:", "#")), f"external reference {a}={v!r}"
+        assert not dom.select("link") and all("src" not in e.attrs for e in dom.select("script"))
+        cells = dom.select("td", attr="data-value")
+        acc = metrics["accuracy"]
+        assert len(cells) == sum(len(row) for row in acc.values())
+        for td in cells:
+            want = acc[td.attrs["data-k"]][td.attrs["data-r"]]
+            assert float(td.attrs["data-value"]) == want
+        shown = [e.text for e in dom.select("span", cls="pct")]
+        assert shown == [f"{100 * v:.1f} %" for row in acc.values() for v in row.values()]
+        if "chance" in metrics:
+            got = [float(e.attrs["data-value"]) for e in dom.select("span", cls="chance")]
+            assert got == [v for row in metrics["chance"].values() for v in row.values()]
+        cards = dom.select("article", cls="card")
+        assert sum(c.attrs["data-kind"] == "failure" for c in cards) == want_failures
+        assert sum(c.attrs["data-kind"] == "success" for c in cards) == want_successes
+        images = [e for e in dom.select("img") if e.attrs.get("src", "").startswith("data:image/jpeg;base64,")]
+        assert len(images) == thumbs_per_card * len(cards)
+        for img in images[:8]:
+            w, h = Image.open(io.BytesIO(base64.b64decode(img.attrs["src"].split(",", 1)[1]))).size
+            assert max(w, h) <= 96
+        assert len(dom.select("svg", cls="map")[0].attrs) and len(dom.select("circle")) >= metrics["num_queries"]
+        return dom
+
+
+@pytest.fixture
+def report_page():
+    return ReportPage

@@ -34,7 +34,8 @@ def _train(cache, out, *extra):
 def test_run_directory_contents(train_cache, tmp_path):
     final = _train(train_cache, tmp_path / "run", "train.max_steps=4", "train.save_every_steps=2")
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.jsonl", "final_metrics.json", "report.md", "loss.png", "accuracy.png"):
+    for name in ("config.yaml", "metrics.jsonl", "final_metrics.json", "report.md", "report.html", "loss.png",
+                 "val_accuracy.png", "accuracy_vs_radius.png"):
         assert (run / name).is_file(), name
     assert (run / "model" / "model.safetensors").is_file()
     metrics = json.loads((run / "final_metrics.json").read_text())

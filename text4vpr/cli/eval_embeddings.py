@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
-    paths = write_report(metrics, args.out)
+    paths = write_report(args.out, metrics)
     print(markdown_table(metrics), end="")
-    print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

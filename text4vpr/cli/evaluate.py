@@ -1,7 +1,7 @@
 """`text4vpr eval --model DIR --shards DIR [--index INDEX] [--mode M] --out DIR`.
 
-Top-k accuracy within r metres on a split (SPEC), written as metrics.json, metrics.md and
-accuracy_vs_radius.png. Runs single-process or under `accelerate launch` (ranks share the
+Top-k accuracy within r metres on a split (docs/method.md), written as metrics.json, report.md
+and accuracy_vs_radius.png; `--html` adds report.html (charts, map, gallery of the worst queries). Runs single-process or under `accelerate launch` (ranks share the
 encoding; rank 0 writes the report).
 """
 
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mode_arg(parser)
     add_ks_radii(parser)
     parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
+    parser.add_argument("--gallery", type=int, default=40, help="worst queries shown in report.html (default 40)")
 
 
 def _this_rank_rows(path: str) -> tuple[int, int]:
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.index import load_index, shards_digest, weights_digest
     from text4vpr.retrieval.report import markdown_table, write_report
 
+    if args.gallery < 0:
+        return fail(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
     check_loader_args(args)  # before any model is loaded
     device = init_distributed()
     try:
@@ -59,11 +63,50 @@ def run(args: argparse.Namespace) -> int:
         with precision_context(args.precision, device):
             metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
                                backend=args.backend, device=device, show_progress=show_progress(args),
-                               allow_disjoint=args.allow_disjoint)
+                               allow_disjoint=args.allow_disjoint, with_ranking=True)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():
-        paths = write_report(metrics, args.out)
+        metrics, ranking = metrics
+        if args.html:
+            _add_chance(metrics, ranking)
+        paths = write_report(args.out, metrics)
+        if args.html:
+            paths["html"] = _write_html(args, model, metrics, ranking)
         print(markdown_table(metrics), end="")
-        print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _add_chance(metrics: dict, ranking, max_pairs: int = 50_000_000) -> None:
+    """Chance level beside the accuracy (as the trainer's report has it), when the
+    query x database distance matrix it needs is affordable."""
+    from text4vpr.retrieval.chance import chance_accuracy
+
+    q, n = ranking.query_coords.shape[0], ranking.db_coords.shape[0]
+    if q * n > max_pairs:
+        print(f"chance level left out: {q} x {n} distances exceed {max_pairs}")
+        return
+    metrics["chance"] = chance_accuracy(ranking.query_coords, ranking.db_coords, tuple(metrics["ks"]),
+                                        tuple(metrics["radii"]))
+
+
+def _write_html(args: argparse.Namespace, model, metrics: dict, ranking):
+    import dataclasses
+    from pathlib import Path
+
+    from text4vpr.retrieval.html_report import run_identity, write_html_report
+
+    config = {"model": dataclasses.asdict(model.config), "eval": {k: v for k, v in vars(args).items() if k != "func"}}
+    identity = run_identity(args.model, args.shards, args.mode, config, index=args.index or "(images encoded)")
+    shard_dirs = [args.shards, *_index_shards(args.index)]
+    return write_html_report(Path(args.out) / "report.html", metrics, ranking, shard_dirs, identity,
+                             failures=args.gallery, successes=max(1, args.gallery // 4))
+
+
+def _index_shards(path: str | None) -> list[str]:
+    """The shard folder an index was built from, when its header records one (thumbnails)."""
+    from text4vpr.retrieval.index import read_header
+
+    shards = read_header(path).get("shards") if path else None
+    return [shards] if shards else []

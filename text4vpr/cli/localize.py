@@ -1,4 +1,5 @@
-"""`text4vpr localize --model DIR --index INDEX --text "..." [--text "..." up to 4] [--top-k 5] [--mode M] [--json]`.
+"""`text4vpr localize --model DIR --index INDEX --text "..." [--text "..." up to 4] [--top-k 5] [--mode M] [--json]
+[--html out.html --shards DIR]`.
 
 Descriptions are taken in pos order (the first faces pos 1, ...); use `--mode any-heading`
 when the heading of the first description is unknown.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, fail
 
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_text_normalization_arg(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--html", default=None, help="also write this HTML page (thumbnails, distances between results)")
+    parser.add_argument("--shards", action="append", default=[], help="shard folder(s) of the index's locations, "
+                        "for the page's thumbnails (repeatable)")
 
 
 def _print_table(results: list[dict]) -> None:
@@ -61,4 +66,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"mode": args.mode, "descriptions": args.text, "results": results}, indent=2))
     else:
         _print_table(results)
+    if args.html:
+        from text4vpr.data.shards import ShardError
+        from text4vpr.retrieval.html_localize import write_localize_html
+        from text4vpr.retrieval.html_report import run_identity
+
+        identity = run_identity(args.model, ", ".join(args.shards) or "(none: no thumbnails)", args.mode, index=args.index)
+        try:
+            write_localize_html(args.html, args.text, results, args.shards, identity)
+        except (ShardError, ValueError, OSError) as e:
+            return fail(str(e))
+        print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -19,6 +19,7 @@ from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite, check_mode
 from text4vpr.retrieval.index import rank_rows
 from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
+from text4vpr.retrieval.ranking import Ranking
 from text4vpr.retrieval.search import sharded_group_topk
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
@@ -126,23 +127,29 @@ def search_metrics(
     id_offset: int = 0,
     backend: str = "auto",
     device: torch.device | str | None = None,
-) -> dict:
+    ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict | tuple[dict, Ranking]:
     """Metrics for precomputed vectors. `database`/`db_mask` are this rank's slice (rows from
-    `id_offset`); `db_coords` covers the whole database; queries are the same on every rank."""
+    `id_offset`); `db_coords` covers the whole database; queries are the same on every rank.
+    With `ids` = (query location ids (Q,), database location ids (N,)), also the `Ranking`."""
     check_mode(mode)
     check_finite(queries, "query vectors")
     _check_finite_everywhere(database)
     device = torch.device(device) if device is not None else database.device
     k = max(ks)
     total = db_coords.shape[0]
-    _, ids = sharded_group_topk(
+    scores, top = sharded_group_topk(
         queries.to(device), None if query_mask is None else query_mask.to(device),
         database.to(device), None if db_mask is None else db_mask.to(device),
         k, mode, id_offset=id_offset, total=total, backend=backend,
     )
-    accuracy = topk_within_radius(ids.cpu(), query_coords, db_coords, ks, radii)
-    return {"accuracy": accuracy, "num_queries": int(queries.shape[0]), "num_database": int(total), "mode": mode,
-            "ks": [int(x) for x in ks], "radii": [float(r) for r in radii]}
+    accuracy = topk_within_radius(top.cpu(), query_coords, db_coords, ks, radii)
+    metrics = {"accuracy": accuracy, "num_queries": int(queries.shape[0]), "num_database": int(total), "mode": mode,
+               "ks": [int(x) for x in ks], "radii": [float(r) for r in radii]}
+    if ids is None:
+        return metrics
+    ranking = Ranking(ids[0].cpu(), query_coords.cpu(), ids[1].cpu(), db_coords.cpu(), scores.float().cpu(), top.cpu())
+    return metrics, ranking
 
 
 def evaluate(
@@ -157,7 +164,8 @@ def evaluate(
     device: torch.device | str | None = None,
     show_progress: bool = False,
     allow_disjoint: bool = False,
-) -> dict:
+    with_ranking: bool = False,
+) -> dict | tuple[dict, Ranking]:
     """Encode the loader's split and return the metrics dict (same on every rank):
     {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"}.
 
@@ -165,6 +173,7 @@ def evaluate(
     with `index` (a loaded `retrieval.index.Index`), the database comes from it instead
     (each rank searches an equal slice of its rows), and every query location must be in it
     unless `allow_disjoint`. The model is left in its train/eval state.
+    `with_ranking=True` returns (metrics, `Ranking`): what each query retrieved (HTML report).
     """
     check_mode(mode)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -173,13 +182,14 @@ def evaluate(
     if everyone["queries"].shape[0] == 0:
         raise ValueError("the evaluation loader yielded no locations")
     if index is None:
-        database, db_mask, db_coords = local["database"], local["db_mask"], everyone["coords"]
+        database, db_mask, db_coords, db_ids = local["database"], local["db_mask"], everyone["coords"], everyone["index"]
     else:
         if not allow_disjoint:
             check_queries_in_database(everyone["index"], index.index)
         database, db_mask, offset = _rank_slice(index)
-        db_coords = index.coords
+        db_coords, db_ids = index.coords, index.index
     return search_metrics(
         everyone["queries"], everyone["query_mask"], everyone["coords"], database, db_mask, db_coords,
         ks, radii, mode, id_offset=offset, backend=backend, device=device,
+        ids=(everyone["index"], db_ids) if with_ranking else None,
     )

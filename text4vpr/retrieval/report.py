@@ -1,4 +1,6 @@
-"""Evaluation report: metrics.json, a markdown table, and a PNG of accuracy against radius."""
+"""Evaluation report files: the metrics as JSON, `report.md` (the accuracy table, a summary, figures)
+and a PNG of accuracy against radius. One writer for `text4vpr eval` and the trainer's final
+evaluation (which adds its training figures); the HTML report is `html_report.py`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 from text4vpr.utils.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 METRICS_JSON = "metrics.json"
-TABLE_MD = "metrics.md"
+REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_radius.png"
 
 
@@ -29,14 +31,28 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(metrics: dict, path: str | Path) -> None:
-    """Accuracy (%) against radius (m), one line per k; Agg backend (no display needed)."""
+def figure(width: float = 5.5, height: float = 3.5):
+    """A matplotlib figure and axes on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a figure as PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_accuracy(metrics: dict, path: str | Path) -> None:
+    """Accuracy (%) against radius (m), one line per k."""
+    fig, ax = figure()
     for k, row in metrics["accuracy"].items():
         radii = [float(r) for r in row]
         ax.plot(radii, [100 * v for v in row.values()], marker="o", label=f"top-{k}")
@@ -46,18 +62,20 @@ def plot_accuracy(metrics: dict, path: str | Path) -> None:
     ax.set_title(f"Text4VPR retrieval ({metrics['mode']}, {metrics['num_queries']} queries)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def write_report(metrics: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write metrics.json, metrics.md and accuracy_vs_radius.png into `out_dir`."""
+def write_report(out_dir: str | Path, metrics: dict, *, title: str = "Text4VPR evaluation", summary: dict | None = None,
+                 figures: tuple[str, ...] = (), metrics_name: str = METRICS_JSON) -> dict[str, Path]:
+    """Write the metrics JSON (`metrics_name`), accuracy_vs_radius.png and report.md into `out_dir`:
+    a title, `summary` as bullets, the table beside chance, then the plot and `figures` (file
+    names in `out_dir`, e.g. the trainer's loss curve)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / METRICS_JSON, "table": out / TABLE_MD, "plot": out / PLOT_PNG}
+    paths = {"json": out / metrics_name, "table": out / REPORT_MD, "plot": out / PLOT_PNG}
     atomic_write_json(paths["json"], metrics)
-    atomic_write_text(paths["table"], markdown_table(metrics))
     plot_accuracy(metrics, paths["plot"])
+    lines = [f"# {title}", "", *(f"- {k}: {v}" for k, v in (summary or {}).items()), "", markdown_table(metrics), ""]
+    lines += [f"![{Path(name).stem}]({name})\n" for name in (PLOT_PNG, *figures)]
+    atomic_write_text(paths["table"], "\n".join(lines))
     return paths

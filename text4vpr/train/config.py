@@ -83,7 +83,8 @@ class TrainConfig:
     overwrite: bool = False  # clear a non-empty output_dir (a run directory) first; else it is refused
     max_nonfinite_in_row: int = 5
     log_every_steps: int = 10
-    tensorboard: bool = True
+    tensorboard: bool = True  # the tensorboard tracker, besides those in log_with
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers: wandb, mlflow, comet_ml, aim, ...
     cpu: bool = False  # force CPU (Accelerator(cpu=True)): real gloo ranks under torchrun
     global_batchnorm: bool = True  # BatchNorm statistics over all ranks (exact multi-rank)
     frozen_cache: bool = False  # cache the frozen DINOv2 blocks' tokens per location (see frozen_cache.py)
@@ -114,9 +115,13 @@ class EvalConfig:
     radii: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 30.0])
     mode: str = "upstream"  # upstream | cosine | any-heading
     final: bool = True  # evaluate the best model on data.test_shards at the end
+    html: bool = True  # the final evaluation also writes report.html (gallery of the worst queries)
+    gallery: int = 40  # worst queries shown in report.html (and a quarter as many random successes)
 
     def __post_init__(self) -> None:
         check_choice("eval.mode", self.mode, MODES)
+        if self.gallery < 0:
+            raise ConfigError(f"eval.gallery must be >= 0 (worst queries shown in report.html), got {self.gallery}")
 
 
 @dataclass

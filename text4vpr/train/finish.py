@@ -14,8 +14,7 @@ from text4vpr.retrieval.chance import chance_accuracy
 from text4vpr.retrieval.report import markdown_table
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
-from text4vpr.train.report import write_report
-from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.train.report import write_html, write_run_report
 
 
 @dataclasses.dataclass
@@ -32,6 +31,8 @@ class FinalRun:
     nonfinite_skipped: int
     loss_scale_backoffs: int | None  # fp16 only
     is_main: bool  # this process writes the files
+    html_gallery: int | None = None  # report.html with this many worst queries; None: no report.html
+    config_text: str = ""  # the resolved config (YAML), the HTML report's identity
 
 
 def load_best(model: Text4VPR, run: FinalRun) -> str:
@@ -43,24 +44,26 @@ def load_best(model: Text4VPR, run: FinalRun) -> str:
     return f"best by validation top-1 within 5 m (step {run.best_step})"
 
 
-def finish_run(model: Text4VPR, evaluate: Callable[[str], dict], run: FinalRun) -> dict:
-    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards)`), then, on
-    the main process, add chance level and write final_metrics.json and the report."""
+def finish_run(model: Text4VPR, evaluate: Callable[..., tuple], run: FinalRun) -> dict:
+    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards, with_ranking=True)`
+    -> (metrics, ranking)), then, on the main process, add chance level and write
+    final_metrics.json, the report and (`run.html_gallery`) report.html."""
     which = load_best(model, run)
-    metrics = evaluate(run.test_shards)
+    metrics, ranking = evaluate(run.test_shards, with_ranking=True)
     metrics["split"] = run.split
     metrics["model"] = which
     if not run.is_main:
         return metrics
     coords = read_coords(run.test_shards)
     metrics["chance"] = chance_accuracy(coords, coords, run.ks, run.radii)
-    atomic_write_json(run.run_dir / "final_metrics.json", metrics)
     summary = {"steps": run.steps, "epochs": run.epochs, "processes": run.processes, "model evaluated": which,
                "non-finite steps skipped": run.nonfinite_skipped}
     if run.loss_scale_backoffs is not None:
         summary["fp16 loss-scale back-offs (steps skipped by design)"] = run.loss_scale_backoffs
-    write_report(run.run_dir, metrics, read_metrics(run.run_dir / "metrics.jsonl"), summary)
+    write_run_report(run.run_dir, metrics, read_metrics(run.run_dir / "metrics.jsonl"), summary)
+    if run.html_gallery is not None:
+        write_html(run.run_dir, metrics, ranking, run.test_shards, run.config_text, run.html_gallery)
     print(f"\nHeld-out {run.split} split, {metrics['num_queries']} queries, model: {which}")
     print(markdown_table(metrics), end="")
-    print(f"\nrun directory: {run.run_dir} (report.md, final_metrics.json, plots, model/)")
+    print(f"\nrun directory: {run.run_dir} (report.md{', report.html' if run.html_gallery is not None else ''}, final_metrics.json, plots, model/)")
     return metrics

@@ -1,4 +1,5 @@
-"""Run logging: metrics as JSONL (always), TensorBoard (optional), on the main process."""
+"""Run logging on the main process: metrics as JSONL (always), mirrored to the experiment
+trackers that `train.log_with` started through Accelerate (`trackers.py`)."""
 
 from __future__ import annotations
 
@@ -7,52 +8,37 @@ import os
 from pathlib import Path
 from typing import Any
 
+from text4vpr.train.trackers import scalars
+
 
 class MetricsLogger:
-    """Append one JSON object per event to `metrics.jsonl`; mirror scalars to TensorBoard."""
+    """Append one JSON object per event to `metrics.jsonl`; mirror its numbers to the trackers
+    (`tracker` = the Accelerator after `init_trackers`, or None)."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, tracker=None, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
+        self.tracker = tracker
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is a dependency; tolerate a stripped install
-                self.tb = None
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
         self._f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self._f.flush()
-        if self.tb is not None:
-            for k, v in _flatten(values).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.tracker is not None:
+            self.tracker.log(scalars(kind, values), step=step)
 
     def close(self) -> None:
         if self.enabled:
             self._f.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+        if self.tracker is not None:  # not end_training(): that also destroys the process group
+            for t in self.tracker.trackers:
+                t.finish()
+            self.tracker = None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -1,45 +1,32 @@
-"""End-of-run report: markdown with the final table beside chance, loss and accuracy plots."""
+"""End-of-run report: the evaluation report (`retrieval.report.write_report`) of the final
+evaluation, with the training loss and the validation accuracy over steps as extra figures."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from text4vpr.retrieval.report import markdown_table
-from text4vpr.utils.atomic import atomic_open, atomic_write_text
+from text4vpr.retrieval.report import figure, save_figure, write_report
 
-
-def _save_fig(fig, path: Path) -> None:
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
+FINAL_METRICS = "final_metrics.json"
 
 
 def plot_loss(events: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [e["step"] for e in events if e["kind"] == "train"]
-    loss = [e["loss"] for e in events if e["kind"] == "train"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, loss, lw=1)
+    """Training loss against the step."""
+    train = [e for e in events if e["kind"] == "train"]
+    fig, ax = figure(6, 3.5)
+    ax.plot([e["step"] for e in train], [e["loss"] for e in train], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("InfoNCE loss (sum of both directions)")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def plot_accuracy(events: list[dict], path: Path, r: str = "5") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_validation(events: list[dict], path: Path, r: str = "5") -> None:
+    """Validation accuracy within r metres against the step, one line per k."""
     evals = [e for e in events if e["kind"] == "val"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(6, 3.5)
     if evals:
         for k in evals[0]["accuracy"]:
             ax.plot([e["step"] for e in evals], [100 * e["accuracy"][k][r] for e in evals], marker="o", label=f"top-{k}")
@@ -48,31 +35,26 @@ def plot_accuracy(events: list[dict], path: Path, r: str = "5") -> None:
     ax.set_ylabel(f"accuracy within {r} m (%)")
     ax.set_title("Validation accuracy over training")
     ax.grid(alpha=0.3)
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def write_report(run_dir: str | os.PathLike, final: dict, events: list[dict], summary: dict) -> Path:
-    """`report.md` plus `loss.png` and `accuracy.png` in the run directory."""
+def write_run_report(run_dir: str | os.PathLike, final: dict, events: list[dict], summary: dict) -> Path:
+    """final_metrics.json, report.md and its plots (accuracy_vs_radius, loss, val_accuracy) in the run directory."""
     run_dir = Path(run_dir)
     plot_loss(events, run_dir / "loss.png")
     radii = list(next(iter(final["accuracy"].values())))
-    r = "5" if "5" in radii else radii[0]
-    plot_accuracy(events, run_dir / "accuracy.png", r=r)
-    lines = [
-        "# Text4VPR training report",
-        "",
-        *(f"- {k}: {v}" for k, v in summary.items()),
-        "",
-        f"## Final evaluation ({final.get('split', 'held-out')} split)",
-        "",
-        markdown_table(final),
-        "",
-        "![loss](loss.png)",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-    ]
-    path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    plot_validation(events, run_dir / "val_accuracy.png", r="5" if "5" in radii else radii[0])
+    title = f"Text4VPR training report: final evaluation ({final.get('split', 'held-out')} split)"
+    return write_report(run_dir, final, title=title, summary=summary, figures=("loss.png", "val_accuracy.png"),
+                        metrics_name=FINAL_METRICS)["table"]
+
+
+def write_html(run_dir: str | os.PathLike, final: dict, ranking, shards: str, config_text: str, gallery: int) -> Path:
+    """report.html of the final evaluation (the `gallery` worst queries): the run's resolved
+    config (YAML text) as its identity."""
+    from text4vpr.retrieval.html_report import run_identity, write_html_report
+
+    identity = run_identity(final.get("model", "model"), shards, final["mode"], config_text,
+                            split=final.get("split", "held-out"), run=run_dir)
+    return write_html_report(Path(run_dir) / "report.html", final, ranking, [shards], identity,
+                             failures=gallery, successes=max(1, gallery // 4))

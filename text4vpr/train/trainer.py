@@ -30,6 +30,7 @@ from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
+from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.progress import Progress
 from text4vpr.utils.atomic import atomic_write_text
 from text4vpr.utils.distributed import average_gradients, broadcast_buffers
@@ -57,7 +58,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t = cfg.train
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu)
+        self.trackers = tracker_names(t.log_with, t.tensorboard)
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, log_with=self.trackers or None,
+                               project_dir=str(Path(t.output_dir) / TRACKERS_DIR))
         set_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -77,7 +80,8 @@ class Trainer:
         self._resume()
         if self.acc.is_main_process:  # this run's log: nothing after the step it starts from, even 0
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
-        self.log = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.acc.is_main_process)
+        start_trackers(self.acc, self.trackers, self.run_dir, dataclasses.asdict(cfg))
+        self.log = MetricsLogger(self.run_dir, self.acc if self.trackers else None, enabled=self.acc.is_main_process)
         if self.acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
 
@@ -225,13 +229,14 @@ class Trainer:
             self._export(self.run_dir / "best_model")
         return metrics
 
-    def _evaluate(self, shards: str) -> dict:
+    def _evaluate(self, shards: str, with_ranking: bool = False):
         e = self.cfg.eval
         loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
         model = self.acc.unwrap_model(self.model)
         model.eval()
         with self.autocast():
-            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device)
+            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device,
+                               with_ranking=with_ranking)
         model.train()
         return metrics
 
@@ -275,7 +280,8 @@ class Trainer:
             split = "test" if self.cfg.data.test_shards or self.paths.test != self.paths.val else "val"
             run = FinalRun(self.run_dir, self.paths.test, split, tuple(e.ks), tuple(e.radii), st.step, st.epoch,
                            st.best_step, self.acc.num_processes, st.nonfinite_total,
-                           st.loss_scale_backoffs if self.acc.scaler is not None else None, self.acc.is_main_process)
+                           st.loss_scale_backoffs if self.acc.scaler is not None else None, self.acc.is_main_process,
+                           e.gallery if e.html else None, dump_yaml(self.cfg))
             result = finish_run(self.acc.unwrap_model(self.model), self._evaluate, run)
         self.log.close()
         return result

@@ -1,0 +1,115 @@
+"""Location cards for reports: each wanted location's descriptions and small JPEG thumbnails
+of its views, read from shard folders in one pass, plus the data report's flags for it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from text4vpr.data.shard_reader import iter_tar_samples, load_manifest
+
+THUMB_PX = 96
+THUMB_QUALITY = 70
+
+
+@dataclass
+class LocationCard:
+    """One location as a report shows it: descriptions and thumbnails by pos (1..4)."""
+
+    index: int
+    descriptions: dict[int, str] = field(default_factory=dict)
+    thumbnails: dict[int, str] = field(default_factory=dict)  # pos -> data: URI (JPEG, base64)
+    flags: list[str] = field(default_factory=list)  # what the data report said about it
+
+
+def thumbnail_uri(jpeg: bytes, size: int = THUMB_PX, quality: int = THUMB_QUALITY) -> str:
+    """A `data:image/jpeg;base64,...` thumbnail no larger than size x size (a JPEG that is
+    already that small is embedded as it is)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:  # reads the header only
+        if im.format == "JPEG" and max(im.size) <= size:
+            data = jpeg
+        else:
+            im.draft("RGB", (size, size))  # JPEG DCT scaling: decode at reduced size when large
+            small = im.convert("RGB")
+            small.thumbnail((size, size))
+            buf = io.BytesIO()
+            small.save(buf, format="JPEG", quality=quality)
+            data = buf.getvalue()
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _scan_tar(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """(location index, {suffix: bytes}) of the wanted samples of an uncompressed shard tar,
+    reading only their members: other members' data is skipped by seeking (Python's tarfile
+    parses every header in full, which dominated the report's time). Keys end in the
+    zero-padded index (`sample_key`). Any header this reader does not handle (long names,
+    pax, sparse) hands the whole file to the tarfile-based reader."""
+    samples: dict[int, dict[str, bytes]] = {}
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(512)
+            if len(header) < 512 or header == bytes(512):
+                break
+            if header[156:157] not in (b"0", b"\0"):
+                yield from _scan_with_tarfile(path, wanted)
+                return
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            base, _, suffix = os.path.basename(name).partition(".")
+            index = int(base.rsplit("-", 1)[-1]) if base[-6:].isdigit() else None
+            if index in wanted:
+                samples.setdefault(index, {})[suffix] = f.read(size)
+                f.seek(-size % 512, 1)
+            else:
+                f.seek(size + (-size % 512), 1)
+    yield from samples.items()
+
+
+def _scan_with_tarfile(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+    for _, sample in iter_tar_samples(path):
+        index = int(json.loads(sample["json"])["index"])
+        if index in wanted:
+            yield index, sample
+
+
+def _flags_by_index(manifest: dict) -> dict[int, list[str]]:
+    """Flags and dropped views of the shard build's validation report, keyed by location index."""
+    report = manifest.get("report", {})
+    out: dict[int, list[str]] = {}
+    for f in report.get("flags", []):
+        out.setdefault(int(f["index"]), []).append(f"pos {f.get('pos', '?')}: {f['flag']}")
+    for d in report.get("dropped_views", []):
+        out.setdefault(int(d["index"]), []).append(f"pos {d.get('pos', '?')}: dropped ({d['reason']})")
+    return out
+
+
+def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: int = THUMB_PX) -> dict[int, LocationCard]:
+    """Cards of the `wanted` location indices found in the shard folders (first sighting wins);
+    locations not found are simply absent (the report says 'not in the shards')."""
+    todo = {int(i) for i in wanted}
+    cards: dict[int, LocationCard] = {}
+    for shard_dir in shard_dirs:
+        shard_dir = Path(shard_dir)
+        manifest = load_manifest(shard_dir)
+        flags = _flags_by_index(manifest)
+        for s in manifest["shards"]:
+            if not todo:
+                return cards
+            for index, sample in _scan_tar(shard_dir / s["name"], set(todo)):
+                if index not in todo or "json" not in sample:
+                    continue
+                meta = json.loads(sample["json"])
+                todo.discard(index)
+                card = LocationCard(index, dict(zip(meta["positions"], meta["descriptions"])), flags=flags.get(index, []))
+                for name, data in sample.items():
+                    if name.endswith(".jpg"):
+                        card.thumbnails[int(name.split(".")[0])] = thumbnail_uri(data, size)
+                cards[index] = card
+    return cards
