@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from text4vpr.losses import ContrastiveLoss, info_nce, info_nce_and_grads
+from text4vpr.utils.testing import HANG_GUARD_S
 
 
 def reference_loss(img, txt, temperature=0.1, groups=None):
@@ -110,7 +111,7 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         assert (tmp_path / f"ok-{rank}").read_text().strip() == "ok"

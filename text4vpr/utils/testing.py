@@ -31,3 +31,18 @@ def unexplained_id_differences(ids: torch.Tensor, ref_ids: torch.Tensor, ref_sco
     near_tie[:, 1:] |= gaps
     near_tie[:, :-1] |= gaps
     return int((~same & ~near_tie).sum())
+
+
+# Seconds a test waits for a subprocess before calling it hung: a guard against deadlocks
+# (a stuck collective), far above any run time on a loaded machine, never a measurement.
+HANG_GUARD_S = 3600
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a launcher's rendezvous (fixed ports collide when
+    two test runs share a machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
