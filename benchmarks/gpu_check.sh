@@ -6,15 +6,17 @@
 # the compiled trainer step, and ends with ONE summary table (benchmarks/summarize_gpu.py).
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine (repo root or anywhere)
-#   bash benchmarks/gpu_check.sh --dry-run   # CPU, tiny sizes, CUDA-only steps skipped (< ~3 min)
+#   bash benchmarks/gpu_check.sh --dry-run   # CPU, tiny sizes, CUDA-only steps skipped (~3 min on 2 cores)
 #
 # Env: OUT (default bench_out) gets three files (the device tool brings back at most 8):
 # gpu_check.log, gpu_summary.json (headline figures, targets, step table) and gpu_results.json
 # (every benchmark's own JSON, by name).
 # WORK (default a fresh /tmp folder) holds synthetic data, run folders and the step log.
-# BUDGET_S (default 540 GPU, 300 dry run): a step that would start past it is skipped, and
-# each step's timeout is cut to what is left. LOSS_SIZES (default 32768,131072: the tiled
-# loss at 128k pairs is the target, plain where it fits is the time reference). PYTHON (default python3).
+# BUDGET_S (GPU run only, default 540): a step that would start past it is skipped, and
+# each step's timeout is cut to what is left. The dry run has no budget and no timeouts: it
+# runs every step to the end however loaded the machine is (its outcome must not depend on
+# time). LOSS_SIZES (default 32768,131072: the tiled loss at 128k pairs is the target, plain
+# where it fits is the time reference). PYTHON (default python3; tests pass sys.executable).
 # The exit status is 0 when every step passed or was skipped with a reason, 1 otherwise.
 set -uo pipefail
 
@@ -44,7 +46,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZER
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$SECONDS
 FAILED=0
-if ((DRY)); then BUDGET_S=${BUDGET_S:-300}; DEV=cpu; else BUDGET_S=${BUDGET_S:-540}; DEV=cuda; fi
+if ((DRY)); then BUDGET_S=none; DEV=cpu; else BUDGET_S=${BUDGET_S:-540}; DEV=cuda; fi
 CACHE="data.synthetic.cache_dir=$WORK/cache"
 
 record() {  # name status seconds note
@@ -56,15 +58,21 @@ skip() {  # name reason
   record "$1" skipped 0 "$2"
 }
 
-step() {  # name timeout_s min_s command...: run with a timeout cut to the budget left; rc 0 when ok or skipped
-  local name=$1 limit=$2 min=$3 left rc t0 status
+step() {  # name timeout_s min_s command...: on the GPU with a timeout cut to the budget left; rc 0 when ok or skipped
+  local name=$1 limit=$2 min=$3 left rc t0 status run
   shift 3
-  left=$((BUDGET_S - (SECONDS - START)))
-  if ((left < min)); then skip "$name" "needs ${min}s, ${left}s of the ${BUDGET_S}s budget left"; return 0; fi
-  ((limit > left)) && limit=$left
-  echo "=== $name (timeout ${limit}s, $((SECONDS - START))s elapsed): $*"
+  if ((DRY)); then  # no budget, no timeout: every step runs to the end
+    run=("$@")
+    echo "=== $name (dry run: no time limit, $((SECONDS - START))s elapsed): $*"
+  else
+    left=$((BUDGET_S - (SECONDS - START)))
+    if ((left < min)); then skip "$name" "needs ${min}s, ${left}s of the ${BUDGET_S}s budget left"; return 0; fi
+    ((limit > left)) && limit=$left
+    run=(timeout -k 10 "$limit" "$@")
+    echo "=== $name (timeout ${limit}s, $((SECONDS - START))s elapsed): $*"
+  fi
   t0=$SECONDS
-  timeout -k 10 "$limit" "$@"
+  "${run[@]}"
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -78,7 +86,7 @@ step() {  # name timeout_s min_s command...: run with a timeout cut to the budge
 }
 
 # ---------------------------------------------------------------------------- environment
-echo "gpu_check: dry_run=$DRY device=$DEV OUT=$OUT WORK=$WORK budget=${BUDGET_S}s $(date -u +%FT%TZ)"
+echo "gpu_check: dry_run=$DRY device=$DEV OUT=$OUT WORK=$WORK budget=$( ((DRY)) && echo none || echo "${BUDGET_S}s") $(date -u +%FT%TZ)"
 if ! ls .whl/*.whl >/dev/null 2>&1; then
   if ((!DRY)); then  # webdataset and openpyxl are missing on the GPU image: nearly every step would fail
     echo "no .whl/ folder: run benchmarks/fetch_gpu_wheels.sh here and carry .whl" >&2

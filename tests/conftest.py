@@ -10,6 +10,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def private_compile_caches(tmp_path_factory):
+    """torch.compile's and Triton's on-disk caches for this session only (subprocesses inherit
+    them): a cache shared with other runs on the machine can hand a half-written kernel `.so`
+    to a concurrent reader ("file too short"). A cache dir set by the caller is kept."""
+    for var, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor_cache"), ("TRITON_CACHE_DIR", "triton_cache")):
+        if var not in os.environ:
+            os.environ[var] = str(tmp_path_factory.mktemp(name))
+
+
 TOKENIZER_TEXTS = [
     "From left to right, the main features include: 1. a red car parked by the curb "
     "2. a tall green tree 3. a grey building with many windows 4. a blue street sign.",

@@ -14,6 +14,7 @@ from text4vpr.config import to_dict
 from text4vpr.train import resolve_config
 from text4vpr.train.config import RunConfig
 from text4vpr.train.run_dir import flatten
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def test_every_command_has_a_description_and_shows_defaults():
 
 def _run(*cmd):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 

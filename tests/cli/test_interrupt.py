@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,12 +18,12 @@ def _interrupt_once_training(cmd, run_dir, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + 600  # a guard against a hang, not a measurement
+    deadline = time.monotonic() + HANG_GUARD_S  # a guard against a hang, not a measurement
     while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=HANG_GUARD_S)
     return proc.returncode, err
 
 

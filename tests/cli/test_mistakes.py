@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT4VPR = [sys.executable, "-m", "text4vpr"]
@@ -37,7 +38,7 @@ CASES = [
 
 def _run(cmd, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 @pytest.mark.parametrize("name, cmd, says", CASES, ids=[c[0] for c in CASES])

@@ -293,15 +293,13 @@ def test_torchrun_two_processes_split_eval_exactly_and_train_evenly(train_shards
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import socket
+    from text4vpr.utils.testing import HANG_GUARD_S, free_port
 
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())  # parallel test runs do not collide
     out = tmp_path / "seen.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(repo, "tests", "data", "dist_loader_worker.py"), str(train_shards), str(tokenizer_dir), str(out)]
-    subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "PYTHONPATH": repo}, timeout=180)
+    subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "PYTHONPATH": repo}, timeout=HANG_GUARD_S)
     ranks = json.loads(out.read_text())
     assert sorted(i for r in ranks for i in r["eval"]) == list(range(1, 29))
     assert [r["train_steps"] for r in ranks] == [r["expected"] for r in ranks] == [28 // 6] * 2

@@ -77,27 +77,26 @@ def test_resume_after_a_simulated_kill(synth_root, tmp_path):
 
 
 def test_a_real_kill_midway_then_rerun_completes(synth_root, tmp_path):
-    """SIGKILL the builder process after its first shard lands; a rerun completes identically."""
+    """SIGKILL the builder process as its first shard lands; a rerun completes identically.
+    (tests/kill_at_rename.py kills it right after that shard's `.parts` record is renamed
+    into place: a deterministic crash point, no polling.)"""
+    import glob
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "k"
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": repo}
-    args = [sys.executable, "-m", "text4vpr", "shards", "build", "--xlsx", str(synth_root / "train_description.xlsx"),
+    args = ["-m", "text4vpr", "shards", "build", "--xlsx", str(synth_root / "train_description.xlsx"),
             "--images", str(synth_root / "Street360Loc_images"), "--out", str(out), "--max-count", "1",
             "--resize", "512", "--no-progress"]
-    proc = subprocess.Popen(args, cwd=repo, env=env)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(out.glob(".parts/*.json")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killer = [os.path.join(repo, "tests", "kill_at_rename.py"), "after", os.path.join(glob.escape(str(out)), ".parts", "*.json")]
+    proc = subprocess.run([sys.executable, *killer, *args], cwd=repo, env=env)
+    assert proc.returncode == -signal.SIGKILL
     done_before = len(list(out.glob(".parts/*.json")))
     assert 1 <= done_before < 28, "the kill should land midway"
-    assert subprocess.run(args, cwd=repo, env=env).returncode == 0
+    assert subprocess.run([sys.executable, *args], cwd=repo, env=env).returncode == 0
     assert verify_shards(out)["ok"] and verify_shards(out)["totals"]["locations"] == 28
     ref = _build(synth_root, tmp_path / "ref", max_count=1, resize=512)
     assert json.loads((out / "manifest.json").read_text())["shards"] == ref["shards"]

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from text4vpr.utils.testing import unexplained_id_differences
+from text4vpr.utils.testing import HANG_GUARD_S, unexplained_id_differences
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_interpreted_kernel_matches_torch_path():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     script = Path(__file__).with_name("triton_interp_check.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failures" in proc.stdout
 

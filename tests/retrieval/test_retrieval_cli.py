@@ -17,6 +17,7 @@ from text4vpr.data.tokenizer import load_tokenizer
 from text4vpr.models import Text4VPR, tiny_config
 from text4vpr.retrieval.evaluate import encode_split, evaluate
 from text4vpr.retrieval.metrics import key
+from text4vpr.utils.testing import HANG_GUARD_S
 
 
 def _loader(model_dir, synth_shards, batch_size=4):
@@ -191,7 +192,7 @@ def test_two_rank_evaluate_and_index_equal_single_process(model_dir, synth_shard
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
          str(model_dir), str(synth_shards), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     got = json.loads((tmp_path / "metrics.json").read_text())

@@ -13,6 +13,7 @@ import torch
 
 from text4vpr.kernels.topk import group_topk
 from text4vpr.retrieval.search import pad_topk, sharded_group_topk
+from text4vpr.utils.testing import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         cmd + ["--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("sharded_search_worker.py"))],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,6 +20,6 @@ def test_cpu_config_file_starts_two_ranks(tmp_path, train_cache):
                                    str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_test.yaml"),
                                    f"data.synthetic.cache_dir={train_cache}", f"train.output_dir={out}",
                                    "train.max_steps=2"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "- processes: 2" in (out / "report.md").read_text()

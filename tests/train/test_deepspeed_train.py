@@ -1,6 +1,11 @@
-"""DeepSpeed ZeRO-2 through Accelerate (one CPU process): trains, checkpoints, resumes exactly."""
+"""DeepSpeed ZeRO-2 through Accelerate (one CPU process): trains, checkpoints, resumes exactly.
+
+The launches run train.py through `deepspeed_cpu_worker.py`, so DeepSpeed compiles no C++ op
+at test time (its CPU shared-memory all-reduce would take minutes of g++ on a fresh machine).
+"""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,19 +14,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from text4vpr.utils.testing import HANG_GUARD_S, free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("deepspeed")  # a runtime dependency; absent only in a stripped install
 
 
 def _launch(cache, out, *extra):
+    worker = Path(__file__).with_name("deepspeed_cpu_worker.py")  # train.py, no op compiled
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch" / "accelerate_deepspeed_zero2.yaml"), "--num_processes", "1", "--main_process_port", "29561",
-           str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_test.yaml"), "train.cpu=false",
-           "train.max_steps=4", "train.save_every_steps=2", "eval.final=false", "optim.schedule=constant",
-           f"data.synthetic.cache_dir={cache}", f"train.output_dir={out}", *extra]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+           str(REPO / "launch" / "accelerate_deepspeed_zero2.yaml"), "--num_processes", "1",
+           "--main_process_port", str(free_port()), str(worker), "--config", str(REPO / "configs" / "tiny_test.yaml"),
+           "train.cpu=false", "train.max_steps=4", "train.save_every_steps=2", "eval.final=false",
+           "optim.schedule=constant", f"data.synthetic.cache_dir={cache}", f"train.output_dir={out}", *extra]
+    extensions = Path(out).parent / "torch_extensions"  # where a JIT-compiled op would land
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), "DeepSpeed compiled an op at test time"
     return run
 
 

@@ -41,7 +41,7 @@ def _ckpt(run):
 def test_two_ranks_equal_one_rank(tmp_path, train_cache):
     one = subprocess.run(_cmd(train_cache, tmp_path / "one", [sys.executable], 4), cwd=REPO, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     # "two_cached": gradient caching in 2 micro-batches per rank, BatchNorm over the whole
     # global batch and gradients averaged by hand: still the 1-rank plain run
     for run, extra in (("two", []), ("two_cached", ["train.micro_batches=2"])):
@@ -68,7 +68,7 @@ def test_two_rank_cached_training_equals_uncached_and_each_rank_caches_its_share
     rank 0 caches only the locations of its own shards, epoch after epoch."""
     import json
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     extra = ["data.synthetic.shard_size=4", "data.loader.fixed_shard_assignment=true", "train.epochs=3",
              "train.max_steps=0", "eval.final=false", "model.config.image.num_layers=3"]
     runs = {}

@@ -1,10 +1,10 @@
 """Trainer end to end on a tiny synthetic set: run directory, NaN skip, exact SIGKILL resume."""
 
+import glob
 import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from text4vpr.train import resolve_config
 from text4vpr.train.trainer import NonFiniteLossError, Trainer
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,31 +94,33 @@ def test_fp16_gradient_overflow_is_a_scaler_backoff_not_a_fault(train_cache, tmp
     assert [e["kind"] for e in events].count("loss_scale_backoff") == 5
 
 
-def _launch(cache, out, *extra):
-    cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(cache, out, *extra)]
+def _launch(cache, out, *extra, kill_before=None):
+    """train.py in a subprocess; `kill_before` (a glob) SIGKILLs it just before it renames a
+    file or folder onto a matching path (tests/kill_at_rename.py: a deterministic crash point)."""
+    killer = [str(REPO / "tests" / "kill_at_rename.py"), "before", kill_before] if kill_before else []
+    cmd = [sys.executable, *killer, str(REPO / "train.py"), *tiny_overrides(cache, out, *extra)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(train_cache, tmp_path):
+    """Killed while its step-6 checkpoint is complete but not yet renamed into place: the
+    resume starts from step 3 (mid-epoch), redoes steps 4-6 and ends bitwise as the
+    uninterrupted run."""
     common = ["train.epochs=2", "train.save_every_steps=3", "data.loader.num_workers=1", "eval.final=false"]
-    _train(train_cache, tmp_path / "warm", "train.max_steps=1", "eval.final=false")  # data cached before timing
     ref = _launch(train_cache, tmp_path / "ref", *common)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    assert ref.wait(timeout=HANG_GUARD_S) == 0, ref.stderr.read().decode()[-2000:]
 
-    victim = _launch(train_cache, tmp_path / "cut", *common)
-    first = tmp_path / "cut" / "checkpoints" / "step-00000003"
-    deadline = time.time() + 300
-    while not first.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    victim = _launch(train_cache, tmp_path / "cut", *common, kill_before=glob.escape(str(tmp_path / "cut" / "checkpoints" / "step-00000006")))
+    victim.wait(timeout=HANG_GUARD_S)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.read().decode()[-2000:]
+    assert (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000006").is_dir()  # the half-finished save
     newest = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))[-1]
     state = json.loads((newest / "state.json").read_text())
     assert 0 < state["batch_in_epoch"] < 8, state  # killed mid-epoch (8 batches per epoch)
 
     resumed = _launch(train_cache, tmp_path / "cut", *common, "train.resume=auto")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    assert resumed.wait(timeout=HANG_GUARD_S) == 0, resumed.stderr.read().decode()[-2000:]
     a = load_file(tmp_path / "ref" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
     assert a.keys() == b.keys()

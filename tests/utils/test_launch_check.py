@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from text4vpr.utils.launch_check import LaunchMismatch, check_world_size, requested_processes
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 ACC = ["/usr/bin/python3", "/venv/bin/accelerate", "launch"]
@@ -52,7 +53,7 @@ def test_cpu_flag_with_two_processes_stops_with_the_fix(tmp_path, entry):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(_accelerate("--cpu", "--num_processes", "2", *entry, f"train.output_dir={tmp_path / 'run'}")
                        if entry[0] != "-m" else _accelerate("--cpu", "--num_processes", "2", *entry),
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "asked for 2 processes but started 1" in lines[0], r.stderr[-2000:]

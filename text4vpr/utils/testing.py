@@ -26,7 +26,7 @@ def assert_close_by_norm(actual: torch.Tensor, expected: torch.Tensor, rel: floa
     assert err <= bound, f"{name}: ‖diff‖ = {err:.3e} > {bound:.3e} (rel {relative_error(actual, expected):.2e})"
 
 
-def run_torchrun(worker: Path, out_dir: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_torchrun(worker: Path, out_dir: Path, nproc: int = 2, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone` of `worker out_dir` on `nproc` CPU ranks
     (one thread each), with this checkout first on PYTHONPATH; run in `out_dir`."""
     root = str(Path(__file__).resolve().parents[2])
@@ -34,7 +34,7 @@ def run_torchrun(worker: Path, out_dir: Path, nproc: int = 2, timeout: float = 3
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(worker), str(out_dir)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out_dir)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or HANG_GUARD_S, env=env, cwd=out_dir)
 
 
 def unexplained_id_differences(ids: torch.Tensor, ref_ids: torch.Tensor, ref_scores: torch.Tensor, tol: float) -> int:
@@ -46,3 +46,18 @@ def unexplained_id_differences(ids: torch.Tensor, ref_ids: torch.Tensor, ref_sco
     near_tie[:, 1:] |= gaps
     near_tie[:, :-1] |= gaps
     return int((~same & ~near_tie).sum())
+
+
+# Seconds a test waits for a subprocess before calling it hung: a guard against deadlocks
+# (a stuck collective), far above any run time on a loaded machine, never a measurement.
+HANG_GUARD_S = 3600
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a launcher's rendezvous (fixed ports collide when
+    two test runs share a machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
