@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Model throughput: the plain batched train step (eager / SDPA / compiled) vs the upstream loop.
 
-All rows run the same architecture and the same SPEC loss on B locations x 4 views, with a
+All rows run the same architecture and the same loss (docs/method.md#training-loss) on B locations x 4 views, with a
 full optimizer step (Adam; fused on CUDA). "plain batched": every image of the batch through
 DINOv2 + Sinkhorn at once, every description through T5 at once (padded, masked max-pool),
 one `Text4VPR.forward` under bf16 autocast (fp32 on CPU), with

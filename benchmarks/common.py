@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: timing, the upstream-style train loop, GEMM rate, tables.
 
-The upstream-style loop is the SPEC's upstream training step: one image and one description
+The upstream-style loop is the published training step (docs/method.md#engineering): one image and one description
 per encoder call, fp32, the text projection frozen in eval mode (a batch of one), the loss on
 the stacked vectors, Adam. `bench_model.py` and `bench_train.py` both time it from here.
 """

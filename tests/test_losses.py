@@ -1,4 +1,4 @@
-"""InfoNCE: float64 SPEC reference, tiled == plain, exclusion, gradient cache, 2-rank gloo."""
+"""InfoNCE: float64 reference of docs/method.md#training-loss, tiled == plain, exclusion, gradient cache, 2-rank gloo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from text4vpr.utils.testing import run_torchrun
 
 
 def reference_loss(img, txt, temperature=0.1, groups=None):
-    """SPEC formula in float64: mean over pairs of CE(row) + CE(column), optional exclusion."""
+    """docs/method.md's formula in float64: mean over pairs of CE(row) + CE(column), optional exclusion."""
     i = img.double() / img.double().norm(dim=1, keepdim=True)
     t = txt.double() / txt.double().norm(dim=1, keepdim=True)
     logits = i @ t.T / temperature

@@ -161,7 +161,7 @@ def contrastive_loss(
     block_size: int = DEFAULT_BLOCK,
     distributed: bool = True,
 ) -> torch.Tensor:
-    """SPEC loss of this rank's pairs against all ranks' pairs (see module docstring).
+    """The loss (docs/method.md#across-ranks) of this rank's pairs against all ranks' pairs (see module docstring).
 
     `scale` = 1/temperature (0-dim tensor, may require grad). `group_ids` (n,) enables the
     same-location exclusion. With one process this is exactly `info_nce`.
@@ -197,13 +197,13 @@ def info_nce(
     tiled: bool = False,
     block_size: int = DEFAULT_BLOCK,
 ) -> torch.Tensor:
-    """SPEC loss for (N, D) paired vectors on this process only (normalises both inside)."""
+    """The loss (docs/method.md#training-loss) for (N, D) paired vectors on this process only (normalises both inside)."""
     scale = torch.tensor(1.0 / temperature, device=image_emb.device)
     return contrastive_loss(image_emb, text_emb, scale, group_ids, tiled, block_size, distributed=False)
 
 
 class ContrastiveLoss(nn.Module):
-    """The trainer's loss: local (n, D) embeddings in, global SPEC loss out (any world size).
+    """The trainer's loss: local (n, D) embeddings in, global loss out (docs/method.md#across-ranks) (any world size).
 
     learnable=True trains log(1/temperature) (clamped to scale <= 100); its gradient is the
     global one on every rank. Keep this module's parameters in the optimizer and checkpoint.

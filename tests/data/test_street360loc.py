@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from text4vpr.data.street360loc import ReadOptions, Street360LocError, read_street360loc
 
-REAL = "/work/shared/street360loc"
+REAL = str(Path(__file__).resolve().parents[2].parent / "shared" / "street360loc")  # ../shared beside the clone
 TEXT = "From left to right, the main features include: 1. a red car 2. a green tree 3. a blue sign."
 
 

@@ -1,4 +1,4 @@
-"""normalize_images: SPEC ImageNet normalisation for uint8 or 0-255 float pixels."""
+"""normalize_images: ImageNet normalisation (docs/method.md#pixels) for uint8 or 0-255 float pixels."""
 
 from __future__ import annotations
 

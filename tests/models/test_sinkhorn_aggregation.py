@@ -1,4 +1,4 @@
-"""Sinkhorn aggregation equals a float64 reference written straight from the SPEC."""
+"""Sinkhorn aggregation equals a float64 reference written straight from docs/method.md#sinkhorn-aggregation."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def conv1x1(x, conv):
 
 
 def spec_reference(agg: SinkhornAggregation, fmap: torch.Tensor) -> torch.Tensor:
-    """SPEC section 'Sinkhorn cluster aggregation', in float64, with explicit loops."""
+    """docs/method.md section 'Sinkhorn aggregation', in float64, with explicit loops."""
     x = fmap.double().flatten(2)  # (B, C, N)
     f = conv1x1(torch.relu(conv1x1(x, agg.cluster_features[0])), agg.cluster_features[3])  # (B, D, N)
     s = conv1x1(torch.relu(conv1x1(x, agg.score[0])), agg.score[3])  # (B, K, N)

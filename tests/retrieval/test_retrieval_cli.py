@@ -27,7 +27,7 @@ def _loader(model_dir, synth_shards, batch_size=4):
 
 
 def spec_loop(enc, ks, radii):
-    """SPEC metric, float64, one query at a time (queries and database = the same locations)."""
+    """The metric (docs/method.md), float64, one query at a time (queries and database = the same locations)."""
     text = (enc["queries"] * enc["query_mask"][..., None]).double().flatten(1).numpy()
     images = (enc["database"] * enc["db_mask"][..., None]).double().flatten(1).numpy()
     xyz = enc["coords"].numpy()

@@ -1,4 +1,4 @@
-"""The metric against a plain float64, loop-per-query re-implementation of the SPEC."""
+"""The metric against a plain float64, loop-per-query re-implementation of docs/method.md#accuracy-within-r-metres."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from text4vpr.retrieval.metrics import key, topk_within_radius
 
 
 def spec_accuracy(text, images, coords, ks, radii):
-    """SPEC, literally: per query, dot with every database group, rank, distances, any within r."""
+    """docs/method.md, literally: per query, dot with every database group, rank, distances, any within r."""
     text, images, coords = text.astype(np.float64), images.astype(np.float64), coords.astype(np.float64)
     hits = {k: {r: 0 for r in radii} for k in ks}
     ids = np.arange(len(images))
@@ -44,7 +44,7 @@ def test_metric_equals_spec_loop(seed):
     want = spec_accuracy(text.reshape(n, -1), images.reshape(n, -1), coords, ks, radii)
     assert got == want
     pair_gaps = np.linalg.norm(np.diff(coords, axis=0), axis=1)
-    assert (pair_gaps < 5).any()  # the case the SPEC warns about is exercised
+    assert (pair_gaps < 5).any()  # the case docs/method.md#dataset warns about is exercised
     assert 0 < got["1"]["30"] < 1
 
 

@@ -1,6 +1,6 @@
 """Image normalisation shared by the loader (float32 batches) and the model (uint8 batches).
 
-SPEC: resize to 252x252, scale to [0, 1], normalise with the ImageNet mean and std. The
+docs/method.md#pixels: resize to 252x252, scale to [0, 1], normalise with the ImageNet mean and std. The
 loader can ship uint8 pixels (`LoaderConfig.image_dtype="uint8"`, 4x fewer bytes through
 worker queues and host-to-device copies) and leave this step to the device; the float32
 loader path calls the same function on the whole (B, V, 3, H, W) batch, so both give
@@ -42,7 +42,7 @@ def empty_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def normalize_images(images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixels (..., 3, H, W) -> float32 ImageNet-normalised (SPEC), a new tensor on the same device.
+    """Pixels (..., 3, H, W) -> float32 ImageNet-normalised (docs/method.md#pixels), a new tensor on the same device.
 
     `images` is uint8 in [0, 255] (the loader's `image_dtype="uint8"` batches) or a floating
     tensor holding the same 0-255 pixel values (not [0, 1]); the result is

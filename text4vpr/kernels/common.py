@@ -8,7 +8,7 @@ result never depends on `torch.topk`'s internal order for equal values.
 
 Modes (masks: `query_mask` (Q, V), `db_mask` (N, V); True = view present):
 
-- ``upstream`` -- the SPEC's score: raw vectors, views aligned by pos,
+- ``upstream`` -- the published score (docs/method.md#group-similarity): raw vectors, views aligned by pos,
   ``s(q, n) = sum_v m_qv * m_nv * <t_qv, i_nv>``. A view missing in the query or in the
   location contributes 0 (so a partial query is scored on the views it has).
 - ``cosine`` -- per-view cosine averaged over the views present in both:

@@ -1,4 +1,4 @@
-"""Sinkhorn cluster aggregation of a feature map into one L2-normalised D*K vector (SPEC).
+"""Sinkhorn cluster aggregation of a feature map into one L2-normalised D*K vector (docs/method.md#sinkhorn-aggregation).
 
 Parameter names (`cluster_features`, `score`, `tau`) follow the upstream module, so its
 `1.*` checkpoint keys load by a plain prefix strip.
@@ -21,7 +21,7 @@ def _conv_head(c_in: int, hidden: int, c_out: int, dropout: float) -> nn.Sequent
 
 
 def log_sinkhorn(scores: torch.Tensor, iters: int) -> torch.Tensor:
-    """log P for scores (B, K, N): both marginals -log N, `iters` rounds, plus log N (SPEC)."""
+    """log P for scores (B, K, N): both marginals -log N, `iters` rounds, plus log N (docs/method.md)."""
     n = scores.shape[-1]
     log_n = math.log(n)
     u = torch.zeros_like(scores[:, :, :1])  # (B, K, 1)

@@ -18,7 +18,7 @@ from text4vpr.config import to_dict
 
 @dataclass
 class ImageEncoderConfig:
-    """DINOv2 backbone: the first blocks frozen, the last `trainable_blocks` trained (SPEC)."""
+    """DINOv2 backbone: the first blocks frozen, the last `trainable_blocks` trained (docs/method.md#dinov2-trunk)."""
 
     pretrained: str | None = None  # local Hugging Face DINOv2 folder
     backbone_config: dict[str, Any] | None = None  # full Dinov2Config dict; wins over the fields below
@@ -34,7 +34,7 @@ class ImageEncoderConfig:
 
 @dataclass
 class AggregationConfig:
-    """Sinkhorn cluster aggregation (SPEC): K clusters of dimension D, output D*K."""
+    """Sinkhorn cluster aggregation (docs/method.md#sinkhorn-aggregation): K clusters of dimension D, output D*K."""
 
     num_clusters: int = 16
     cluster_dim: int = 128
@@ -56,13 +56,13 @@ class TextEncoderConfig:
     d_ff: int = 3072
     num_layers: int = 12
     num_heads: int = 12
-    freeze_backbone: bool = False  # SPEC trains the T5 encoder; True keeps it fixed
+    freeze_backbone: bool = False  # the method trains the T5 encoder (docs/method.md#t5-and-masked-max-pool); True keeps it fixed
     dropout: float | None = None  # override the backbone's dropout (T5 dropout_rate); None keeps it
     num_residual_layers: int = 2
     residual_heads: int = 4
     residual_ff: int = 8192
     residual_dropout: float = 0.1
-    # Upstream accident (SPEC): the Linear+BatchNorm projection stays at its random init and
+    # Upstream accident (docs/method.md#untrained-projection): the Linear+BatchNorm projection stays at its random init and
     # BatchNorm at its initial running statistics. True reproduces that (frozen, BN in eval).
     freeze_projection_at_init: bool = False
 

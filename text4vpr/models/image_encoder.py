@@ -1,6 +1,6 @@
 """DINOv2 patch-token feature map through transformers' `Dinov2Model`.
 
-SPEC: patch embedding + CLS + position embeddings, the first L-T blocks without gradient,
+docs/method.md#dinov2-trunk: patch embedding + CLS + position embeddings, the first L-T blocks without gradient,
 the last T blocks trained, no final layer norm, CLS dropped, tokens reshaped to a map.
 Position embeddings are resized for the input grid as the DINOv2 hub code does (the
 published model was trained so), not as `Dinov2Embeddings` does; see position_embedding.py.
@@ -73,7 +73,7 @@ class ImageEncoder(nn.Module):
     def frozen_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings and the frozen blocks: (N, 3, H, W) -> (N, 1 + hw, C), no gradient.
 
-        Deterministic for a given image (no augmentation in the SPEC), so a trainer may cache
+        Deterministic for a given image (the method has no augmentation), so a trainer may cache
         it and call `forward_from_tokens` in later epochs (the frozen-trunk cache).
         """
         x = self.embed(images)  # (N, 1 + hw, C)

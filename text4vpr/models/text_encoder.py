@@ -1,6 +1,6 @@
 """Text tower: HF encoder -> max-pool over real tokens -> Linear+BatchNorm -> residual layers.
 
-SPEC: T5 encoder last hidden state, max-pool over real tokens only (so padding never
+docs/method.md#text-encoder: T5 encoder last hidden state, max-pool over real tokens only (so padding never
 changes a result), projection Linear(H -> D) + BatchNorm1d(D), then twice
 x <- x + TransformerEncoderLayer(x) on a length-1 sequence. Output is not normalised.
 

@@ -1,1 +1,1 @@
-"""Retrieval: index of database vectors, sharded search, SPEC metrics, evaluation and reports."""
+"""Retrieval: index of database vectors, sharded search, the published metric, evaluation and reports."""

@@ -1,5 +1,5 @@
 """Evaluation: encode a split, search every location's texts against every location's images,
-score top-k within r metres (SPEC). Used by `text4vpr eval` and by the trainer's validation.
+score top-k within r metres (docs/method.md#accuracy-within-r-metres). Used by `text4vpr eval` and by the trainer's validation.
 
 Distributed (torch.distributed initialised): each rank encodes the locations its eval loader
 yields (every location exactly once over all ranks: no drop_last, nothing repeated), with no
@@ -169,7 +169,7 @@ def evaluate(
     """Encode the loader's split and return the metrics dict (same on every rank):
     {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"}.
 
-    Queries = each location's descriptions, database = each location's images (SPEC);
+    Queries = each location's descriptions, database = each location's images (docs/method.md#database-and-query-vectors);
     with `index` (a loaded `retrieval.index.Index`), the database comes from it instead
     (each rank searches an equal slice of its rows), and every query location must be in it
     unless `allow_disjoint`. The model is left in its train/eval state.

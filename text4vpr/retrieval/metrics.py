@@ -1,4 +1,4 @@
-"""Top-k accuracy within r metres, exactly as the SPEC (and upstream's test.py) define it.
+"""Top-k accuracy within r metres, exactly as docs/method.md#accuracy-within-r-metres (and upstream's test.py) define it.
 
 A query counts as correct at (k, r) when any of its k best-ranked database locations lies
 within r metres (distance <= r, Euclidean in ECEF) of the query's true position. The

@@ -17,7 +17,7 @@ from text4vpr.train.optim import OptimConfig
 
 @dataclass
 class LossConfig:
-    """The SPEC's symmetric InfoNCE (sum of both directions) across all ranks."""
+    """The symmetric InfoNCE of docs/method.md#training-loss (sum of both directions) across all ranks."""
 
     temperature: float = 0.1
     learnable: bool = False

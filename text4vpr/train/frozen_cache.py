@@ -1,6 +1,6 @@
 """Frozen-trunk cache: the frozen DINOv2 blocks' output tokens, computed once per location.
 
-The SPEC has no augmentation, so the blocks that run without gradient see the same image
+The method has no augmentation (docs/method.md#dinov2-trunk), so the blocks that run without gradient see the same image
 every epoch. The first time a location appears its tokens are computed and stored (in the
 dtype they were computed in, which keeps training bitwise identical, or in bf16; on the GPU
 or in host memory); later steps run only the trained blocks, the aggregation and the text
