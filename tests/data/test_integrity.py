@@ -19,7 +19,7 @@ import pytest
 
 from text4vpr.cli import main as cli
 from text4vpr.data.loader import LoaderConfig, LoaderError, build_loader
-from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, verify_shards
+from text4vpr.data.shard_reader import ShardError, iter_tar_samples, load_manifest, verify_shards
 from text4vpr.data.shards import BuildOptions, build_lock, build_shards
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
 from text4vpr.utils.testing import HANG_GUARD_S
@@ -352,3 +352,17 @@ def test_manifest_keys_that_are_not_the_shards_are_refused(synth_shards, tmp_pat
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(LoaderError, match="shard-000000.tar.*keys differ"):
         list(build_loader(_cfg(folder, tokenizer_dir), "eval"))
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "a/b.tar"])
+def test_manifest_shard_names_are_plain_file_names(synth_shards, tmp_path, tokenizer_dir, name):
+    """A shard name from the manifest never becomes a path outside the folder (read side)."""
+    folder = tmp_path / "s"
+    shutil.copytree(synth_shards, folder)
+    m = load_manifest(folder)
+    m["shards"][0]["name"] = name
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="not a plain file name"):
+        list(build_loader(_cfg(folder, tokenizer_dir, verify=False), "eval"))
+    with pytest.raises(ShardError, match="not a plain file name"):
+        verify_shards(folder)

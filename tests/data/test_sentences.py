@@ -74,6 +74,8 @@ INSERTED_SPACE = list(PUBLISHED)[:5]
 @pytest.fixture(scope="module")
 def real_descriptions() -> dict[tuple[str, int, int], str]:
     """Every real description keyed (file, index, pos)."""
+    if not REAL.is_dir():  # CI lays ../shared beside the clone; elsewhere these tests cannot run
+        pytest.skip(f"needs the real Street360Loc annotations in {REAL}")
     out = {}
     for split in ("train", "val"):
         frame = pd.read_excel(REAL / f"{split}_description.xlsx")

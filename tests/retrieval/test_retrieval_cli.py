@@ -400,3 +400,24 @@ def test_index_queries_feeds_eval_embeddings(model_dir, synth_shards, index_dir,
     a = json.loads((tmp_path / "e" / "metrics.json").read_text())["accuracy"]
     b = json.loads((tmp_path / "r" / "metrics.json").read_text())["accuracy"]
     assert a == b
+
+
+def test_eval_embeddings_refuses_queries_of_another_model(model_dir, synth_shards, index_dir, tmp_path, tokenizer_dir, capsys):
+    """A query file records its model's weights digest; against an index of other weights
+    (same config) `eval-embeddings` stops, unless told the risk."""
+    from safetensors import safe_open
+
+    from text4vpr.retrieval.index import weights_digest
+
+    other = _same_config_other_weights(tmp_path, tokenizer_dir)
+    q = tmp_path / "q_other.safetensors"
+    assert main(["index", "queries", "--model", str(other), "--shards", str(synth_shards), "--out", str(q),
+                 "--num-workers", "0", "--batch-size", "4"]) == 0
+    with safe_open(str(q), framework="pt") as f:
+        assert f.metadata()["weights_digest"] == weights_digest(Text4VPR.from_pretrained(other))
+    capsys.readouterr()
+    argv = ["eval-embeddings", "--queries", str(q), "--database", str(index_dir), "--out", str(tmp_path / "e")]
+    err = _err(capsys, argv)
+    assert "another model" in err and not (tmp_path / "e" / "metrics.json").exists()
+    with pytest.warns(UserWarning, match="another model"):
+        assert main(argv + ["--allow-index-mismatch"]) == 0

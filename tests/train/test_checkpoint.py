@@ -122,6 +122,29 @@ def test_truncated_file_is_named_and_auto_resume_falls_back(tmp_path):
         assert name in str(err.value)
 
 
+def test_saving_after_a_fallback_keeps_the_run_and_sets_the_damaged_future_aside(tmp_path):
+    """Resumed from step 100 past a damaged step 200, the run's next checkpoint (150) must
+    survive pruning, and the damaged later one must stop counting as a checkpoint."""
+    model, opt = _model_and_opt()
+    for step in (100, 200):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, {"step": step}, [ckpt.rng_state()], keep_last=2)
+    _truncate(tmp_path / "step-00000200" / "model.safetensors")
+    assert ckpt.resolve_resume("auto", tmp_path, report=lambda m: None).name == "step-00000100"
+    ckpt.save_checkpoint(tmp_path, 150, model, opt, {"step": 150}, [ckpt.rng_state()], keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000150"]
+    assert (tmp_path / ".abandoned-step-00000200").is_dir()  # kept for inspection, out of the name space
+    assert ckpt.resolve_resume("auto", tmp_path, report=lambda m: None).name == "step-00000150"
+
+
+def test_no_checkpoint_verifies_points_to_a_fix_that_works(tmp_path):
+    model, opt = _model_and_opt()
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, [ckpt.rng_state()], keep_last=2)
+    _truncate(tmp_path / "step-00000001" / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="train.overwrite=true") as err:
+        ckpt.resolve_resume("auto", tmp_path, report=lambda m: None)
+    assert "train.resume=''" not in str(err.value)  # a non-empty run dir refuses that (run_dir.py)
+
+
 def test_pruning_renames_before_deleting(tmp_path, monkeypatch):
     """A kill in the middle of deleting an old checkpoint leaves nothing that counts as complete."""
     import shutil

@@ -66,3 +66,19 @@ def test_location_ids_without_manifest_keys_read_the_shards(split_shards, tmp_pa
         e.pop("keys")
     (folder / "manifest.json").write_text(json.dumps(m))
     assert location_ids(folder) == location_ids(split_shards / "leaky_val") == set(range(1, 35))
+
+
+def test_overlap_and_unreadable_split_are_one_line_from_the_cli(split_shards, tokenizer_dir, tmp_path, capsys):
+    """From `text4vpr train`: exit 2 and one line, not a traceback; an unreadable val folder too."""
+    from text4vpr.cli import main
+
+    s = split_shards
+    (tmp_path / "no_manifest").mkdir()
+    base = ["train", "--config", str(REPO / "configs" / "tiny_test.yaml"), f"data.train_shards={s / 'train'}",
+            "data.synthetic.locations=0", f"data.loader.tokenizer={tokenizer_dir}"]
+    for i, (val, says) in enumerate(((s / "leaky_val", "28 of its 34 locations"), (tmp_path / "no_manifest", "no manifest"))):
+        rc = main(base + [f"data.val_shards={val}", f"train.output_dir={tmp_path / f'run{i}'}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err[-2000:]
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and says in lines[0], err

@@ -18,13 +18,16 @@ class UsageError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from text4vpr.config import ConfigError
+    from text4vpr.utils.errors import InputError
     from text4vpr.utils.launch_check import LaunchMismatch
 
-    return (UsageError, ConfigError, LaunchMismatch, FileNotFoundError, NotADirectoryError)
+    return (UsageError, ConfigError, InputError, LaunchMismatch, FileNotFoundError, NotADirectoryError)
 
 
 def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    from text4vpr.utils.errors import one_line
+
+    print(f"error: {one_line(message)}", file=sys.stderr)
     return 2
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from text4vpr.cli._retrieval_common import add_mode_arg, fail
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, fail
 from text4vpr.cli.evaluate import add_ks_radii
 
 _NAMES = ("embeddings", "view_mask", "coords", "index")
@@ -22,11 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ks_radii(parser)
     parser.add_argument("--allow-disjoint", action="store_true",
                         help="score queries whose locations are not in the database (by default an error)")
+    add_index_risk_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the search (cpu, cuda)")
     parser.add_argument("--out", required=True, help="report folder")
 
 
-def _load(path: str) -> dict:
+def _load(path: str) -> tuple[dict, dict]:
+    """(tensors, provenance): the digests the file or index recorded ({} for a plain file)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from text4vpr.retrieval.index import load_index
@@ -34,14 +37,24 @@ def _load(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
         idx = load_index(p)
-        return {"embeddings": idx.embeddings, "view_mask": idx.view_mask, "coords": idx.coords, "index": idx.index}
+        tensors = {"embeddings": idx.embeddings, "view_mask": idx.view_mask, "coords": idx.coords, "index": idx.index}
+        return tensors, idx.header
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist")
     tensors = load_file(str(p))
     missing = [n for n in _NAMES if n not in tensors]
     if missing:
         raise ValueError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
-    return tensors
+    with safe_open(str(p), framework="pt") as f:
+        return tensors, f.metadata() or {}
+
+
+def _check_same_model(queries: dict, database: dict, where: str, allow: bool) -> None:
+    """Both sides written by text4vpr from one model: their weights digests must agree."""
+    from text4vpr.retrieval.index import check_digests
+
+    if queries.get("weights_digest") and database.get("weights_digest"):
+        check_digests(database, {"weights_digest": queries["weights_digest"]}, where, allow)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.report import markdown_table, write_report
 
     try:
-        q, db = _load(args.queries), _load(args.database)
+        (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
+        _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
         if not args.allow_disjoint:
             check_queries_in_database(q["index"].long(), db["index"].long())
         metrics = search_metrics(

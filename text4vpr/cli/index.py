@@ -56,7 +56,8 @@ def _encode(args: argparse.Namespace, write) -> int:
 def _queries(args: argparse.Namespace, model, loader, device) -> str:
     from text4vpr.retrieval.queries import encode_queries
 
-    summary = encode_queries(model, loader, args.out, device=device, show_progress=show_progress(args))
+    summary = encode_queries(model, loader, args.out, device=device, show_progress=show_progress(args),
+                             shards=args.shards)
     return (f"queries {args.out}: {summary['count']} locations, D={summary['embed_dim']}; evaluate with "
             f"`text4vpr eval-embeddings --queries {args.out} --database INDEX --out REPORT`")
 

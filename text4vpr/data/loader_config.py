@@ -7,9 +7,10 @@ from typing import Literal
 
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
 from text4vpr.data.tokenizer import check_text_normalization
+from text4vpr.utils.errors import InputError
 
 
-class LoaderError(RuntimeError):
+class LoaderError(InputError, RuntimeError):
     """A shard or sample could not be read or decoded; the message names shard and key."""
 
 

@@ -10,11 +10,12 @@ every real Street360Loc description; see docs/models.md).
 from __future__ import annotations
 
 import functools
+from text4vpr.utils.errors import InputError
 
 EXTRA_HINT = "pip install 'text4vpr[upstream]'"
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(InputError, ImportError):
     """The optional package behind punkt normalisation is not installed."""
 
 

@@ -9,19 +9,41 @@ import tarfile
 from pathlib import Path
 
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
+from text4vpr.utils.errors import InputError
 
 MANIFEST = "manifest.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError, RuntimeError):
     """A shard directory is inconsistent (checksum, count, or a different earlier build)."""
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
+    """The folder's manifest, checked: readable JSON whose shard records name plain files inside
+    the folder (a crafted name never becomes a path elsewhere) and count their samples."""
     path = Path(shard_dir) / MANIFEST
     if not path.exists():
         raise ShardError(f"{path}: no manifest (was `text4vpr shards build` run to completion?)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: unreadable ({e}); rebuild the folder with `text4vpr shards build`") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ShardError(f"{path}: {problem}; rebuild the folder with `text4vpr shards build`")
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """What makes a manifest unusable (None when its shard list is sound)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        return "not a shard manifest (no 'shards' list)"
+    for i, s in enumerate(manifest["shards"]):
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)):
+            return f"shard record {i} is not a {{name, count}} record"
+        if Path(s["name"]).name != s["name"] or s["name"] in ("", ".", ".."):
+            return f"shard record {i} name {s['name']!r} is not a plain file name"
+    return None
 
 
 def is_shard_dir(path: str | os.PathLike) -> bool:

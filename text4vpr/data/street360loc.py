@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS, image_header_problem
+from text4vpr.utils.errors import InputError
 
 REQUIRED_COLUMNS = ("index", "pos", "x", "y", "z", "text_description")
 NUM_VIEWS = 4
@@ -28,7 +29,7 @@ DEFAULT_REFUSAL_PATTERNS = (
 DEFAULT_SHORT_CHARS = 50
 
 
-class Street360LocError(ValueError):
+class Street360LocError(InputError, ValueError):
     """A file-level problem, or any skip under `strict`: names the file (and row)."""
 
 

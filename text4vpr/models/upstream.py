@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from text4vpr.models.config import AggregationConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from text4vpr.utils.errors import InputError
 
 IMAGE_KEY = "image_encoder_state_dict"
 TEXT_KEY = "text_encoder_state_dict"
@@ -62,7 +63,7 @@ _TOP_RENAMES = {
 }
 
 
-class UpstreamConversionError(ValueError):
+class UpstreamConversionError(InputError, ValueError):
     """The checkpoint does not map one-to-one onto our model."""
 
 

@@ -23,9 +23,10 @@ from text4vpr.retrieval.ranking import Ranking
 from text4vpr.retrieval.search import sharded_group_topk
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
+from text4vpr.utils.errors import InputError
 
 
-class DisjointQueriesError(ValueError):
+class DisjointQueriesError(InputError, ValueError):
     """Query locations are missing from the index's database (an index of another split?)."""
 
 

@@ -32,6 +32,7 @@ from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
 from text4vpr.utils.progress import progress
+from text4vpr.utils.errors import InputError
 
 FORMAT = "text4vpr-index"
 FORMAT_VERSION = 2  # 2: weights and shards digests recorded
@@ -39,7 +40,7 @@ HEADER = "header.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class RetrievalIndexError(ValueError):
+class RetrievalIndexError(InputError, ValueError):
     """The index is missing, damaged, or does not belong to the model in hand."""
 
 
@@ -191,8 +192,29 @@ def read_header(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RetrievalIndexError(f"{path / HEADER}: unreadable ({e}); rebuild the index with `text4vpr index build`") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise RetrievalIndexError(f"{path / HEADER}: not a text4vpr index (format={dict(header).get('format')!r})")
+        got = header.get("format") if isinstance(header, dict) else f"a JSON {type(header).__name__}"
+        raise RetrievalIndexError(f"{path / HEADER}: not a text4vpr index (format={got!r}); rebuild it with `text4vpr index build`")
+    problem = _header_problem(header)
+    if problem:
+        raise RetrievalIndexError(f"{path / HEADER}: {problem}; rebuild the index with `text4vpr index build`")
     return header
+
+
+_HEADER_FIELDS = {"count": int, "embed_dim": int, "views": int, "config_hash": str, "parts": list}
+
+
+def _header_problem(header: dict) -> str | None:
+    """What is missing or mistyped in a header (None when the fields the reader uses are sound);
+    part names must be plain file names inside the index folder."""
+    for name, kind in _HEADER_FIELDS.items():
+        if not isinstance(header.get(name), kind) or isinstance(header.get(name), bool):
+            return f"field {name!r} missing or not a {kind.__name__}"
+    for i, part in enumerate(header["parts"]):
+        if not (isinstance(part, dict) and isinstance(part.get("name"), str) and isinstance(part.get("count"), int)):
+            return f"part {i} is not a {{name, count}} record"
+        if Path(part["name"]).name != part["name"] or part["name"] in ("", ".", ".."):
+            return f"part {i} name {part['name']!r} is not a plain file name"
+    return None
 
 
 def check_pairing(header: dict, config_hash: str | None = None, embed_dim: int | None = None, where: str = "index") -> None:

@@ -6,11 +6,12 @@ import numpy as np
 import torch
 
 from text4vpr.kernels.topk import group_topk
+from text4vpr.utils.errors import InputError
 
 MAX_DESCRIPTIONS = 4
 
 
-class LocalizeError(ValueError):
+class LocalizeError(InputError, ValueError):
     """The request cannot be answered (no text, too many descriptions, bad vectors)."""
 
 

@@ -35,12 +35,13 @@ from safetensors.torch import load_file, save_file
 
 from text4vpr.data.shard_reader import file_sha256  # the project's one streaming sha256 of a file
 from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.utils.errors import InputError
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 STATE = "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is incomplete, damaged, or holds something that cannot be restored."""
 
 
@@ -142,11 +143,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first (temp folders never match the name pattern)."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+    return sorted((p for p in _step_folders(ckpt_dir) if (p / "state.json").exists()), key=_step_of)
 
 
 def save_checkpoint(
@@ -193,8 +190,23 @@ def swap_in(tmp: Path, final: Path, ckpt_dir, keep_last: int) -> None:
     shutil.rmtree(aside, ignore_errors=True)
     for leftover in Path(ckpt_dir).glob(".del-step-*"):  # a deletion killed midway
         shutil.rmtree(leftover, ignore_errors=True)
+    step = _step_of(final)
+    for later in [p for p in _step_folders(ckpt_dir) if _step_of(p) > step]:
+        # from a future this run left (resume fell back past it, or resumed an older path):
+        # out of the `step-*` name space, kept for inspection, never pruned in place of ours
+        os.replace(later, later.with_name(f".abandoned-{later.name}"))
     for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         _delete(old)
+
+
+def _step_of(folder: Path) -> int:
+    return int(CKPT_RE.match(folder.name).group(1))
+
+
+def _step_folders(ckpt_dir) -> list[Path]:
+    """Every `step-*` folder, complete or not."""
+    d = Path(ckpt_dir)
+    return [p for p in d.iterdir() if p.is_dir() and CKPT_RE.match(p.name)] if d.is_dir() else []
 
 
 def _delete(folder: Path) -> None:
@@ -273,5 +285,5 @@ def _newest_verified(ckpt_dir, report: Callable[[str], None]) -> Path | None:
         skipped.append(f"{p.name} ({'; '.join(problems)})")
     if skipped:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint verifies: {'; '.join(skipped)}; move the folder aside "
-                              "or set train.resume='' to start over")
+                              "or start over with train.overwrite=true (clears the run directory)")
     return None

@@ -16,6 +16,7 @@ from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
 from text4vpr.data.tokenizer import train_tokenizer
 from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.utils.errors import InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -64,7 +65,7 @@ def prepare_data(cfg, acc) -> DataPaths:
     return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
 
 
-class SplitOverlapError(ValueError):
+class SplitOverlapError(InputError, ValueError):
     """The val or test shards hold locations of the train shards."""
 
 
@@ -99,20 +100,28 @@ def check_split_overlap(paths: DataPaths, allow: bool = False) -> None:
 
 
 def check_split_overlap_once(paths: DataPaths, allow: bool, acc) -> None:
-    """`check_split_overlap` on the main process (it reads every shard once); every rank
-    raises the same error."""
+    """`check_split_overlap` on the main process (it reads the manifests, or every shard);
+    every rank raises the same error, whatever it is (an unreadable val folder too), so no
+    rank waits for one that has died."""
     from accelerate.utils import broadcast_object_list
 
-    message = [None]
+    message: list = [None]
     if acc.is_main_process:
         try:
             check_split_overlap(paths, allow)
-        except SplitOverlapError as e:
-            message[0] = str(e)
+        except Exception as e:  # noqa: BLE001 - passed on to every rank, then raised on each
+            message[0] = (isinstance(e, SplitOverlapError), str(e))
+            if acc.num_processes == 1:
+                raise
     if acc.num_processes > 1:
         broadcast_object_list(message)
     if message[0] is not None:
-        raise SplitOverlapError(message[0])
+        overlap, text = message[0]
+        raise SplitOverlapError(text) if overlap else SplitCheckError(text)
+
+
+class SplitCheckError(InputError, RuntimeError):
+    """The split-overlap check could not read a split's shards (message from the main process)."""
 
 
 def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:

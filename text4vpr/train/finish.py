@@ -38,7 +38,7 @@ class FinalRun:
 def load_best(model: Text4VPR, run: FinalRun) -> str:
     """Load best_model weights into `model` (unwrapped) when validation chose one; say which."""
     best = run.run_dir / "best_model"
-    if not (best / "model.safetensors").exists():
+    if run.best_step < 0 or not (best / "model.safetensors").exists():  # none chosen by this run
         return f"final (step {run.steps})"
     model.load_state_dict(Text4VPR.from_pretrained(best).state_dict(), strict=True)  # tied weights restored
     return f"best by validation top-1 within 5 m (step {run.best_step})"

@@ -13,12 +13,13 @@ meets: with `data.loader.fixed_shard_assignment=true` that is its 1/world share.
 from __future__ import annotations
 
 import torch
+from text4vpr.utils.errors import InputError
 
 
 SLAB = 64  # locations per page-locked host block
 
 
-class FrozenCacheError(ValueError):
+class FrozenCacheError(InputError, ValueError):
     """The cache would change results (stochastic frozen blocks, nothing frozen)."""
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import yaml
 
 from text4vpr.config import ConfigError, to_dict
+from text4vpr.utils.mapping import flatten
 
 # keys that may differ when resuming: where to stop, how to show progress, and these flags
 RESUME_MAY_CHANGE = frozenset({"train.resume", "train.overwrite", "train.progress", "train.max_steps", "train.epochs"})
@@ -24,18 +25,6 @@ FIX = "start over with train.overwrite=true, or choose another train.output_dir"
 
 class RunDirError(ConfigError):
     """`train.output_dir` holds another run (or something that is not a run)."""
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested mapping -> {dotted.key: value}."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

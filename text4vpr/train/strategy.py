@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType, gather_object
 
+from text4vpr.config import ConfigError
 from text4vpr.train import checkpoint as ckpt
 from text4vpr.train import deepspeed_checkpoint as dsckpt
 from text4vpr.train.config import RunConfig
@@ -56,10 +57,10 @@ class DeepSpeedStrategy(DDPStrategy):
         if add_torch_autocast(acc.state.deepspeed_plugin.deepspeed_config, t.mixed_precision):
             acc.print("DeepSpeed: torch_autocast section added (bf16 forward inside the engine, fp32 gradients)")
         if cfg.loss.learnable:
-            raise ValueError("loss.learnable=true is not supported under DeepSpeed: the engine optimises only the "
+            raise ConfigError("loss.learnable=true is not supported under DeepSpeed: the engine optimises only the "
                              "model's parameters and the temperature lives in the loss; use DDP or a fixed temperature")
         if t.micro_batches > 1:
-            raise ValueError("train.micro_batches > 1 (gradient caching) is not supported under DeepSpeed, whose "
+            raise ConfigError("train.micro_batches > 1 (gradient caching) is not supported under DeepSpeed, whose "
                              "backward also steps the optimizer; use DDP for gradient caching")
 
     def autocast(self):

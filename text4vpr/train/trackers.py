@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from text4vpr.config import ConfigError
+from text4vpr.utils.mapping import flatten
 
 PROJECT = "text4vpr"  # W&B project, MLflow experiment, TensorBoard sub-folder
 TRACKERS_DIR = "trackers"
@@ -58,23 +59,11 @@ def start_trackers(acc, names: list[str], run_dir: Path, config: dict) -> None:
     if not names:
         return
     (run_dir / TRACKERS_DIR).mkdir(parents=True, exist_ok=True)
-    params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
+    params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config, "/").items()}
     acc.init_trackers(PROJECT, config=params, init_kwargs=init_kwargs(names, run_dir))
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a/b": 1}."""
-    out = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, name + "/"))
-        else:
-            out[name] = v
-    return out
 
 
 def scalars(kind: str, values: dict) -> dict[str, float]:
     """The numeric values of one event, as tracker keys `{kind}/{key}` (booleans left out)."""
-    return {f"{kind}/{k}": v for k, v in flatten(values).items()
+    return {f"{kind}/{k}": v for k, v in flatten(values, "/").items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -64,10 +64,13 @@ class Trainer:
         set_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)  # never mix runs
         self.strategy = make_strategy(self.acc, cfg)  # DDP or DeepSpeed: everything that differs
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
+        # never mix runs; after every refusal above, so train.overwrite=true never clears a run for nothing
+        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
+        if self.acc.is_main_process:  # first: a folder with a run in it always names its config
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
@@ -78,12 +81,10 @@ class Trainer:
         self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
-        if self.acc.is_main_process:  # this run's log: nothing after the step it starts from, even 0
+        if self.acc.is_main_process:  # this run's log: nothing after the step it resumes from
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         start_trackers(self.acc, self.trackers, self.run_dir, dataclasses.asdict(cfg))
         self.log = MetricsLogger(self.run_dir, self.acc if self.trackers else None, enabled=self.acc.is_main_process)
-        if self.acc.is_main_process:
-            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict:
