@@ -252,7 +252,7 @@ def _reference_digest(model) -> str:
 
 
 def test_weights_digest_follows_the_weights_not_the_loading(model_dir):
-    from text4vpr.retrieval.index import weights_digest
+    from text4vpr.retrieval.provenance import weights_digest
 
     model = Text4VPR.from_pretrained(model_dir)
     assert weights_digest(model) == _reference_digest(model)
@@ -268,7 +268,7 @@ def test_index_records_weights_and_shards_digests(model_dir, synth_shards, index
 
     from safetensors import safe_open
 
-    from text4vpr.retrieval.index import weights_digest
+    from text4vpr.retrieval.provenance import weights_digest
 
     header = json.loads((index_dir / "header.json").read_text())
     assert header["weights_digest"] == weights_digest(Text4VPR.from_pretrained(model_dir))
@@ -407,7 +407,7 @@ def test_eval_embeddings_refuses_queries_of_another_model(model_dir, synth_shard
     (same config) `eval-embeddings` stops, unless told the risk."""
     from safetensors import safe_open
 
-    from text4vpr.retrieval.index import weights_digest
+    from text4vpr.retrieval.provenance import weights_digest
 
     other = _same_config_other_weights(tmp_path, tokenizer_dir)
     q = tmp_path / "q_other.safetensors"

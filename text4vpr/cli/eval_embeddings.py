@@ -51,7 +51,7 @@ def _load(path: str) -> tuple[dict, dict]:
 
 def _check_same_model(queries: dict, database: dict, where: str, allow: bool) -> None:
     """Both sides written by text4vpr from one model: their weights digests must agree."""
-    from text4vpr.retrieval.index import check_digests
+    from text4vpr.retrieval.provenance import check_digests
 
     if queries.get("weights_digest") and database.get("weights_digest"):
         check_digests(database, {"weights_digest": queries["weights_digest"]}, where, allow)

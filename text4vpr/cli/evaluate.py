@@ -46,7 +46,8 @@ def _this_rank_rows(path: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import evaluate
-    from text4vpr.retrieval.index import load_index, shards_digest, weights_digest
+    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.provenance import shards_digest, weights_digest
     from text4vpr.retrieval.report import markdown_table, write_report
 
     if args.gallery < 0:

@@ -41,7 +41,8 @@ def _print_table(results: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     from text4vpr.data.tokenizer import check_text_normalization, load_tokenizer
     from text4vpr.models import Text4VPR
-    from text4vpr.retrieval.index import check_digests, load_index, weights_digest
+    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.provenance import check_digests, weights_digest
     from text4vpr.retrieval.localize import MAX_DESCRIPTIONS, encode_descriptions, rank_locations
 
     if not args.text:

@@ -20,9 +20,7 @@ header. Every file is written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +28,10 @@ import torch
 
 from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite
+from text4vpr.retrieval.provenance import check_digests, shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
-from text4vpr.utils.progress import progress
 from text4vpr.utils.errors import InputError
+from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
 FORMAT_VERSION = 2  # 2: weights and shards digests recorded
@@ -42,10 +41,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class RetrievalIndexError(InputError, ValueError):
     """The index is missing, damaged, or does not belong to the model in hand."""
-
-
-class IndexMismatchError(RetrievalIndexError):
-    """The index was built by other weights or from other shards than those in hand."""
 
 
 @dataclass
@@ -72,28 +67,6 @@ class Index:
 def rank_rows(n: int, rank: int, world: int) -> tuple[int, int]:
     """The rows [lo, hi) of an n-row index that rank `rank` of `world` searches (equal shares)."""
     return rank * n // world, (rank + 1) * n // world
-
-
-def weights_digest(model) -> str:
-    """sha256 over the model's state dict (sorted names, each with dtype, shape and raw bytes):
-    the same weights give the same digest however they were loaded or placed."""
-    model = getattr(model, "module", model)  # DDP / Accelerate wrapper -> the model
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 included)
-    return h.hexdigest()
-
-
-def shards_digest(shard_dir: str | Path) -> str:
-    """sha256 of a shard folder's manifest.json ('' when there is none, e.g. a list of tar
-    paths: nothing to compare then, the query-location check remains)."""
-    from text4vpr.data.shard_reader import MANIFEST
-
-    manifest = Path(shard_dir) / MANIFEST
-    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
 
 
 def part_name(rank: int) -> str:
@@ -226,29 +199,6 @@ def check_pairing(header: dict, config_hash: str | None = None, embed_dim: int |
             f"{where}: built by another model (config hash {header['config_hash'][:12]}..., "
             f"this model {config_hash[:12]}...); rebuild it with `text4vpr index build`"
         )
-
-
-_WHAT = {
-    "weights_digest": ("built by another model: its weights digest {got} differs from this model's {want} (same "
-                       "config, other weights)"),
-    "shards_digest": ("built from other shards: its shards manifest digest {got} differs from that of the shards "
-                      "given ({want})"),
-}
-
-
-def check_digests(header: dict, expected: dict[str, str], where: str = "index", allow_mismatch: bool = False) -> None:
-    """Raise IndexMismatchError when a recorded digest differs from `expected` (digests given
-    as None are not checked); with `allow_mismatch`, warn instead."""
-    for name, want in expected.items():
-        got = header.get(name) or ""
-        if want is None or got == want:
-            continue
-        message = (f"{where}: " + _WHAT[name].format(got=(got or "none recorded")[:12], want=(want or "none")[:12])
-                   + "; rebuild the index with `text4vpr index build`, or pass --allow-index-mismatch to rank with it "
-                   "anyway (the results are then meaningless)")
-        if not allow_mismatch:
-            raise IndexMismatchError(message)
-        warnings.warn(f"index mismatch allowed: {message}", stacklevel=3)
 
 
 def load_index(path: str | Path, config_hash: str | None = None, embed_dim: int | None = None,

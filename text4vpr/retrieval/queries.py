@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from text4vpr.retrieval.evaluate import _gather_queries, encode_split
-from text4vpr.retrieval.index import shards_digest, weights_digest
+from text4vpr.retrieval.provenance import shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file
 from text4vpr.utils.distributed import distributed_world
 
