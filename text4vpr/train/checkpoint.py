@@ -248,8 +248,11 @@ def load_checkpoint(
     optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), state.pop("optimizer")))
     rng_meta = state.pop("rng")
     rng_file = path / f"rng-rank{rank}.safetensors"
-    if rng_file.exists():
+    if rng_file.exists() and rank < len(rng_meta):
         set_rng_state(load_file(rng_file), rng_meta[rank])
+    else:  # more ranks now than when saved: this rank's random streams start afresh
+        _stderr(f"{path}: no RNG state for rank {rank} (saved by {len(rng_meta)} rank(s)); the resumed run is "
+                "not the exact continuation of the saved one")
     return state
 
 
