@@ -91,28 +91,18 @@ def test_localize_html_in_chromium(model_dir, index_dir, synth_shards, tmp_path,
     assert "not in the shards" in (tmp_path / "bare.html").read_text()
 
 
-def test_tar_scan_matches_the_tarfile_reader(synth_shards, tmp_path):
-    import io
-    import tarfile
-
+def test_wanted_samples_match_the_tarfile_reader(synth_shards):
     from text4vpr.data.shard_reader import iter_tar_samples, load_manifest
-    from text4vpr.retrieval.thumbnails import _scan_tar
+    from text4vpr.retrieval.thumbnails import _may_hold, _wanted_samples
 
     for s in load_manifest(synth_shards)["shards"]:
         path = synth_shards / s["name"]
         want = {json.loads(sample["json"])["index"]: sample for _, sample in iter_tar_samples(path)}
-        assert dict(_scan_tar(path, set(want))) == want
+        assert dict(_wanted_samples(path, set(want))) == want
         first = min(want)
-        assert dict(_scan_tar(path, {first, 10**6})) == {first: want[first]}  # only what is asked for
-    # a header the fast path does not parse (a pax long name): the whole file goes to tarfile
-    odd = tmp_path / "odd.tar"
-    with tarfile.open(odd, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in [("test-000007.json", b'{"index": 7}'), ("test-000007.1.jpg", b"x"),
-                           ("d" * 120 + "/test-000008.json", b'{"index": 8}')]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    assert dict(_scan_tar(odd, {7, 8})) == {7: {"json": b'{"index": 7}', "1.jpg": b"x"}, 8: {"json": b'{"index": 8}'}}
+        assert dict(_wanted_samples(path, {first, 10**6})) == {first: want[first]}  # only what is asked for
+        assert _may_hold(s, {first}) and not _may_hold(s, {10**6})  # the manifest's keys skip whole shards
+        assert _may_hold({k: v for k, v in s.items() if k != "keys"}, {10**6})  # no key list: read it
 
 
 def test_cards_carry_the_data_report_flags(synth_shards, tmp_path):

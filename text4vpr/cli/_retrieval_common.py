@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from text4vpr.cli.errors import fail  # noqa: F401 - the subcommands' one-line error (re-exported)
 from text4vpr.kernels.common import MODES
 
 

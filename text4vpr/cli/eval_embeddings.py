@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, fail
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg
+from text4vpr.cli.errors import fail
 from text4vpr.cli.evaluate import add_ks_radii
 
 _NAMES = ("embeddings", "view_mask", "coords", "index")

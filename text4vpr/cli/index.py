@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_model_loader_args, check_loader_args, eval_loader, fail, init_distributed, is_main_rank, load_model_on, precision_context,
+    add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on, precision_context,
     show_progress,
 )
+from text4vpr.cli.errors import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, fail
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg
+from text4vpr.cli.errors import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

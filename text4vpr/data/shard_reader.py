@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
-from text4vpr.utils.errors import InputError
+from text4vpr.utils.errors import InputError, file_records_problem
 
 MANIFEST = "manifest.json"
 
@@ -38,12 +38,7 @@ def manifest_problem(manifest) -> str | None:
     """What makes a manifest unusable (None when its shard list is sound)."""
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         return "not a shard manifest (no 'shards' list)"
-    for i, s in enumerate(manifest["shards"]):
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)):
-            return f"shard record {i} is not a {{name, count}} record"
-        if Path(s["name"]).name != s["name"] or s["name"] in ("", ".", ".."):
-            return f"shard record {i} name {s['name']!r} is not a plain file name"
-    return None
+    return file_records_problem(manifest["shards"], "shard record")
 
 
 def is_shard_dir(path: str | os.PathLike) -> bool:

@@ -102,7 +102,7 @@ def check_queries_in_database(query_ids: torch.Tensor, db_ids: torch.Tensor) -> 
         )
 
 
-def _gather_queries(local: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+def gather_queries(local: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """All ranks' queries, masks and coords in rank order, and this rank's first global id."""
     rank, world = distributed_world()
     if world == 1:
@@ -179,7 +179,7 @@ def evaluate(
     check_mode(mode)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     local = encode_split(model, loader, device, images=index is None, show_progress=show_progress)
-    everyone, offset = _gather_queries(local)
+    everyone, offset = gather_queries(local)
     if everyone["queries"].shape[0] == 0:
         raise ValueError("the evaluation loader yielded no locations")
     if index is None:

@@ -30,7 +30,7 @@ from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite
 from text4vpr.retrieval.provenance import check_digests, shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
-from text4vpr.utils.errors import InputError
+from text4vpr.utils.errors import InputError, file_records_problem
 from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
@@ -182,12 +182,7 @@ def _header_problem(header: dict) -> str | None:
     for name, kind in _HEADER_FIELDS.items():
         if not isinstance(header.get(name), kind) or isinstance(header.get(name), bool):
             return f"field {name!r} missing or not a {kind.__name__}"
-    for i, part in enumerate(header["parts"]):
-        if not (isinstance(part, dict) and isinstance(part.get("name"), str) and isinstance(part.get("count"), int)):
-            return f"part {i} is not a {{name, count}} record"
-        if Path(part["name"]).name != part["name"] or part["name"] in ("", ".", ".."):
-            return f"part {i} name {part['name']!r} is not a plain file name"
-    return None
+    return file_records_problem(header["parts"], "part")
 
 
 def check_pairing(header: dict, config_hash: str | None = None, embed_dim: int | None = None, where: str = "index") -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from text4vpr.retrieval.evaluate import _gather_queries, encode_split
+from text4vpr.retrieval.evaluate import gather_queries, encode_split
 from text4vpr.retrieval.provenance import shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file
 from text4vpr.utils.distributed import distributed_world
@@ -22,7 +22,7 @@ def encode_queries(model, loader, out: str | Path, device=None, show_progress: b
     """Encode every location's descriptions and write them to `out` (.safetensors), with the
     model's weights digest and the `shards` manifest digest (as an index records them, so
     `eval-embeddings` can refuse a pair from two models); return a summary."""
-    enc, _ = _gather_queries(encode_split(model, loader, device=device, images=False, show_progress=show_progress))
+    enc, _ = gather_queries(encode_split(model, loader, device=device, images=False, show_progress=show_progress))
     order = torch.argsort(enc["index"])  # location-index order, whatever the ranks' shares were
     tensors = {"embeddings": enc["queries"][order].contiguous(), "view_mask": enc["query_mask"][order].contiguous(),
                "coords": enc["coords"][order].contiguous(), "index": enc["index"][order].contiguous()}

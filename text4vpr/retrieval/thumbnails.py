@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,38 +44,19 @@ def thumbnail_uri(jpeg: bytes, size: int = THUMB_PX, quality: int = THUMB_QUALIT
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _scan_tar(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
-    """(location index, {suffix: bytes}) of the wanted samples of an uncompressed shard tar,
-    reading only their members: other members' data is skipped by seeking (Python's tarfile
-    parses every header in full, which dominated the report's time). Keys end in the
-    zero-padded index (`sample_key`). Any header this reader does not handle (long names,
-    pax, sparse) hands the whole file to the tarfile-based reader."""
-    samples: dict[int, dict[str, bytes]] = {}
-    with open(path, "rb") as f:
-        while True:
-            header = f.read(512)
-            if len(header) < 512 or header == bytes(512):
-                break
-            if header[156:157] not in (b"0", b"\0"):
-                yield from _scan_with_tarfile(path, wanted)
-                return
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            base, _, suffix = os.path.basename(name).partition(".")
-            index = int(base.rsplit("-", 1)[-1]) if base[-6:].isdigit() else None
-            if index in wanted:
-                samples.setdefault(index, {})[suffix] = f.read(size)
-                f.seek(-size % 512, 1)
-            else:
-                f.seek(size + (-size % 512), 1)
-    yield from samples.items()
-
-
-def _scan_with_tarfile(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
-    for _, sample in iter_tar_samples(path):
-        index = int(json.loads(sample["json"])["index"])
+def _wanted_samples(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """(location index, {suffix: bytes}) of the wanted samples of a shard (keys end in the
+    zero-padded index, `sample_key`)."""
+    for key, sample in iter_tar_samples(path):
+        index = int(key.rsplit("-", 1)[-1]) if key[-6:].isdigit() else None
         if index in wanted:
             yield index, sample
+
+
+def _may_hold(record: dict, wanted: set[int]) -> bool:
+    """False when the manifest lists the shard's keys and none is wanted: its tar is not read."""
+    keys = record.get("keys")
+    return keys is None or any(k[-6:].isdigit() and int(k.rsplit("-", 1)[-1]) in wanted for k in keys)
 
 
 def _flags_by_index(manifest: dict) -> dict[int, list[str]]:
@@ -102,7 +82,9 @@ def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: in
         for s in manifest["shards"]:
             if not todo:
                 return cards
-            for index, sample in _scan_tar(shard_dir / s["name"], set(todo)):
+            if not _may_hold(s, todo):
+                continue
+            for index, sample in _wanted_samples(shard_dir / s["name"], set(todo)):
                 if index not in todo or "json" not in sample:
                     continue
                 meta = json.loads(sample["json"])

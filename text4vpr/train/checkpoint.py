@@ -77,9 +77,10 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     return problems
 
 
-def read_verified_state(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's state.json (without its file list), after verifying every file."""
-    problems = verify_checkpoint(path)
+def read_verified_state(path: str | os.PathLike, verified: bool = False) -> dict[str, Any]:
+    """The checkpoint's state.json (without its file list), after verifying every file
+    (`verified=True`: the caller has just done so, e.g. `resolve_resume`; not hashed twice)."""
+    problems = [] if verified else verify_checkpoint(path)
     if problems:
         raise CheckpointError(f"checkpoint {path} does not verify: {'; '.join(problems)}")
     with open(Path(path) / STATE) as f:
@@ -239,11 +240,12 @@ def _numpy_dtype_classes() -> list:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+    verified: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from `path`; return the trainer state dict."""
     path = Path(path)
-    state = read_verified_state(path)
+    state = read_verified_state(path, verified)
     model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), state.pop("optimizer")))
     rng_meta = state.pop("rng")

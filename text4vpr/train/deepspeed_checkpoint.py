@@ -96,12 +96,12 @@ def _restore_accelerate_rng(path: Path) -> None:
         raise CheckpointError(f"{path}: not an Accelerate RNG state ({type(e).__name__}: {e})") from None
 
 
-def load_deepspeed_checkpoint(engine, path: str | os.PathLike, rank: int) -> dict[str, Any]:
+def load_deepspeed_checkpoint(engine, path: str | os.PathLike, rank: int, verified: bool = False) -> dict[str, Any]:
     """Counterpart of `save_accelerate_checkpoint` (what Accelerate's `load_state` does under
     DeepSpeed, made strict): verify every file, the engine's model and optimizer state, this
     rank's RNG, then our state; nothing unpickled beyond tensors and `deepspeed_checkpoint_types()`."""
     path = Path(path)
-    state = read_verified_state(path)
+    state = read_verified_state(path, verified)
     allowed = deepspeed_checkpoint_types()
     with _weights_only_loads(engine, allowed):
         loaded, _ = engine.load_checkpoint(str(path), "pytorch_model")

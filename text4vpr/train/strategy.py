@@ -44,8 +44,8 @@ class DDPStrategy:
         self.acc.wait_for_everyone()
 
     def load(self, path: Path, modules, optimizer, engine=None) -> dict:
-        """Restore what `save` wrote; return its `state` (`engine` is DeepSpeed's alone)."""
-        return ckpt.load_checkpoint(path, modules, optimizer, self.acc.process_index)
+        """Restore what `save` wrote at `path` (verified by `resolve_resume`); return its `state`."""
+        return ckpt.load_checkpoint(path, modules, optimizer, self.acc.process_index, verified=True)
 
 
 class DeepSpeedStrategy(DDPStrategy):
@@ -77,7 +77,7 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def load(self, path: Path, modules, optimizer, engine=None) -> dict:
         """`engine`: the prepared DeepSpeed engine (its own partitioned format, read weights-only)."""
-        return dsckpt.load_deepspeed_checkpoint(engine, path, self.acc.process_index)
+        return dsckpt.load_deepspeed_checkpoint(engine, path, self.acc.process_index, verified=True)
 
 
 def make_strategy(acc, cfg: RunConfig) -> DDPStrategy:

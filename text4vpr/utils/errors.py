@@ -4,6 +4,8 @@ command line prints it as one line (exit 2) instead of a traceback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class InputError(Exception):
     """Bad or mismatched input; subclasses keep their builtin base (ValueError, RuntimeError)."""
@@ -18,3 +20,17 @@ def one_line(error: BaseException | str) -> str:
         name, sep, rest = last.partition(": ")
         text = rest if sep and " " not in name else last
     return " ".join(text.split())
+
+
+def file_records_problem(records, what: str) -> str | None:
+    """What is wrong with a list of {name, count} file records read from a user's folder
+    (a shard manifest, an index header); None when every name is a plain file name inside
+    that folder, so a crafted name never becomes a path elsewhere."""
+    if not isinstance(records, list):
+        return f"no list of {what}s"
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("count"), int)):
+            return f"{what} {i} is not a {{name, count}} record"
+        if Path(r["name"]).name != r["name"] or r["name"] in ("", ".", ".."):
+            return f"{what} {i} name {r['name']!r} is not a plain file name"
+    return None
