@@ -168,3 +168,46 @@ def test_cli_synth_build_inspect(tmp_path, capsys):
     assert "inspect: 3 shards, 45 locations, 180 views" in shown and "all checksums OK" in shown
     assert '"index": 260' in shown and "pos 4: From left to right" in shown
     assert sorted(p.name for p in (tmp_path / "look").iterdir()) == [f"test_000260_{p}.jpg" for p in (1, 2, 3, 4)]
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("members", [
+    [("train-000001.json", b"{}"), ("train-000001.1.jpg", b"a"), ("train-000001.1.jpg", b"b")],  # one suffix twice
+    [("train-000001.json", b"{}"), ("train-000002.json", b"{}"), ("train-000001.1.jpg", b"a")],  # a split sample
+])
+def test_duplicate_members_are_an_error_naming_shard_and_key(tmp_path, members):
+    path = tmp_path / "s.tar"
+    _tar(path, members)
+    with pytest.raises(ShardError, match=r"s\.tar: sample train-000001"):
+        list(iter_tar_samples(path))
+    with open(path, "rb") as f, pytest.raises(ShardError, match=r"shard-x: sample train-000001"):
+        list(iter_tar_samples(f, "shard-x"))
+
+
+def test_the_loader_refuses_a_shard_with_a_duplicate_member(synth_shards, tmp_path, tokenizer_dir):
+    from text4vpr.data.loader import LoaderConfig, build_loader
+    from text4vpr.data.loader_config import LoaderError
+
+    import shutil
+    import tarfile
+
+    out = tmp_path / "dup"
+    shutil.copytree(synth_shards, out)
+    shard = sorted(out.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members.insert(1, members[0])  # the first sample's first member twice, adjacent
+    _tar(shard, members)
+    cfg = LoaderConfig(shards=str(out), tokenizer=str(tokenizer_dir), batch_size=2, num_workers=0, verify=False)
+    with pytest.raises(LoaderError, match=f"{shard.name}.*{members[0][0].split('.')[0]}"):
+        list(build_loader(cfg, "eval"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from text4vpr.data.image_checks import pixel_problem
 from text4vpr.data.shard_reader import ShardError
+from text4vpr.data.sample_key import sample_key as location_key
 from text4vpr.data.street360loc import Location, Street360LocError
 from text4vpr.utils.atomic import atomic_open, atomic_write_json
 
@@ -61,8 +62,8 @@ class BuildOptions:
 
 
 def sample_key(loc: Location) -> str:
-    """WebDataset key (no dots): split and zero-padded index, unique even with overlap."""
-    return f"{loc.split}-{loc.index:06d}"
+    """The location's WebDataset key (`data.sample_key`)."""
+    return location_key(loc.split, loc.index)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

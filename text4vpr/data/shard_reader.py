@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
 from pathlib import Path
 
-from text4vpr.data.street360loc import ReadOptions, read_street360loc
+from text4vpr.data.sample_key import key_index, member_key
 from text4vpr.utils.errors import InputError, file_records_problem
+from text4vpr.utils.hashing import file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -45,34 +45,34 @@ def is_shard_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def iter_tar_samples(source):
+def iter_tar_samples(source, name: str | None = None):
     """Yield (key, {suffix: bytes}) per sample of a tar, in order. `source` is a path or a binary
-    stream (read once, front to back); the key is a member's base name up to its first dot."""
+    stream (read once, front to back; `name` names it in errors); keys follow `member_key`.
+    Two members with one key and suffix, or a key split by another, are a ShardError."""
+    name = str(source) if name is None and isinstance(source, (str, Path)) else name or "tar stream"
     if isinstance(source, (str, Path)):
         tar = tarfile.open(source, mode="r|*")
     else:
         tar = tarfile.open(fileobj=source, mode="r|*")
     with tar:
-        key, sample = None, {}
+        key, sample, seen = None, {}, set()
         for info in tar:
             if not info.isreg():
                 continue
-            base, _, suffix = os.path.basename(info.name).partition(".")
-            if base != key and sample:
-                yield key, sample
-                sample = {}
+            base, suffix = member_key(info.name)
+            if base != key:
+                if sample:
+                    yield key, sample
+                    sample = {}
+                if base in seen:  # WebDataset would yield two samples with one key
+                    raise ShardError(f"{name}: sample {base} appears twice (its members are not adjacent); rebuild the shard")
+                seen.add(base)
             key = base
+            if suffix in sample:  # WebDataset raises too; keeping one would hide the other
+                raise ShardError(f"{name}: sample {base} has two '{suffix}' members; rebuild the shard")
             sample[suffix] = tar.extractfile(info).read()
         if sample:
             yield key, sample
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_shards(shard_dir: str | Path) -> dict:
@@ -100,22 +100,19 @@ def find_location(shard_dir: str | Path, index: int) -> list[tuple[str, dict, di
     found = []
     for s in load_manifest(shard_dir)["shards"]:
         for key, sample in iter_tar_samples(shard_dir / s["name"]):
-            if key.endswith(f"-{index:06d}"):
+            if key_index(key) == index:
                 meta = json.loads(sample["json"])
                 images = {int(k.split(".")[0]): v for k, v in sample.items() if k.endswith(".jpg")}
                 found.append((s["name"], meta, images))
     return found
 
 
-def shard_descriptions(source: str | Path) -> list[str]:
-    """All descriptions in a shard folder or an xlsx file (e.g. to train a tokenizer)."""
-    source = Path(source)
-    if source.suffix == ".xlsx":
-        locations, _ = read_street360loc(source, None, ReadOptions(check_images=False))
-        return [v.description for loc in locations for v in loc.views]
+def shard_descriptions(shard_dir: str | Path) -> list[str]:
+    """All descriptions in a shard folder (e.g. to train a tokenizer)."""
+    shard_dir = Path(shard_dir)
     texts = []
-    for s in load_manifest(source)["shards"]:
-        for _, sample in iter_tar_samples(source / s["name"]):
+    for s in load_manifest(shard_dir)["shards"]:
+        for _, sample in iter_tar_samples(shard_dir / s["name"]):
             texts += json.loads(sample["json"])["descriptions"]
     return texts
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +29,7 @@ from text4vpr.data.partition import (
     slot_shards,
     worker_batch_range,
 )
+from text4vpr.data.sample_key import member_key
 from text4vpr.data.shard_reader import iter_tar_samples
 
 
@@ -92,7 +92,7 @@ class ShardStream(IterableDataset):
         key, n = None, 0
         try:
             with self._open(url, self.shards.entries[s] if self.shards.entries else None) as stream:
-                for key, sample in iter_tar_samples(stream):
+                for key, sample in iter_tar_samples(stream, url):
                     yield url, key, sample
                     n += 1
         except _Unverified as e:
@@ -191,7 +191,7 @@ def _member_keys(data: bytes) -> list[str]:
     keys: list[str] = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for name in tar.getnames():
-            key = os.path.basename(name).split(".", 1)[0]
+            key = member_key(name)[0]
             if not keys or keys[-1] != key:
                 keys.append(key)
     return keys

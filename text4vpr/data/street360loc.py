@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from text4vpr.data.constants import NUM_VIEWS
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS, image_header_problem
 from text4vpr.utils.errors import InputError
 
 REQUIRED_COLUMNS = ("index", "pos", "x", "y", "z", "text_description")
-NUM_VIEWS = 4
 COORD_TOLERANCE_M = 0.01  # the four rows of a location may differ by at most 1 cm per axis
 DEFAULT_REFUSAL_PATTERNS = (
     r"\bI'?m sorry\b",

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from text4vpr.data.street360loc import NUM_VIEWS
+from text4vpr.data.constants import NUM_VIEWS
 from text4vpr.kernels.common import check_finite, check_mode
 from text4vpr.retrieval.index import rank_rows
 from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius

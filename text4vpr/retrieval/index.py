@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from text4vpr.data.street360loc import NUM_VIEWS
+from text4vpr.data.constants import NUM_VIEWS
 from text4vpr.kernels.common import check_finite
 from text4vpr.retrieval.provenance import check_digests, shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json

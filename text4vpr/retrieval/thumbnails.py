@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from text4vpr.data.sample_key import key_index
 from text4vpr.data.shard_reader import iter_tar_samples, load_manifest
 
 THUMB_PX = 96
@@ -48,7 +49,7 @@ def _wanted_samples(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[st
     """(location index, {suffix: bytes}) of the wanted samples of a shard (keys end in the
     zero-padded index, `sample_key`)."""
     for key, sample in iter_tar_samples(path):
-        index = int(key.rsplit("-", 1)[-1]) if key[-6:].isdigit() else None
+        index = key_index(key)
         if index in wanted:
             yield index, sample
 
@@ -56,7 +57,7 @@ def _wanted_samples(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[st
 def _may_hold(record: dict, wanted: set[int]) -> bool:
     """False when the manifest lists the shard's keys and none is wanted: its tar is not read."""
     keys = record.get("keys")
-    return keys is None or any(k[-6:].isdigit() and int(k.rsplit("-", 1)[-1]) in wanted for k in keys)
+    return keys is None or any(key_index(k) in wanted for k in keys)
 
 
 def _flags_by_index(manifest: dict) -> dict[int, list[str]]:

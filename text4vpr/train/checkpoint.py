@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from text4vpr.data.shard_reader import file_sha256  # the project's one streaming sha256 of a file
+from text4vpr.utils.hashing import file_sha256
 from text4vpr.utils.atomic import atomic_write_json
 from text4vpr.utils.errors import InputError
 

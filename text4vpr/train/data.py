@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
+from text4vpr.data.sample_key import key_index
 from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, shard_descriptions, shard_paths
 from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
@@ -75,7 +76,7 @@ def location_ids(shards: str | Path) -> set[int]:
     them against the verified shards), else from the samples' JSON members (reads every shard)."""
     entries = load_manifest(shards)["shards"]
     if all("keys" in e for e in entries):
-        return {int(k.rsplit("-", 1)[1]) for e in entries for k in e["keys"]}
+        return {key_index(k) for e in entries for k in e["keys"]}
     return {int(json.loads(sample["json"])["index"]) for path in shard_paths(shards) for _, sample in iter_tar_samples(path)}
 
 
