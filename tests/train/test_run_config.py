@@ -95,3 +95,18 @@ def test_test_hooks_are_not_config_keys():
     """Faults are injected by the tests themselves (see test_trainer.py), not through the run config."""
     with pytest.raises(ConfigError, match=r"train\.nan_at_steps"):
         load_config(RunConfig, None, ["train.nan_at_steps=[1]"])
+
+
+def test_a_loader_shards_setting_is_refused_not_dropped(tmp_path):
+    """The trainer reads each split from data.*_shards; a data.loader.shards value would be replaced unseen."""
+    with pytest.raises(ConfigError, match=r"data\.loader\.shards=.*data\.train_shards"):
+        load_config(RunConfig, None, [f"data.loader.shards={tmp_path}"])
+
+
+def test_the_train_loader_never_replaces_a_given_tokenizer(tmp_path):
+    from text4vpr.data.loader import LoaderConfig
+    from text4vpr.train.data import DataPaths, steps_per_epoch
+
+    paths = DataPaths(str(tmp_path), str(tmp_path), str(tmp_path), tokenizer=str(tmp_path / "run-tokenizer"))
+    with pytest.raises(ValueError, match="would be replaced"):
+        steps_per_epoch(paths, LoaderConfig(tokenizer=str(tmp_path / "user-tokenizer")), 1)

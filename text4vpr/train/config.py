@@ -39,8 +39,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards are; `loader` holds batch size, image size, workers, tokenizer path
-    (`loader.shards` is filled per split from the paths here)."""
+    """Where the shards are; `loader` holds batch size, image size, workers, tokenizer path."""
 
     train_shards: str = ""
     val_shards: str = ""
@@ -48,6 +47,11 @@ class DataConfig:
     allow_split_overlap: bool = False  # true: val/test may share locations with train (numbers then leak)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    def __post_init__(self) -> None:
+        if self.loader.shards:  # each split's loader reads its own folder: one setting would be dropped
+            raise ConfigError(f"data.loader.shards={self.loader.shards!r}: the trainer reads data.train_shards, "
+                              "data.val_shards and data.test_shards; set those and leave data.loader.shards empty")
 
 
 @dataclass

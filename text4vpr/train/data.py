@@ -126,6 +126,9 @@ class SplitCheckError(InputError, RuntimeError):
 
 
 def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:
+    """The run's loader settings for one split: only the two fields the run resolves itself."""
+    if cfg.shards or cfg.tokenizer not in ("", tokenizer):  # refused by DataConfig; a user value is never dropped
+        raise ValueError(f"loader settings would be replaced: shards={cfg.shards!r}, tokenizer={cfg.tokenizer!r}")
     return dataclasses.replace(cfg, shards=shards, tokenizer=tokenizer)
 
 
