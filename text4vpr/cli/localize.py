@@ -11,7 +11,9 @@ import argparse
 import json
 import sys
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg
+from text4vpr.cli._retrieval_common import (
+    add_index_risk_args, add_mode_arg, add_text_normalization_arg, check_text_flags, text_settings,
+)
 from text4vpr.cli.errors import fail
 
 
@@ -40,7 +42,7 @@ def _print_table(results: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.data.tokenizer import check_text_normalization, load_tokenizer
+    from text4vpr.data.tokenizer import load_tokenizer
     from text4vpr.models import Text4VPR
     from text4vpr.retrieval.index import load_index
     from text4vpr.retrieval.provenance import check_digests, weights_digest
@@ -53,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         return fail("--top-k must be at least 1")
     try:
-        check_text_normalization(args.text_normalization, "--text-normalization")  # before loading the model
+        check_text_flags(args)  # before loading the model
         model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
         index = load_index(args.index, model.config_hash(), model.embed_dim)
+        text = text_settings(args, model)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"],
-                                          text_normalization=args.text_normalization)
+                                          max_length=text.max_text_length, text_normalization=text.text_normalization)
         # after encoding: a model with non-finite weights is named as such, not as "another model"
         check_digests(index.header, {"weights_digest": weights_digest(model)}, args.index, args.allow_index_mismatch)
         results = rank_locations(query, mask, index, args.top_k, args.mode)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
+from text4vpr.data.text_settings import DEFAULT_MAX_TEXT_LENGTH, DEFAULT_TEXT_NORMALIZATION
 from text4vpr.data.tokenizer import check_text_normalization
 from text4vpr.utils.errors import InputError
 
@@ -24,7 +25,7 @@ class LoaderConfig:
     batch_size: int = 64  # locations per batch (x views pairs)
     image_size: int = 252
     num_workers: int = 4
-    max_text_length: int = 128
+    max_text_length: int = DEFAULT_MAX_TEXT_LENGTH  # recorded in the saved model (data.text_settings)
     dynamic_padding: bool = False  # pad to the longest description in the batch instead of max_text_length
     seed: int = 0
     shuffle_buffer: int = 256  # samples per worker
@@ -51,7 +52,7 @@ class LoaderConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # a larger image is a bad sample (raise or skip)
     # "whitespace" or "punkt" (the published nltk sent_tokenize + " ".join; needs the
     # `upstream` extra): see text4vpr.data.tokenizer.normalize_text
-    text_normalization: Literal["whitespace", "punkt"] = "whitespace"
+    text_normalization: Literal["whitespace", "punkt"] = DEFAULT_TEXT_NORMALIZATION
 
     def __post_init__(self) -> None:
         # fail at config time: the decoder catches per-sample errors, and under on_error=skip a

@@ -34,6 +34,7 @@ class Text4VPR(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.text_settings: dict | None = None  # how its text was tokenised in training (data.text_settings)
         self.image_encoder = ImageEncoder(config.image)
         self.aggregation = SinkhornAggregation(self.image_encoder.hidden_size, config.aggregation)
         self.text_encoder = TextEncoder(config.text, config.embed_dim)
@@ -173,19 +174,20 @@ class Text4VPR(nn.Module):
         """Stable hash of the portable config (pairs a model with the index built from it)."""
         return config_hash(self.portable_config())
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
-        """Write config.json, model.safetensors (and the tokenizer files), each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None, text_settings: dict | None = None) -> None:
+        """Write config.json (with the text settings), model.safetensors (and the tokenizer files), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if tokenizer is not None:
             _save_tokenizer_atomically(tokenizer, directory)
         tensors, aliases = _dedup_state_dict(self.state_dict())
         atomic_save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "aliases": json.dumps(aliases)})
-        atomic_write_json(
-            directory / CONFIG_NAME,
-            {"format": FORMAT, "format_version": FORMAT_VERSION, "config_hash": self.config_hash(),
-             "config": to_dict(self.portable_config())},
-        )
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config_hash": self.config_hash(),
+                "config": to_dict(self.portable_config())}
+        text = text_settings if text_settings is not None else self.text_settings
+        if text is not None:
+            meta["text"] = text
+        atomic_write_json(directory / CONFIG_NAME, meta)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Text4VPR":
@@ -201,6 +203,7 @@ class Text4VPR(nn.Module):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{cfg_path}: not a text4vpr config (format={meta.get('format')!r})")
         model = cls(from_dict(ModelConfig, meta["config"]))
+        model.text_settings = meta.get("text")  # checked where it is used (data.text_settings.from_record)
         weights = directory / WEIGHTS_NAME
         state = load_file(str(weights), device=str(map_location))
         with safe_open(str(weights), framework="pt") as f:

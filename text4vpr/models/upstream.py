@@ -245,7 +245,8 @@ def convert_upstream(ckpt_paths, dinov2_dir, t5_dir, out_dir=None, trainable_blo
     if out_dir is not None:
         from text4vpr.utils.atomic import atomic_write_json
 
-        model.save_pretrained(out_dir, tokenizer=_maybe_tokenizer(t5_dir))
+        tokenizer = _maybe_tokenizer(t5_dir)
+        model.save_pretrained(out_dir, tokenizer=tokenizer, text_settings=upstream_text_settings(tokenizer))
         atomic_write_json(Path(out_dir) / REPORT_NAME, report)
     return model, report
 
@@ -266,6 +267,13 @@ def _check_keys(state: dict, target: dict, unmapped: list[str]) -> None:
         problems.append("shape mismatches: " + ", ".join(bad))
     if problems:
         raise UpstreamConversionError("upstream checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def upstream_text_settings(tokenizer) -> dict:
+    """The published preprocessing (punkt sentences re-joined, docs/method.md), the default length."""
+    from text4vpr.data.text_settings import DEFAULT_MAX_TEXT_LENGTH, TextSettings, tokenizer_identity
+
+    return TextSettings(DEFAULT_MAX_TEXT_LENGTH, "punkt", tokenizer_identity(tokenizer) if tokenizer is not None else None).record()
 
 
 def _maybe_tokenizer(t5_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from text4vpr.data.constants import NUM_VIEWS
 from text4vpr.kernels.topk import group_topk
 from text4vpr.utils.errors import InputError
 
@@ -16,12 +17,16 @@ class LocalizeError(InputError, ValueError):
 
 
 @torch.no_grad()
-def encode_descriptions(model, tokenizer, texts: list[str], views: int = 4, max_length: int = 128,
-                        text_normalization: str = "whitespace"):
+def encode_descriptions(model, tokenizer, texts: list[str], views: int = NUM_VIEWS, max_length: int | None = None,
+                        text_normalization: str | None = None):
     """(1, V, D) raw text vectors and (1, V) mask; description i fills view i (pos order).
-
-    `text_normalization` as in `normalize_text` ("punkt" for a converted published model)."""
+    Tokenised with the model's recorded text settings unless `max_length` / `text_normalization` are given."""
+    from text4vpr.data.text_settings import TextSettings, from_record
     from text4vpr.data.tokenizer import normalize_text
+
+    saved = from_record(model.text_settings, "the model") if model.text_settings is not None else TextSettings()
+    max_length = max_length or saved.max_text_length
+    text_normalization = text_normalization or saved.text_normalization
 
     texts = [normalize_text(t, text_normalization) for t in texts]
     if not texts or not any(texts):

@@ -25,7 +25,7 @@ from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
 )
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
-from text4vpr.train.model import build_model
+from text4vpr.train.model import build_model, train_text_settings
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
@@ -72,6 +72,7 @@ class Trainer:
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
+        self.text_settings = train_text_settings(cfg.data.loader, self.tokenizer)  # saved with the model
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
@@ -267,7 +268,7 @@ class Trainer:
     def _export(self, out: Path) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            self.acc.unwrap_model(self.model).save_pretrained(out, tokenizer=self.tokenizer)
+            self.acc.unwrap_model(self.model).save_pretrained(out, tokenizer=self.tokenizer, text_settings=self.text_settings)
         self.acc.wait_for_everyone()
 
     def finish(self) -> dict:
