@@ -239,7 +239,7 @@ def measure_phases(s: Setup, batch: dict, steps: int, flops: dict) -> dict:
     timer = PhaseTimer(s.device)
     for timer.round in range(steps + 1):
         raw.train()
-        with t.autocast():
+        with t.strategy.autocast():
             tokens = timer("image frozen fwd (no grad)", lambda: raw.frozen_image_tokens(dev["images"], vm))
             img = timer("image trained fwd", lambda: raw.encode_images_from_tokens(tokens, vm, True).float())
             txt = timer("text fwd", lambda: raw.encode_texts(dev["input_ids"], dev["attention_mask"], True).float())

@@ -97,6 +97,8 @@ def test_cli_lists_the_dropped_unused_tensors(published, capsys):
     live = _convert(d, "combined.pth")[0].state_dict()
     assert all(torch.equal(saved.state_dict()[k], live[k]) for k in live)
     assert (d / "out" / "tokenizer.json").exists()
+    text = saved.text_settings  # the published preprocessing, recorded for eval and localize
+    assert text["text_normalization"] == "punkt" and text["tokenizer"]["vocab_size"] > 0
 
 
 def test_unmapped_and_missing_keys_are_listed(published, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.models import Text4VPR, tiny_config
 from text4vpr.utils.testing import assert_close_by_norm
-from text4vpr.train.step import StepContext, cached_backward, pairs, plain_backward, split_batch
+from text4vpr.train.step import cached_backward, pairs, plain_backward, split_batch
 
 
 def _batch(b=6, v=4, size=28, length=12, vocab=300, seed=0):
@@ -62,8 +62,22 @@ def _model(**text):
     return Text4VPR(cfg).train()
 
 
+class _Engine:
+    """What a step needs from the strategy, for one process: autocast, backward, no_sync, reduce_grads."""
+
+    def __init__(self, backward=None, autocast=contextlib.nullcontext):
+        self.backward = backward or _backward
+        self.autocast = autocast
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def reduce_grads(self, model) -> None:
+        pass
+
+
 def _run_cached(model, batch, loss_fn, backward, n):
-    return cached_backward(model, batch, StepContext(loss_fn, backward, contextlib.nullcontext, text_head=model.text_head), n)
+    return cached_backward(model, batch, loss_fn, _Engine(backward), n, model.text_head)
 
 
 def _backward(loss):
@@ -82,7 +96,7 @@ def _assert_grads_close(actual: dict, expected: dict, scale: float = 1.0) -> Non
 
 def _plain_grads(model, batch, loss_fn):
     """(loss, gradients) of the plain whole-batch step; the model's gradients are cleared after."""
-    loss = plain_backward(model, batch, StepContext(loss_fn, _backward, contextlib.nullcontext))
+    loss = plain_backward(model, batch, loss_fn, _Engine())
     grads = _grads(model)
     model.zero_grad(set_to_none=True)
     return loss, grads
@@ -172,10 +186,10 @@ def test_gradient_cache_under_accelerate_bf16_keeps_the_plain_step_dtypes():
     batch = _batch()
     with _accelerate_bf16() as acc, sdpa_kernel(SDPBackend.MATH):
         model = acc.prepare(_model())
-        loss_plain = plain_backward(model, batch, StepContext(loss_fn, _backward, acc.autocast))
+        loss_plain = plain_backward(model, batch, loss_fn, _Engine(autocast=acc.autocast))
         g_plain = _grads(model)
         model.zero_grad(set_to_none=True)
-        loss_cached = cached_backward(model, batch, StepContext(loss_fn, _backward, acc.autocast, text_head=model.text_head), 1)
+        loss_cached = cached_backward(model, batch, loss_fn, _Engine(autocast=acc.autocast), 1, model.text_head)
     assert torch.equal(loss_cached, loss_plain)
     g_cached = _grads(model)
     assert all(torch.equal(g_cached[k], g_plain[k]) for k in g_plain)
@@ -188,8 +202,7 @@ def test_second_pass_reproduces_the_first_under_bf16():
     with _accelerate_bf16() as acc:
         model = acc.prepare(_model())
         calls = _record_forward(model)
-        ctx = StepContext(ContrastiveLoss(temperature=0.1), _backward, acc.autocast, text_head=model.text_head)
-        cached_backward(model, _batch(), ctx, 3)
+        cached_backward(model, _batch(), ContrastiveLoss(temperature=0.1), _Engine(autocast=acc.autocast), 3, model.text_head)
     _assert_second_pass_repeats_first(calls, 3)
 
 

@@ -14,7 +14,8 @@ from text4vpr.train.strategy import DDPStrategy, DeepSpeedStrategy, make_strateg
 def _acc(kind):
     plugin = SimpleNamespace(deepspeed_config={})
     return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin), print=print,
-                           clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+                           clip_grad_norm_=torch.nn.utils.clip_grad_norm_, scaler=None,
+                           backward=lambda loss: loss.backward())
 
 
 def _cfg(**train):
@@ -54,3 +55,16 @@ def test_ddp_clips_to_optim_grad_clip(grad_clip):
     torch.testing.assert_close(norm, before)  # the norm before clipping, for the finiteness check
     torch.testing.assert_close(after, before if grad_clip == 0 else torch.tensor(grad_clip), rtol=1e-5, atol=0)
     assert make_strategy(_acc(DistributedType.DEEPSPEED), _cfg()).clip(model) is None  # the engine clips
+
+
+def test_the_deepspeed_strategy_checks_the_loss_before_its_backward():
+    """The engine's backward also steps the optimizer: a non-finite loss must never reach it."""
+    w = torch.nn.Parameter(torch.ones(3))
+    for strategy, nan_reaches_backward in ((make_strategy(_acc(DistributedType.DEEPSPEED), _cfg()), False),
+                                           (make_strategy(_acc(DistributedType.NO), _cfg()), True)):
+        w.grad = None
+        strategy.backward((w * float("nan")).sum())
+        assert (w.grad is not None) == nan_reaches_backward
+        w.grad = None
+        strategy.backward((w * 2).sum())
+        assert torch.equal(w.grad, torch.full((3,), 2.0))

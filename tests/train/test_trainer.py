@@ -82,7 +82,7 @@ def test_fp16_gradient_overflow_is_a_scaler_backoff_not_a_fault(train_cache, tmp
     must not count towards max_nonfinite_in_row. A non-finite loss still does. (Accelerate
     has no fp16 scaler on CPU, so one is attached by hand.)"""
     trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_nonfinite_in_row=2", "eval.final=false"))
-    trainer.acc.scaler = torch.amp.GradScaler("cpu")
+    trainer.strategy.scaler = torch.amp.GradScaler("cpu")
     finite, inf = torch.tensor(1.0), torch.tensor(float("inf"))
     for _ in range(5):
         assert trainer._skip(finite, inf)
@@ -167,3 +167,51 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint_and_repeats_no_step(train
     logged = _steps_logged(run)
     assert len(logged) == len(set(logged)), logged
     assert [s for k, s in logged if k == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_pairs_per_step_is_the_global_count_with_unequal_views(train_cache, tmp_path):
+    """2 gloo ranks whose batches hold different numbers of views: the step's pairs (and so
+    pairs/s) count every rank's real pairs, not this rank's times the world size."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(REPO / "tests" / "train" / "pairs_worker.py"), str(train_cache), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["reported"] == r["true"] for r in rows), rows
+    assert rows[0]["true"] % 2 == 1  # the ranks' counts differ (4B - 3 and 4B - 2)
+
+
+def test_a_run_that_raises_closes_its_metrics_file_and_trackers(train_cache, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=4", "eval.final=false",
+                           "train.tensorboard=true"))
+    finished = []
+    for t in trainer.acc.trackers:
+        monkeypatch.setattr(t, "finish", lambda f=t.finish: (finished.append(1), f()))
+
+    def fail(batch):
+        raise RuntimeError("a step failed")
+    monkeypatch.setattr(trainer, "step", fail)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        trainer.train()
+    assert trainer.log._f.closed
+    assert finished == [1] * len(trainer.acc.trackers) and finished
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    return {e["step"]: e["lr"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if e["kind"] == "train"}
+
+
+def test_resume_with_another_max_steps_keeps_the_lr_schedule(train_cache, tmp_path, capsys):
+    """Where a resumed run stops may change; its lr schedule (cosine over the first run's steps) may not."""
+    first = tmp_path / "first"
+    _train(train_cache, first, "train.max_steps=6", "train.save_every_steps=2", "train.keep_last=3", "eval.final=false")
+    again = tmp_path / "again"
+    _train(train_cache, again, "train.max_steps=4", f"train.resume={first / 'checkpoints' / 'step-00000002'}",
+           "eval.final=false")
+    a, b = _lrs(first), _lrs(again)
+    assert sorted(b) == [3, 4] and len({a[3], a[4]}) == 2
+    assert b == {3: a[3], 4: a[4]}
+    assert "the lr schedule keeps the 6 steps" in capsys.readouterr().out

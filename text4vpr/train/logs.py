@@ -33,8 +33,10 @@ class MetricsLogger:
             self.tracker.log(scalars(kind, values), step=step)
 
     def close(self) -> None:
+        """Close the file and finish the trackers (once; a later call does nothing)."""
         if self.enabled:
             self._f.close()
+            self.enabled = False
         if self.tracker is not None:  # not end_training(): that also destroys the process group
             for t in self.tracker.trackers:
                 t.finish()

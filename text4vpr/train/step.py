@@ -1,36 +1,11 @@
-"""One training step's forward/backward: plain, or gradient-cached over micro-batches.
-
-Gradient caching (Gao et al., 2021): encode the step's batch in micro-batches without
-keeping activations, run the (cross-rank) loss on all embeddings at once, then re-encode
-each micro-batch and back-propagate its embedding gradients. Negatives = the whole step's
-batch on every rank, activation memory = one micro-batch. The text tower's BatchNorm (and
-the small residual layers after it) run once on the whole batch, between the two passes,
-so its statistics are those of the plain step: in fp32 the cached step is the plain step
-(tested to summation order). Under bf16 autocast it is the plain step to bf16 rounding, as
-micro-batches change GEMM shapes; the re-encoding still reproduces the first pass bitwise
-(the first pass runs with autograd and saves nothing, so both pick the same kernels).
-"""
+"""One training step's forward/backward: plain, or gradient-cached over micro-batches
+(docs/models.md, "Gradient caching in the trainer"). `engine` is the strategy: autocast, backward, no_sync, reduce_grads."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Callable
 
 import torch
-
-
-@dataclasses.dataclass
-class StepContext:
-    """What a step's forward/backward needs from the trainer and its engine."""
-
-    loss_fn: Callable  # (img (P, D), txt (P, D), groups (P,)) -> the loss
-    backward: Callable  # loss -> None: the engine's backward (loss scaling, DeepSpeed's step)
-    autocast: Callable  # () -> the forward's autocast context
-    no_sync: Callable = lambda model: contextlib.nullcontext()  # model -> no gradient reduction inside
-    text_head: Callable | None = None  # gradient caching: the unwrapped model's `text_head`
-    reduce_grads: Callable | None = None  # gradient caching: DDP's reduction, by hand, after the step
-    check_first: bool = False  # skip the backward of a non-finite loss (engines that step inside backward)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -72,17 +47,12 @@ def finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss.detach()))
 
 
-def plain_backward(model, batch: dict, ctx: StepContext) -> torch.Tensor:
-    """Encode the whole batch with activations, loss, backward. Returns the detached loss.
-
-    `ctx.check_first` skips the backward of a non-finite loss (for engines that step inside
-    backward, like DeepSpeed); it costs a device sync, so DDP checks the gradient norm after.
-    """
-    img, txt = encode(model, batch, ctx.autocast)
+def plain_backward(model, batch: dict, loss_fn, engine) -> torch.Tensor:
+    """Encode the whole batch with activations, loss, the engine's backward. Returns the detached loss."""
+    img, txt = encode(model, batch, engine.autocast)
     i, t, g = pairs(batch, img, txt)
-    loss = ctx.loss_fn(i, t, g)
-    if not ctx.check_first or finite(loss):
-        ctx.backward(loss)
+    loss = loss_fn(i, t, g)
+    engine.backward(loss)
     return loss.detach()
 
 
@@ -107,46 +77,43 @@ def _set_rng_states(states: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
-def cached_backward(model, batch: dict, ctx: StepContext, micro_batches: int) -> torch.Tensor:
-    """Gradient-cached step, equal to `plain_backward` on the whole batch (see the module note on bf16).
+def cached_backward(model, batch: dict, loss_fn, engine, micro_batches: int, text_head) -> torch.Tensor:
+    """Gradient-cached step, equal to `plain_backward` on the whole batch (bf16: docs/models.md).
 
     1. each micro-batch through both towers up to the text BatchNorm, without activations;
-    2. `ctx.text_head` (BatchNorm over the whole batch, every rank, then the residual layers) and
-       the loss on all pairs, with autograd: gradients of the head and of the cached outputs;
+    2. `text_head` (the unwrapped model's: BatchNorm over the whole batch, every rank, then the
+       residual layers) and the loss on all pairs, with autograd: gradients of the head and of
+       the cached outputs;
     3. each micro-batch again, with activations, back-propagating its cached gradients.
-    Dropout in pass 3 replays pass 1's random numbers. Every backward runs under `ctx.no_sync`;
-    `ctx.reduce_grads` then averages the gradients over ranks (DDP's reduction, by hand).
+    Dropout in pass 3 replays pass 1's random numbers. Every backward runs under `engine.no_sync`;
+    `engine.reduce_grads` then averages the gradients over ranks (DDP's reduction, by hand).
     """
     chunks = split_batch(batch, micro_batches)
     device = batch["view_mask"].device
-    rngs, img, z = _first_pass(model, chunks, ctx, device)  # (B, V, D) leaves
+    rngs, img, z = _first_pass(model, chunks, engine, device)  # (B, V, D) leaves
     i, zp, g = pairs(batch, img, z)  # (P, D), (P, D), (P,)
-    with ctx.autocast():
-        t = ctx.text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
-    loss = ctx.loss_fn(i, t, g)
+    with engine.autocast():
+        t = text_head(_autocast_dtype(zp)).float()  # (P, D): BatchNorm statistics of the whole batch
+    loss = loss_fn(i, t, g)
     after = _rng_states(device)  # after the head's dropout too
-    if ctx.check_first and not finite(loss):
-        _set_rng_states(after, device)
-        return loss.detach()
-    with ctx.no_sync(model):
-        ctx.backward(loss)  # head and loss parameters, and the cached outputs' gradients
-    _second_pass(model, chunks, rngs, _grad(img), _grad(z), ctx, device)
+    with engine.no_sync(model):
+        engine.backward(loss)  # head and loss parameters, and the cached outputs' gradients
+    _second_pass(model, chunks, rngs, _grad(img), _grad(z), engine, device)
     _set_rng_states(after, device)
-    if ctx.reduce_grads is not None:
-        ctx.reduce_grads()
+    engine.reduce_grads(model)
     return loss.detach()
 
 
-def _first_pass(model, chunks: list[dict], ctx: StepContext, device) -> tuple[list, torch.Tensor, torch.Tensor]:
+def _first_pass(model, chunks: list[dict], engine, device) -> tuple[list, torch.Tensor, torch.Tensor]:
     """Pass 1: every micro-batch without activations (under `no_sync`: DDP must not expect
     a backward). Returns the RNG state before each and the (B, V, D) image vectors and
     pre-BatchNorm text features, as leaves wanting gradients."""
     saved_buffers = _buffers(model)
     rngs, imgs, feats = [], [], []
-    with _autograd_without_activations(), ctx.no_sync(model):
+    with _autograd_without_activations(), engine.no_sync(model):
         for c in chunks:
             rngs.append(_rng_states(device))
-            img, z = encode(model, c, ctx.autocast, text_head=False)
+            img, z = encode(model, c, engine.autocast, text_head=False)
             imgs.append(img.detach())
             feats.append(z.detach())
     _restore_buffers(model, saved_buffers)  # running statistics update in passes 2 and 3 only
@@ -172,14 +139,14 @@ def _never(_: None) -> torch.Tensor:
 
 
 def _second_pass(model, chunks: list[dict], rngs: list, g_img: torch.Tensor, g_z: torch.Tensor,
-                 ctx: StepContext, device) -> None:
+                 engine, device) -> None:
     """Pass 3: each micro-batch again with activations (pass 1's random numbers), back-propagating
     its slice of the cached gradients (which already carry any loss scale)."""
     sizes = [c["view_mask"].shape[0] for c in chunks]
     for c, rng, gi, gz in zip(chunks, rngs, g_img.split(sizes), g_z.split(sizes)):
         _set_rng_states(rng, device)
-        with ctx.no_sync(model):
-            ri, rz = encode(model, c, ctx.autocast, text_head=False)
+        with engine.no_sync(model):
+            ri, rz = encode(model, c, engine.autocast, text_head=False)
             _backward_from(((ri, gi), (rz, gz)))
 
 

@@ -1,8 +1,5 @@
-"""The trainer: Accelerate (DDP or DeepSpeed ZeRO-2), bf16, cross-rank negatives, exact resume.
-
-`Trainer.train()` reads top to bottom; every piece of work is delegated to a small module of
-this package (data, step, optim, checkpoint, logs, report) or to the library.
-"""
+"""The trainer: Accelerate (DDP or DeepSpeed ZeRO-2, behind `strategy`), cross-rank negatives,
+exact resume. `Trainer.train()` reads top to bottom; the work is in this package's small modules."""
 
 from __future__ import annotations
 
@@ -26,14 +23,12 @@ from text4vpr.train.data import (
 )
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model, train_text_settings
-from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
+from text4vpr.train.optim import build_optimizer, build_scheduler
 from text4vpr.train.run_dir import prepare_run_dir
-from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
 from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.progress import Progress
 from text4vpr.utils.atomic import atomic_write_text
-from text4vpr.utils.distributed import average_gradients, broadcast_buffers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,8 +72,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.steps_per_epoch = steps_per_epoch(self.paths, cfg.data.loader, self.acc.num_processes)
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim)
+        self.stop_step = t.max_steps or t.epochs * self.steps_per_epoch
+        self.schedule_steps = self.stop_step  # a resume keeps the checkpoint's (`_keep_schedule`)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule_steps, cfg.optim)
         self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
@@ -89,21 +85,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict:
-        """Run to `total_steps`, validating and checkpointing on the way; return final metrics."""
-        bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
-        while not self.done and self.state.epoch < self.epochs_needed:
-            for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
-                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
-                loss, pairs, seconds = self.step(batch)
-                self.state.batch_in_epoch += 1
-                bar.update(loss, pairs / seconds, lr)
-                self.after_step(loss, lr, pairs, seconds)
-                if self.done:
-                    break
-            if self.state.batch_in_epoch >= self.steps_per_epoch:
-                self.end_epoch()
-        bar.close()
-        return self.finish()
+        """Run to `stop_step`, validating and checkpointing on the way; return final metrics."""
+        bar = Progress(self.stop_step, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
+        try:
+            while not self.done and self.state.epoch < self.epochs_needed:
+                for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
+                    lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                    loss, pairs, seconds = self.step(batch)
+                    self.state.batch_in_epoch += 1
+                    bar.update(loss, pairs / seconds, lr)
+                    self.after_step(loss, lr, pairs, seconds)
+                    if self.done:
+                        break
+                if self.state.batch_in_epoch >= self.steps_per_epoch:
+                    self.end_epoch()
+            bar.close()  # before the final table
+            return self.finish()
+        finally:  # a run that raises closes its bar, metrics file and trackers too
+            bar.close()
+            self.log.close()
 
     def epoch_loader(self, epoch: int, start_batch: int):
         """This rank's loader for `epoch`; locations already in the frozen-trunk cache come
@@ -113,71 +113,56 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.state.step >= self.total_steps
+        return self.state.step >= self.stop_step
 
     @property
     def epochs_needed(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
+        return math.ceil(self.stop_step / self.steps_per_epoch)
 
     # ------------------------------------------------------------------ one step
     def step(self, batch: dict) -> tuple[float, int, float]:
         """Forward, backward, clip, optimizer and scheduler step (or a counted skip)."""
         t0 = time.perf_counter()
-        pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
-        complete = bool(batch["view_mask"].all())  # on the host too: the model skips its mask check
-        index = batch["index"].tolist()  # host copy for the frozen cache
-        if self.frozen_cache is not None and self.frozen_cache.covers(index):
-            batch = {k: v for k, v in batch.items() if k != "images"}  # not needed: no copy to the device
-        batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
-        batch["views_complete"] = complete
+        local_pairs = int(batch["view_mask"].sum())  # on the host: no device sync
+        batch = self._to_device(batch)
         self.model.train()
-        if self.frozen_cache is not None:
-            with self.autocast():
-                batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
-        loss = self._forward_backward(batch)
+        loss = self.strategy.forward_backward(self.model, batch, self.loss_fn)
         grad_norm = self.strategy.clip(self.model)
         if self._skip(loss, grad_norm):
-            drop_update(self.optimizer, self.acc.scaler)
+            self.strategy.drop_update(self.optimizer)
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_in_row = 0
         self.scheduler.step()
         self.state.step += 1
+        pairs = self.strategy.global_pairs(local_pairs)  # ranks may hold different numbers of views
         return float(loss), pairs, time.perf_counter() - t0
 
-    def _forward_backward(self, batch: dict) -> torch.Tensor:
-        ctx = StepContext(self.loss_fn, self.acc.backward, self.autocast, self.acc.no_sync,
-                          self.acc.unwrap_model(self.model).text_head, self._reduce_by_hand,
-                          self.strategy.check_loss_first)
-        if self.cfg.train.micro_batches > 1:
-            return cached_backward(self.model, batch, ctx, self.cfg.train.micro_batches)
-        return plain_backward(self.model, batch, ctx)
-
-    def _reduce_by_hand(self) -> None:
-        """What DDP would have done in a step run wholly under no_sync (gradient caching):
-        average the gradients, and align the buffers (per-rank BatchNorm statistics) on rank 0's.
-        Both are no-ops in a single process."""
-        average_gradients(self.model.parameters())
-        broadcast_buffers(self.model)
-
-    def autocast(self):
-        """The forward's autocast (the engine's choice)."""
-        return self.strategy.autocast()
+    def _to_device(self, batch: dict) -> dict:
+        """The batch on the device; cached frozen-trunk tokens instead of images when cached."""
+        complete = bool(batch["view_mask"].all())  # on the host: the model skips its mask check
+        index = batch["index"].tolist()  # host copy for the frozen cache
+        if self.frozen_cache is not None and self.frozen_cache.covers(index):
+            batch = {k: v for k, v in batch.items() if k != "images"}  # not needed: no copy to the device
+        batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+        batch["views_complete"] = complete
+        if self.frozen_cache is not None:
+            with self.strategy.autocast():
+                batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
+        return batch
 
     def _skip(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Skip the update when the loss or gradient is non-finite on any rank; stop after many."""
         # the loss is the global value on every rank, and the clipped norm is taken after DDP's
         # all-reduce, so every rank reaches the same verdict without a collective (one sync)
         checked = loss if grad_norm is None else torch.stack([loss.float(), torch.as_tensor(grad_norm, device=loss.device).float()])
-        bad = not bool(torch.isfinite(checked).all())
-        if not bad:
+        if bool(torch.isfinite(checked).all()):
             return False
-        if self.acc.scaler is not None and bool(torch.isfinite(loss)):
-            # fp16: the scaled gradients overflowed, the loss did not; the scaler backs off
-            # (drop_update) as it is meant to. Routine at the start, so not a fault to count.
+        scale = self.strategy.scaler_backoff(loss)
+        if scale is not None:  # fp16 overflow: skipped by design, not a fault to count
             self.state.loss_scale_backoffs += 1
-            self.log.log("loss_scale_backoff", self.state.step, scale=float(self.acc.scaler.get_scale()))
+            self.log.log("loss_scale_backoff", self.state.step, scale=scale)
             return True
         self.state.nonfinite_total += 1
         self.state.nonfinite_in_row += 1
@@ -236,7 +221,7 @@ class Trainer:
         loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
         model = self.acc.unwrap_model(self.model)
         model.eval()
-        with self.autocast():
+        with self.strategy.autocast():
             metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device,
                                with_ranking=with_ranking)
         model.train()
@@ -244,9 +229,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
-        state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
-        if self.acc.scaler is not None:  # fp16: the loss scale resumes where it was
-            state["scaler"] = self.acc.scaler.state_dict()
+        state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
+                 "schedule_steps": self.schedule_steps}
         self.strategy.save(self.ckpt_dir, self.state.step, self._modules(), self.optimizer, state)
 
     def _resume(self) -> None:
@@ -254,12 +238,20 @@ class Trainer:
         if path is None:
             return
         state = self.strategy.load(path, self._modules(), self.optimizer, engine=self.model)
+        self._keep_schedule(state.pop("schedule_steps", self.schedule_steps))
         self.scheduler.load_state_dict(state.pop("scheduler"))
-        scaler = state.pop("scaler", None)
-        if scaler is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(scaler)
         self.state = TrainState(**state)
         self.acc.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
+
+    def _keep_schedule(self, saved: int) -> None:
+        """A resume may stop elsewhere (train.max_steps / epochs), but the lr schedule keeps the
+        length it was started with, or the lr would jump."""
+        if saved == self.schedule_steps:
+            return
+        self.acc.print(f"train.max_steps / train.epochs: stopping at step {self.stop_step}; the lr schedule keeps "
+                       f"the {saved} steps the run started with")
+        self.schedule_steps = saved
+        self.scheduler = build_scheduler(self.optimizer, saved, self.cfg.optim)
 
     def _modules(self) -> torch.nn.ModuleDict:
         """What a checkpoint holds besides the optimizer: the model and the loss (temperature)."""
@@ -276,15 +268,17 @@ class Trainer:
         from text4vpr.train.finish import FinalRun, finish_run
 
         self._export(self.run_dir / "model")
-        result = {}
-        if self.cfg.eval.final:
-            st, e = self.state, self.cfg.eval
-            split = "test" if self.cfg.data.test_shards or self.paths.test != self.paths.val else "val"
-            run = FinalRun(self.run_dir, self.paths.test, split, tuple(e.ks), tuple(e.radii), st.step, st.epoch,
-                           st.best_step, self.acc.num_processes, st.nonfinite_total,
-                           st.loss_scale_backoffs if self.acc.scaler is not None else None, self.acc.is_main_process,
-                           e.gallery if e.html else None, dump_yaml(self.cfg))
-            result = finish_run(self.acc.unwrap_model(self.model), self._evaluate, run)
-        self.log.close()
-        return result
+        if not self.cfg.eval.final:
+            return {}
+        st, e = self.state, self.cfg.eval
+        run = FinalRun(
+            run_dir=self.run_dir, test_shards=self.paths.test,
+            split="test" if self.cfg.data.test_shards or self.paths.test != self.paths.val else "val",
+            ks=tuple(e.ks), radii=tuple(e.radii), steps=st.step, epochs=st.epoch, best_step=st.best_step,
+            processes=self.acc.num_processes, nonfinite_skipped=st.nonfinite_total,
+            loss_scale_backoffs=st.loss_scale_backoffs if self.strategy.scaler is not None else None,
+            is_main=self.acc.is_main_process, html_gallery=e.gallery if e.html else None,
+            config_text=dump_yaml(self.cfg),
+        )
+        return finish_run(self.acc.unwrap_model(self.model), self._evaluate, run)
 

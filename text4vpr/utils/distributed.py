@@ -170,3 +170,12 @@ class _AverageGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return all_reduce_sum(grad) / dist.get_world_size()
+
+
+def global_count(local: int, device: torch.device) -> int:
+    """The sum of a host integer over all ranks (one tiny all-reduce); `local` in one process."""
+    if distributed_world()[1] == 1:
+        return int(local)
+    t = torch.tensor([int(local)], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
