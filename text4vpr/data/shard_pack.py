@@ -1,8 +1,5 @@
-"""Packing one shard: JPEG bytes per view, the JSON member, a deterministic tar.
-
-Runs in the builder's worker processes: one call of `write_shard` writes one whole shard
-atomically (temp name, then rename) and then its `.parts/{name}.json` record.
-"""
+"""Packing one shard (in a builder worker): JPEG bytes per view, the JSON member, a deterministic
+tar written atomically, then its `.parts/{name}.json` record."""
 
 from __future__ import annotations
 

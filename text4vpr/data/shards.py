@@ -1,12 +1,6 @@
-"""WebDataset shard builder for Street360Loc locations.
-
-One sample per location: `{key}.json` (index, xyz, positions, descriptions, view mask,
-split, sources) and `{key}.{pos}.jpg` per present view, in that order. Shards are written
-in parallel (one process writes whole shards, see `shard_pack`), atomically, resumably (a
-finished shard has its tar and its `.parts/{name}.json` record; a rerun with the same plan
-keeps those) and deterministically (fixed tar headers and member order, so the same inputs
-and options give byte-identical shards). Reading and verifying: `shard_reader`.
-"""
+"""WebDataset shard builder: one sample per location (`{key}.json`, then `{key}.{pos}.jpg` per
+view), written in parallel, atomically, resumably and byte-identically (docs/data.md).
+Reading and verifying: `shard_reader`."""
 
 from __future__ import annotations
 

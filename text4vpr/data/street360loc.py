@@ -1,10 +1,6 @@
-"""Street360Loc reader: xlsx annotation files -> validated location records plus a report.
-
-Policy (see docs/data.md): file-level problems (unreadable file, missing columns, wrong
-types) raise `Street360LocError` naming the file; a bad view is dropped and a bad location
-skipped, each listed with its reason in the `ValidationReport`; suspicious but usable
-content is kept and flagged. Counts always add up: rows in = rows written + rows listed.
-"""
+"""Street360Loc reader: xlsx annotation files -> validated location records plus a report
+(file-level problems raise; bad views dropped, bad locations skipped, suspicious ones flagged,
+each listed; the policy table is in docs/data.md)."""
 
 from __future__ import annotations
 

@@ -8,12 +8,12 @@ or by the few shape fields below (random init: tests, demo, benchmarks).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from text4vpr.config import to_dict
+from text4vpr.utils.hashing import bytes_sha256
 
 
 @dataclass
@@ -90,7 +90,7 @@ class ModelConfig:
 def config_hash(cfg: ModelConfig) -> str:
     """Stable short hash of a config (sorted JSON, sha256), used to pair models with indexes."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return bytes_sha256(blob.encode())[:16]
 
 
 def tiny_config(vocab_size: int = 300, image_size: int = 56) -> ModelConfig:

@@ -1,40 +1,5 @@
-"""Import the published Text4VPR checkpoint (.pth) into our model, as the published code saved it.
-
-Layouts: one file holding `image_encoder_state_dict` and `text_encoder_state_dict` (the
-published train script), or two files, each a bare `state_dict()` of one encoder (an older
-published test script loads them so). `module.` path components (DataParallel) are removed.
-Only `torch.load(weights_only=True)` reads the files.
-
-Image side (an nn.Sequential: 0 = `DINOv2` wrapper holding the hub model as `.model`,
-1 = `image_aggregation`). The backbone prefix (`0.model.` or `0.`) is detected from the
-`patch_embed.proj.weight` key. torch.hub DINOv2 names -> transformers `Dinov2Model` names
-(under `image_encoder.backbone.`):
-    cls_token, mask_token, pos_embed   -> embeddings.cls_token, .mask_token, .position_embeddings
-    patch_embed.proj.*                 -> embeddings.patch_embeddings.projection.*
-    blocks.i.norm1.* / norm2.*         -> encoder.layer.i.norm1.* / norm2.*
-    blocks.i.attn.qkv.{weight,bias}    -> split in three along dim 0 -> attention q/k/v
-    blocks.i.attn.proj.*               -> attention output projection
-    blocks.i.ls1.gamma / ls2.gamma     -> encoder.layer.i.layer_scale1/2.lambda1
-    blocks.i.mlp.fc1.* / fc2.*         -> encoder.layer.i.mlp.fc1.* / fc2.*
-    norm.*                             -> layernorm.* (kept, unused: the method has no final norm)
-(attention names follow the installed transformers: q_proj/k_proj/v_proj/o_proj, or the
-older attention.attention.query/key/value + attention.output.dense.)
-    1.temperature (0-dim)              -> aggregation.tau (shape (1,))
-    1.cluster_features.*, 1.score.*    -> aggregation.* (same names)
-
-Text side (`LanguageEncoder`): the T5 encoder under any prefix (`llm_model.` upstream;
-detected from the `encoder.final_layer_norm.weight` key; a bare T5 stack without
-`shared.weight` is fine), plus the head:
-    inter_mlp.0.0.* (Linear), inter_mlp.0.1.* (BatchNorm1d)  -> text_encoder.projection.0/1.*
-        (`get_mlp2([H, D])` nests Sequential(Sequential(Linear, BatchNorm1d)))
-    inter_module.i.* (TransformerEncoderLayer)               -> text_encoder.layers.i.*
-    intra_module.*                                           -> dropped, listed in the report
-        (built in `__init__`, never used in `forward`)
-
-Upstream trained with the projection frozen at init (an accident, docs/method.md); its
-weights are the random init and are imported as they are. Any other key left unmapped, any
-of our keys left missing, or a shape mismatch is an error that lists them.
-"""
+"""Import the published Text4VPR checkpoint (.pth, either layout) into our model, read with
+`torch.load(weights_only=True)` only; the name mapping is in docs/models.md."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
 """Evaluation: encode a split, search every location's texts against every location's images,
-score top-k within r metres (docs/method.md#accuracy-within-r-metres). Used by `text4vpr eval` and by the trainer's validation.
-
-Distributed (torch.distributed initialised): each rank encodes the locations its eval loader
-yields (every location exactly once over all ranks: no drop_last, nothing repeated), with no
-collective per batch. At the end, one all-gather of the (small) query vectors and
-coordinates, a local search of all queries against this rank's database slice, and one
-all-gather of the (Q, k) results (`search.sharded_group_topk`). Every rank returns the same
-metrics dict.
-"""
+score top-k within r metres (docs/method.md#accuracy-within-r-metres); used by `text4vpr eval`
+and validation. Across ranks: one gather of the queries at the end (docs/retrieval.md)."""
 
 from __future__ import annotations
 

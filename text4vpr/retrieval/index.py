@@ -1,22 +1,5 @@
-"""Retrieval index: database image vectors of a split, written in parts, checked on load.
-
-Layout of an index folder:
-- `header.json`: format, model config hash, the model's weights digest and the shards
-  manifest digest it was built from, D (embed dim), V (views), dtype, total count and the
-  parts with their counts;
-- `part-XXXXX.safetensors` (one per rank that built it): `embeddings` (n, V, D),
-  `view_mask` (n, V) bool, `coords` (n, 3) float64 ECEF metres, `index` (n,) int64 location
-  index; its metadata repeats the config hash and both digests. Global row ids run through
-  the parts in order.
-
-Loading checks that the index belongs to the model (config hash, weights digest) and, when
-given, to the shards (manifest digest); parts readable, shaped as the header says, with
-finite vectors and coordinates (docs/retrieval.md has the table of checks).
-
-Built in parallel: each rank encodes its share of the eval loader (every location exactly
-once) and writes its part; one gather of the counts at the end, then rank 0 writes the
-header. Every file is written atomically.
-"""
+"""Retrieval index: database image vectors of a split, one part per rank that built it, checked
+on load against the model and shards. Layout and checks: docs/retrieval.md."""
 
 from __future__ import annotations
 

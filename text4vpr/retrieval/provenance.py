@@ -35,9 +35,10 @@ def shards_digest(shard_dir: str | Path) -> str:
     """sha256 of a shard folder's manifest.json ('' when there is none, e.g. a list of tar
     paths: nothing to compare then, the query-location check remains)."""
     from text4vpr.data.shard_reader import MANIFEST
+    from text4vpr.utils.hashing import file_sha256
 
     manifest = Path(shard_dir) / MANIFEST
-    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
+    return file_sha256(manifest) if manifest.is_file() else ""
 
 
 _WHAT = {

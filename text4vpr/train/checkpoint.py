@@ -1,22 +1,5 @@
-"""Training checkpoints: safetensors + JSON, written atomically, newest-complete resume.
-
-Layout of one checkpoint (a folder renamed into place only when complete):
-  model.safetensors        full model state (unwrapped)
-  optimizer.safetensors    optimizer tensors, keys `state.<param>.<name>`
-  rng-rank<r>.safetensors  torch CPU/CUDA generator states of each rank
-  state.json               step/epoch/batch position, scheduler, counters, optimizer groups,
-                           python/numpy RNG of each rank, and `files`: every other file of the
-                           folder with its size and sha256
-Nothing is pickled, so resuming never unpickles a file.
-
-Every checkpoint is verified against its `files` list before use; `resume=auto` takes the
-newest that verifies and names those it skipped. Old checkpoints are renamed out of the
-`step-*` name space before they are deleted, so a half-deleted one never counts.
-
-Under DeepSpeed the engine writes its own (pickle-based) files (`train.deepspeed_checkpoint`),
-listed and verified the same way; only the types of `deepspeed_checkpoint_types()` may be
-unpickled from them.
-"""
+"""Training checkpoints: safetensors + JSON (nothing pickled), written atomically, verified
+against their file list, newest-complete resume. Layout and checks: docs/checkpoints.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""The training run's config: one section per component, each that component's dataclass.
-
-Loaded from YAML with dotted overrides (`text4vpr.config.load_config`); unknown keys and
-wrong types are errors naming the key. The resolved config is saved as `config.yaml` in the
-run directory.
-"""
+"""The training run's config: one section per component, each that component's dataclass,
+loaded from YAML with dotted overrides (unknown keys and wrong types are errors naming the key)."""
 
 from __future__ import annotations
 
