@@ -17,7 +17,7 @@ import numpy as np
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest
-from text4vpr.data.street360loc import split_name
+from text4vpr.data.sample_key import split_name
 
 
 @dataclass(frozen=True)

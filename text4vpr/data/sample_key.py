@@ -1,8 +1,9 @@
-"""Sample keys: `{split}-{index:06d}` per location, and a tar member's (key, suffix)."""
+"""Sample keys: `{split}-{index:06d}` per location, a tar member's (key, suffix), a split's name."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 INDEX_DIGITS = 6
 
@@ -22,3 +23,9 @@ def member_key(name: str) -> tuple[str, str]:
     """(sample key, suffix) of a tar member: its base name split at the first dot (WebDataset's rule)."""
     base, _, suffix = os.path.basename(name).partition(".")
     return base, suffix
+
+
+def split_name(xlsx: str | os.PathLike) -> str:
+    """`train_description.xlsx` -> `train`; any other file -> its stem."""
+    stem = Path(xlsx).stem
+    return stem[: -len("_description")] if stem.endswith("_description") else stem

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from text4vpr.data.constants import NUM_VIEWS
+from text4vpr.data.sample_key import split_name
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS, image_header_problem
 from text4vpr.utils.errors import InputError
 
@@ -116,12 +117,6 @@ class ReadOptions:
     exclude_from: tuple[str, ...] = ()
     refusal_patterns: tuple[str, ...] = DEFAULT_REFUSAL_PATTERNS
     short_chars: int = DEFAULT_SHORT_CHARS
-
-
-def split_name(xlsx: str | Path) -> str:
-    """`train_description.xlsx` -> `train`; any other file -> its stem."""
-    stem = Path(xlsx).stem
-    return stem[: -len("_description")] if stem.endswith("_description") else stem
 
 
 def image_path(images_dir: str | Path, index: int, pos: int) -> Path:
