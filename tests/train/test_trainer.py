@@ -215,3 +215,5 @@ def test_resume_with_another_max_steps_keeps_the_lr_schedule(train_cache, tmp_pa
     assert sorted(b) == [3, 4] and len({a[3], a[4]}) == 2
     assert b == {3: a[3], 4: a[4]}
     assert "the lr schedule keeps the 6 steps" in capsys.readouterr().out
+    step4 = [load_file(run / "checkpoints" / "step-00000004" / "model.safetensors") for run in (first, again)]
+    assert all(torch.equal(step4[0][k], step4[1][k]) for k in step4[0])  # the lr the optimizer used, too

@@ -251,7 +251,10 @@ class Trainer:
         self.acc.print(f"train.max_steps / train.epochs: stopping at step {self.stop_step}; the lr schedule keeps "
                        f"the {saved} steps the run started with")
         self.schedule_steps = saved
+        lrs = [g["lr"] for g in self.optimizer.param_groups]  # as loaded; a new scheduler resets them
         self.scheduler = build_scheduler(self.optimizer, saved, self.cfg.optim)
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
 
     def _modules(self) -> torch.nn.ModuleDict:
         """What a checkpoint holds besides the optimizer: the model and the loss (temperature)."""
