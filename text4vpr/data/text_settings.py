@@ -18,7 +18,7 @@ class TextSettingsError(InputError, ValueError):
     """A model folder's text record is malformed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextSettings:
     max_text_length: int = DEFAULT_MAX_TEXT_LENGTH
     text_normalization: str = DEFAULT_TEXT_NORMALIZATION
@@ -54,7 +54,10 @@ def resolve_text_settings(saved: TextSettings | None, max_text_length: int | Non
     """The settings to tokenise with and the warnings to show: the saved ones unless a setting is
     given (a different one is a warning naming both); without a record, today's defaults (one warning)."""
     if saved is None:
-        used = TextSettings(max_text_length or DEFAULT_MAX_TEXT_LENGTH, text_normalization or DEFAULT_TEXT_NORMALIZATION)
+        used = TextSettings(max_text_length=max_text_length or DEFAULT_MAX_TEXT_LENGTH,
+                            text_normalization=text_normalization or DEFAULT_TEXT_NORMALIZATION)
+        if max_text_length is not None and text_normalization is not None:
+            return used, []  # both given: nothing left to guess
         return used, [f"{where} records no text settings (a model saved before they were recorded): tokenising with "
                       f"max_text_length={used.max_text_length}, text_normalization={used.text_normalization}; "
                       "pass --max-text-length / --text-normalization if it was trained otherwise"]
@@ -63,9 +66,11 @@ def resolve_text_settings(saved: TextSettings | None, max_text_length: int | Non
         if given is not None and given != getattr(saved, name):
             warnings.append(f"{name}={given} given, but {where} was trained with {name}={getattr(saved, name)}; "
                             f"using {given}")
-    used = TextSettings(max_text_length if max_text_length is not None else saved.max_text_length,
-                        text_normalization if text_normalization is not None else saved.text_normalization,
-                        saved.tokenizer)
+    used = TextSettings(
+        max_text_length=max_text_length if max_text_length is not None else saved.max_text_length,
+        text_normalization=text_normalization if text_normalization is not None else saved.text_normalization,
+        tokenizer=saved.tokenizer,
+    )
     return used, warnings
 
 

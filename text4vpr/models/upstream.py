@@ -238,7 +238,8 @@ def upstream_text_settings(tokenizer) -> dict:
     """The published preprocessing (punkt sentences re-joined, docs/method.md), the default length."""
     from text4vpr.data.text_settings import DEFAULT_MAX_TEXT_LENGTH, TextSettings, tokenizer_identity
 
-    return TextSettings(DEFAULT_MAX_TEXT_LENGTH, "punkt", tokenizer_identity(tokenizer) if tokenizer is not None else None).record()
+    return TextSettings(max_text_length=DEFAULT_MAX_TEXT_LENGTH, text_normalization="punkt",
+                        tokenizer=tokenizer_identity(tokenizer) if tokenizer is not None else None).record()
 
 
 def _maybe_tokenizer(t5_dir):

@@ -57,13 +57,14 @@ def prepare_data(cfg, acc) -> DataPaths:
             ensure_synthetic(root, cfg.synthetic)
         acc.wait_for_everyone()
         shards = root / "shards"
-        return DataPaths(str(shards / "train"), str(shards / "val"), str(shards / "test"),
-                         cfg.loader.tokenizer or str(root / "tokenizer"))
+        return DataPaths(train=str(shards / "train"), val=str(shards / "val"), test=str(shards / "test"),
+                         tokenizer=cfg.loader.tokenizer or str(root / "tokenizer"))
     if not cfg.train_shards or not cfg.val_shards:
         raise ValueError("data.train_shards and data.val_shards are required (or data.synthetic.locations > 0)")
     if not cfg.loader.tokenizer:
         raise ValueError("data.loader.tokenizer: give the local tokenizer folder (e.g. your T5 folder)")
-    return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
+    return DataPaths(train=cfg.train_shards, val=cfg.val_shards, test=cfg.test_shards or cfg.val_shards,
+                     tokenizer=cfg.loader.tokenizer)
 
 
 class SplitOverlapError(InputError, ValueError):

@@ -34,7 +34,8 @@ def train_text_settings(loader_cfg, tokenizer) -> dict:
     """The record of how this run tokenises text, saved in the model folder (data.text_settings)."""
     from text4vpr.data.text_settings import TextSettings, tokenizer_identity
 
-    return TextSettings(loader_cfg.max_text_length, loader_cfg.text_normalization, tokenizer_identity(tokenizer)).record()
+    return TextSettings(max_text_length=loader_cfg.max_text_length, text_normalization=loader_cfg.text_normalization,
+                        tokenizer=tokenizer_identity(tokenizer)).record()
 
 
 def build_model(section, tokenizer_path: str, loader_cfg, train_cfg, world_size: int):
