@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from text4vpr.data.constants import NUM_VIEWS
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
 from text4vpr.data.text_settings import DEFAULT_MAX_TEXT_LENGTH, DEFAULT_TEXT_NORMALIZATION
 from text4vpr.data.tokenizer import check_text_normalization
@@ -30,7 +31,7 @@ class LoaderConfig:
     seed: int = 0
     shuffle_buffer: int = 256  # samples per worker
     on_error: Literal["raise", "skip"] = "raise"
-    views: int = 4
+    views: int = NUM_VIEWS
     batches_per_epoch: int | None = None  # train: override locations // (world_size * batch_size)
     pin_memory: bool = False
     prefetch_factor: int = 2
