@@ -24,7 +24,8 @@ def encode_descriptions(model, tokenizer, texts: list[str], views: int = NUM_VIE
     from text4vpr.data.text_settings import TextSettings, from_record
     from text4vpr.data.tokenizer import normalize_text
 
-    saved = from_record(model.text_settings, "the model") if model.text_settings is not None else TextSettings()
+    record = getattr(model, "text_settings", None)  # None: a model saved before the record (the old defaults)
+    saved = from_record(record, "the model") if record is not None else TextSettings()
     max_length = max_length or saved.max_text_length
     text_normalization = text_normalization or saved.text_normalization
 
