@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import Iterator
 
@@ -31,6 +30,7 @@ from text4vpr.data.partition import (
 )
 from text4vpr.data.sample_key import member_key
 from text4vpr.data.shard_reader import iter_tar_samples
+from text4vpr.utils.hashing import bytes_sha256
 
 
 class _Unverified(Exception):
@@ -75,7 +75,7 @@ class ShardStream(IterableDataset):
             return gopen(url, "rb")
         with gopen(url, "rb") as stream:
             data = stream.read()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if bytes_sha256(data) != entry["sha256"]:
             raise _Unverified(f"{url}: sha256 does not match its manifest entry (a changed, damaged or replaced shard; "
                               "rebuild it, or verify=False to read it unchecked)")
         if "keys" in entry and _member_keys(data) != list(entry["keys"]):
