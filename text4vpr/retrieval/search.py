@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from text4vpr.kernels.common import decode_keys, encode_keys
+from text4vpr.kernels.common import decode_keys, encode_keys, merge_keys
 from text4vpr.kernels.topk import group_topk
 
 _PAD_ID = 2**32 - 1  # padding entries: score -inf, largest id -> always last
@@ -35,9 +35,7 @@ def pad_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Ten
 
 def merge_gathered(keys: list[torch.Tensor], k: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-rank (Q, k) key blocks into the global top min(k, total)."""
-    cat = torch.cat(keys, dim=1)  # (Q, R*k)
-    top = torch.topk(cat, min(k, total), dim=1, sorted=True).values
-    return decode_keys(top)
+    return decode_keys(merge_keys(keys, min(k, total)))
 
 
 def sharded_group_topk(
