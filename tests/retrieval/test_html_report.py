@@ -131,7 +131,7 @@ def test_cards_carry_the_data_report_flags(synth_shards, tmp_path):
 
 
 def test_evaluate_ranking_matches_a_naive_search(model_dir, synth_shards):
-    """with_ranking=True: the same metrics, and per query the ids, scores and location ids a
+    """The evaluation's ranking: the same metrics, and per query the ids, scores and location ids a
     float64 loop over the database gives (higher score first, then lower row)."""
     from text4vpr.data.loader import LoaderConfig, build_loader
     from text4vpr.models import Text4VPR
@@ -139,8 +139,9 @@ def test_evaluate_ranking_matches_a_naive_search(model_dir, synth_shards):
 
     model = Text4VPR.from_pretrained(model_dir)
     cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(model_dir), batch_size=4, image_size=56, num_workers=0)
-    plain = evaluate(model, build_loader(cfg, "eval"))
-    metrics, ranking = evaluate(model, build_loader(cfg, "eval"), with_ranking=True)
+    plain = evaluate(model, build_loader(cfg, "eval")).metrics
+    result = evaluate(model, build_loader(cfg, "eval"))
+    metrics, ranking = result.metrics, result.ranking
     assert metrics == plain
     enc = encode_split(model, build_loader(cfg, "eval"))
     text = (enc["queries"] * enc["query_mask"][..., None]).double().flatten(1).numpy()

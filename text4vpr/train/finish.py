@@ -11,6 +11,7 @@ from typing import Callable
 
 from text4vpr.models import Text4VPR
 from text4vpr.retrieval.chance import chance_accuracy
+from text4vpr.retrieval.ranking import Evaluation
 from text4vpr.retrieval.report import markdown_table
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
@@ -44,12 +45,13 @@ def load_best(model: Text4VPR, run: FinalRun) -> str:
     return f"best by validation top-1 within 5 m (step {run.best_step})"
 
 
-def finish_run(model: Text4VPR, evaluate: Callable[..., tuple], run: FinalRun) -> dict:
-    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards, with_ranking=True)`
-    -> (metrics, ranking)), then, on the main process, add chance level and write
-    final_metrics.json, the report and (`run.html_gallery`) report.html."""
+def finish_run(model: Text4VPR, evaluate: Callable[[str], Evaluation], run: FinalRun) -> dict:
+    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards)` -> `Evaluation`),
+    then, on the main process, add chance level and write final_metrics.json, the report and
+    (`run.html_gallery`) report.html."""
     which = load_best(model, run)
-    metrics, ranking = evaluate(run.test_shards, with_ranking=True)
+    result = evaluate(run.test_shards)
+    metrics, ranking = result.metrics, result.ranking
     metrics["split"] = run.split
     metrics["model"] = which
     if not run.is_main:

@@ -52,9 +52,10 @@ def write_run_report(run_dir: str | os.PathLike, final: dict, events: list[dict]
 def write_html(run_dir: str | os.PathLike, final: dict, ranking, shards: str, config_text: str, gallery: int) -> Path:
     """report.html of the final evaluation (the `gallery` worst queries): the run's resolved
     config (YAML text) as its identity."""
+    from text4vpr.retrieval.defaults import gallery_successes
     from text4vpr.retrieval.html_report import run_identity, write_html_report
 
     identity = run_identity(final.get("model", "model"), shards, final["mode"], config_text,
                             split=final.get("split", "held-out"), run=run_dir)
     return write_html_report(Path(run_dir) / "report.html", final, ranking, [shards], identity,
-                             failures=gallery, successes=max(1, gallery // 4))
+                             failures=gallery, successes=gallery_successes(gallery))

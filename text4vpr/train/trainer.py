@@ -222,7 +222,7 @@ class Trainer:
         self.save()
 
     def validate(self) -> dict:
-        metrics = self._evaluate(self.paths.val)
+        metrics = self._evaluate(self.paths.val).metrics
         top1 = metrics["accuracy"].get(key(1), {}).get(key(5.0), -1.0)  # upstream's choice; -1 if not evaluated
         self.log.log("val", self.state.step, accuracy=metrics["accuracy"], epoch=self.state.epoch)
         if top1 > self.state.best_top1_5m:
@@ -230,16 +230,15 @@ class Trainer:
             self._export(self.run_dir / "best_model")
         return metrics
 
-    def _evaluate(self, shards: str, with_ranking: bool = False):
+    def _evaluate(self, shards: str):
         e = self.cfg.eval
         loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
         model = self.acc.unwrap_model(self.model)
         model.eval()
         with self.autocast():
-            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device,
-                               with_ranking=with_ranking)
+            result = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device)
         model.train()
-        return metrics
+        return result
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
