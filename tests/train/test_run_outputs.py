@@ -63,7 +63,17 @@ def test_mlflow_and_tensorboard_hold_the_jsonl_scalars(tracked_run):
 def test_run_report_html_in_chromium(tracked_run, report_page):
     final = json.loads((tracked_run / "final_metrics.json").read_text())
     fails, succ = report_page.expected_cards(final, 3, 1)
-    report_page.check(tracked_run / "report.html", final, fails, succ, thumbs_per_card=16)
+    dom = report_page.check(tracked_run / "report.html", final, fails, succ, thumbs_per_card=16)
+    per_query = [json.loads(line) for line in (tracked_run / "per_query.jsonl").read_text().splitlines()]
+    report_page.check_gallery_order(dom, per_query, 3)
+    sections = [e.attrs.get("id") for e in dom.select("section")]
+    assert sections[:3] == ["identity", "training", "table"], sections  # identity and curves lead
+    events = [json.loads(line) for line in (tracked_run / "metrics.jsonl").read_text().splitlines()]
+    loss = [e for e in events if e["kind"] == "train"]
+    start = dom.elements.index(dom.select("svg", cls="loss")[0])
+    line = next(e for e in dom.elements[start:] if e.tag == "polyline")
+    assert len(line.attrs["points"].split()) == len(loss) > 1  # every logged loss is on the curve
+    assert dom.select("svg", cls="val-accuracy")
     md = (tracked_run / "report.md").read_text()
     assert md.startswith("# Text4VPR training report") and "![loss](loss.png)" in md
     for name in ("accuracy_vs_radius.png", "loss.png", "val_accuracy.png"):

@@ -101,9 +101,8 @@ def _write_html(args: argparse.Namespace, model, metrics: dict, ranking, shard_d
     from text4vpr.retrieval.html_report import run_identity, write_html_report
 
     config = {"model": dataclasses.asdict(model.config), "eval": {k: v for k, v in vars(args).items() if k != "func"}}
-    ident = metrics["identity"]
-    identity = run_identity(args.model, args.shards, args.mode, config, index=args.index or "(images encoded)",
-                            weights_digest=ident["weights_digest"], shards_digest=ident["shards_digest"] or "(no manifest)")
+    digests = {k: v for k, v in metrics["identity"].items() if k.endswith("_digest")}
+    identity = run_identity(args.model, args.shards, args.mode, config, index=args.index or "(images encoded)", **digests)
     return write_html_report(Path(args.out) / "report.html", metrics, ranking, shard_dirs, identity,
                              failures=args.gallery, successes=gallery_successes(args.gallery))
 

@@ -11,7 +11,10 @@ from typing import Callable
 
 from text4vpr.models import Text4VPR
 from text4vpr.retrieval.chance import chance_accuracy
+from text4vpr.retrieval.per_query import PER_QUERY_JSONL, write_per_query
+from text4vpr.retrieval.provenance import evaluation_identity
 from text4vpr.retrieval.ranking import Evaluation
+from text4vpr.retrieval.thumbnails import shard_flags
 from text4vpr.retrieval.report import markdown_table
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
@@ -58,14 +61,18 @@ def finish_run(model: Text4VPR, evaluate: Callable[[str], Evaluation], run: Fina
         return metrics
     coords = read_coords(run.test_shards)
     metrics["chance"] = chance_accuracy(coords, coords, run.ks, run.radii)
+    metrics["identity"] = evaluation_identity(model, which, run.test_shards)
+    write_per_query(run.run_dir / PER_QUERY_JSONL, ranking, shard_flags([run.test_shards]))
     summary = {"steps": run.steps, "epochs": run.epochs, "processes": run.processes, "model evaluated": which,
                "non-finite steps skipped": run.nonfinite_skipped}
     if run.loss_scale_backoffs is not None:
         summary["fp16 loss-scale back-offs (steps skipped by design)"] = run.loss_scale_backoffs
-    write_run_report(run.run_dir, metrics, read_metrics(run.run_dir / "metrics.jsonl"), summary)
+    events = read_metrics(run.run_dir / "metrics.jsonl")
+    write_run_report(run.run_dir, metrics, events, summary)
     if run.html_gallery is not None:
-        write_html(run.run_dir, metrics, ranking, run.test_shards, run.config_text, run.html_gallery)
+        write_html(run.run_dir, metrics, ranking, run.test_shards, run.config_text, run.html_gallery, events)
     print(f"\nHeld-out {run.split} split, {metrics['num_queries']} queries, model: {which}")
     print(markdown_table(metrics), end="")
-    print(f"\nrun directory: {run.run_dir} (report.md{', report.html' if run.html_gallery is not None else ''}, final_metrics.json, plots, model/)")
+    print(f"\nrun directory: {run.run_dir} (report.md{', report.html' if run.html_gallery is not None else ''}, "
+          f"final_metrics.json, per_query.jsonl, plots, model/)")
     return metrics
