@@ -101,7 +101,6 @@ def check_shards(path: str, flag: str = "--shards") -> None:
         raise UsageError(f"{flag} {path}: no shards (*.tar) in this folder; build them with `text4vpr shards build`")
 
 
-
 def add_chance(metrics: dict, query_coords, db_coords, max_pairs: int = 50_000_000) -> None:
     """Chance level beside the accuracy (as the trainer's report has it), when the query x
     database distance matrix it needs is affordable."""

@@ -139,7 +139,7 @@ def query_map(ranking: Ranking, top1: np.ndarray) -> str:
     miss = (top1[keep] > HEADLINE_R).tolist()
     colours = [svg.MISS if m else svg.HIT for m in miss]
     titles = [f"location {i}: top-1 {d:.1f} m away" for i, d in zip(ids.tolist(), top1[keep].tolist())]
-    legend = ((svg.HIT, f"top-{HEADLINE_K} within {HEADLINE_R:g} m"), (svg.MISS, "miss"))
+    legend = ((svg.HIT, f"● top-{HEADLINE_K} within {HEADLINE_R:g} m"), (svg.MISS, "○ miss"))
     return svg.scatter_map(llh[:, 1], llh[:, 0], colours, titles, legend, hollow=miss)
 
 
@@ -196,11 +196,11 @@ def true_rank_text(rank: int, margin: float, k: int) -> str:
     return f"true location at rank {rank}, {margin:.4g} below the first result's score"
 
 
-def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: dict[int, LocationCard]) -> str:
-    """One query: where its true location ranked, its descriptions, the true location's views, the
-    top results' views."""
+def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: dict[int, LocationCard],
+                 rank: int, margin: float) -> str:
+    """One query: where its true location ranked (`Ranking.true_ranks`, `true_margins`), its
+    descriptions, the true location's views, the top results' views."""
     index = int(ranking.query_index[q])
-    rank, margin = int(ranking.true_ranks()[q]), float(ranking.true_margins()[q])
     card = cards.get(index)
     blocks = [location_block(f"<b>true location {index}</b>", card)]
     for j in range(min(TOP_SHOWN, ranking.ids.shape[1])):
@@ -213,7 +213,8 @@ def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: d
     return (f'<article class="card {kind}" data-kind="{kind}" data-query="{index}" id="q{index}" '
             f'data-true-rank="{rank}" data-margin="{margin!r}">'
             f"<h3>location {index}: top-1 {dist[q, 0]:.1f} m away ({verdict} at top-{HEADLINE_K} within "
-            f"{HEADLINE_R:g} m); {true_rank_text(rank, margin, ranking.ids.shape[1])}</h3>{_flags(card)}{descriptions_list(card)}<div class=\"locs\">{''.join(blocks)}</div></article>")
+            f"{HEADLINE_R:g} m); {true_rank_text(rank, margin, ranking.ids.shape[1])}</h3>"
+            f"{_flags(card)}{descriptions_list(card)}<div class=\"locs\">{''.join(blocks)}</div></article>")
 
 
 def _gallery_section(picked, ranking: Ranking, dist: np.ndarray, cards) -> str:
@@ -221,7 +222,8 @@ def _gallery_section(picked, ranking: Ranking, dist: np.ndarray, cards) -> str:
     misses = int((dist[:, 0] > HEADLINE_R).sum())
     buttons = ('<div class="filters"><button data-show="all">all</button><button data-show="failure">failures</button>'
                '<button data-show="success">successes</button></div>')
-    body = "".join(gallery_card(q, kind, ranking, dist, cards) for q, kind in picked)
+    ranks, margins = ranking.true_ranks(), ranking.true_margins()
+    body = "".join(gallery_card(q, kind, ranking, dist, cards, int(ranks[q]), float(margins[q])) for q, kind in picked)
     return (f'<section id="gallery"><h2>Gallery: the {n_fail} worst of {misses} misses at top-{HEADLINE_K} within '
             f"{HEADLINE_R:g} m (the true location ranked farthest down first), and {len(picked) - n_fail} random "
             f"successes</h2>{buttons}{body}</section>")

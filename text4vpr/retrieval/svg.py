@@ -127,7 +127,7 @@ def scatter_map(lon: np.ndarray, lat: np.ndarray, colours: list[str], titles: li
     for a, b, c, t, ring in zip(x.tolist(), y.tolist(), colours, titles, hollow):
         paint = f'r="3.5" fill="none" stroke="{c}" stroke-width="1.5"' if ring else f'r="2.5" fill="{c}" fill-opacity="0.75"'
         body.append(f'<circle class="point" cx="{f.px(a):.1f}" cy="{f.py(b):.1f}" {paint}><title>{escape(t)}</title></circle>')
-    body += [f'<text x="{left + 110 * i}" y="{top - 6}" fill="{c}">● {escape(t)}</text>' for i, (c, t) in enumerate(legend)]
+    body += [f'<text x="{left + 110 * i}" y="{top - 6}" fill="{c}">{escape(t)}</text>' for i, (c, t) in enumerate(legend)]
     return _svg(f, body, cls)
 
 
