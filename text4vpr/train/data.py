@@ -76,7 +76,11 @@ def link_run_shards(paths: DataPaths, run_dir: Path) -> None:
         if link.is_symlink():
             link.unlink()  # a link to an earlier cache location
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(target, link.parent.resolve()), target_is_directory=True)
+        try:
+            link.symlink_to(os.path.relpath(target, link.parent.resolve()), target_is_directory=True)
+        except OSError as e:  # a filesystem without links: say where the shards are instead
+            print(f"note: could not link {link} to the demo's shards ({e}); they are in {target.parent}")
+            return
 
 
 class SplitOverlapError(InputError, ValueError):
