@@ -93,3 +93,23 @@ def test_tracker_names_refuse_unknown_and_missing(monkeypatch):
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])  # nothing installed
     with pytest.raises(ConfigError, match=r"mlflow is not installed; pip install \"text4vpr\[trackers\]\""):
         tracker_names(["mlflow"], False)
+
+
+def test_final_evaluation_records_its_identity_and_per_query(tracked_run):
+    """final_metrics.json names the evaluated folder with its weights digest and the test shards'
+    manifest digest; the table recomputed from per_query.jsonl by a naive loop equals it."""
+    import hashlib
+
+    from text4vpr.models import Text4VPR
+    from text4vpr.retrieval.provenance import weights_digest
+
+    final = json.loads((tracked_run / "final_metrics.json").read_text())
+    ident = final["identity"]
+    assert Path(ident["model"]).parent == tracked_run and Path(ident["model"]).name in ("best_model", "model")
+    assert ident["weights_digest"] == weights_digest(Text4VPR.from_pretrained(ident["model"]))
+    assert ident["shards_digest"] == hashlib.sha256((Path(ident["shards"]) / "manifest.json").read_bytes()).hexdigest()
+    records = [json.loads(line) for line in (tracked_run / "per_query.jsonl").read_text().splitlines()]
+    assert len(records) == final["num_queries"]
+    for k, row in final["accuracy"].items():
+        for r, value in row.items():
+            assert value == sum(any(d <= float(r) for d in rec["distances_m"][: int(k)]) for rec in records) / len(records)

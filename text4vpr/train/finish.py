@@ -39,20 +39,21 @@ class FinalRun:
     config_text: str = ""  # the resolved config (YAML), the HTML report's identity
 
 
-def load_best(model: Text4VPR, run: FinalRun) -> str:
-    """Load best_model weights into `model` (unwrapped) when validation chose one; say which."""
+def load_best(model: Text4VPR, run: FinalRun) -> tuple[str, Path]:
+    """Load best_model weights into `model` (unwrapped) when validation chose one; say which, and
+    the folder that holds them."""
     best = run.run_dir / "best_model"
     if run.best_step < 0 or not (best / "model.safetensors").exists():  # none chosen by this run
-        return f"final (step {run.steps})"
+        return f"final (step {run.steps})", run.run_dir / "model"
     model.load_state_dict(Text4VPR.from_pretrained(best).state_dict(), strict=True)  # tied weights restored
-    return f"best by validation top-1 within 5 m (step {run.best_step})"
+    return f"best by validation top-1 within 5 m (step {run.best_step})", best
 
 
 def finish_run(model: Text4VPR, evaluate: Callable[[str], Evaluation], run: FinalRun) -> dict:
     """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards)` -> `Evaluation`),
     then, on the main process, add chance level and write final_metrics.json, the report and
     (`run.html_gallery`) report.html."""
-    which = load_best(model, run)
+    which, folder = load_best(model, run)
     result = evaluate(run.test_shards)
     metrics, ranking = result.metrics, result.ranking
     metrics["split"] = run.split
@@ -61,7 +62,7 @@ def finish_run(model: Text4VPR, evaluate: Callable[[str], Evaluation], run: Fina
         return metrics
     coords = read_coords(run.test_shards)
     metrics["chance"] = chance_accuracy(coords, coords, run.ks, run.radii)
-    metrics["identity"] = evaluation_identity(model, which, run.test_shards)
+    metrics["identity"] = evaluation_identity(model, folder, run.test_shards)
     write_per_query(run.run_dir / PER_QUERY_JSONL, ranking, shard_flags([run.test_shards]))
     summary = {"steps": run.steps, "epochs": run.epochs, "processes": run.processes, "model evaluated": which,
                "non-finite steps skipped": run.nonfinite_skipped}
