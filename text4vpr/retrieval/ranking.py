@@ -18,7 +18,7 @@ class Ranking:
     db_index: torch.Tensor  # (N,) int64 location index of each database row
     db_coords: torch.Tensor  # (N, 3) float64 ECEF metres
     scores: torch.Tensor  # (Q, K) group similarity, best first
-    ids: torch.Tensor  # (Q, K) int64 database rows, best first (ties: lower row)
+    ids: torch.Tensor  # (Q, K) int64 database rows, best first (ties: lower location index)
 
     def distances(self) -> np.ndarray:
         """(Q, K) float64 metres from each query's true position to each retrieved location."""

@@ -50,15 +50,18 @@ def sharded_group_topk(
     total: int,
     group=None,
     backend: str = "auto",
+    key_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global top-k over the union of every rank's database slice (identical on all ranks).
 
     queries (Q, V, D) must be the same on every rank (see `broadcast_queries`); `database`
     (n_local, V, D) may be empty; `id_offset` is this slice's first global id and `total`
     the database size over all ranks. Without a process group this is plain `group_topk`.
+    `key_ids` (n_local,), ascending: the ids the rows are ranked (ties) and returned by, e.g.
+    location indices; default: the global row, id_offset + local row.
     """
     scores, ids = group_topk(queries, query_mask, database, db_mask, k, mode, backend=backend)
-    ids = ids + id_offset
+    ids = ids + id_offset if key_ids is None else key_ids.to(ids.device)[ids]  # local rows -> ids
     scores, ids = pad_topk(scores, ids, k)
     keys = encode_keys(scores, ids)  # (Q, k) int64: one word per entry
     if not (dist.is_available() and dist.is_initialized()):
