@@ -16,12 +16,12 @@ from typing import Sequence
 import torch
 
 from text4vpr.data.street360loc import NUM_VIEWS
-from text4vpr.kernels.common import ID_LIMIT, check_finite, check_mode
+from text4vpr.kernels.common import check_finite, check_mode
 from text4vpr.retrieval.index import rank_rows
 from text4vpr.retrieval.defaults import KS, RADII
 from text4vpr.retrieval.metrics import topk_within_radius
 from text4vpr.retrieval.ranking import Evaluation, Ranking
-from text4vpr.retrieval.search import sharded_group_topk
+from text4vpr.retrieval.search import sharded_topk_by_location
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
 from text4vpr.utils.errors import InputError
@@ -115,23 +115,6 @@ def gather_queries(local: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return {k: torch.cat([g[k] for g in gathered]) for k in mine}, offset
 
 
-def _ranks_by_location(db_ids: torch.Tensor) -> bool:
-    """Whether ties can be broken by location index: the ids are unique and fit the tie-rule keys
-    (the same verdict on every rank: every rank holds all of them). Otherwise: by row."""
-    return bool(db_ids.numel() and db_ids.min() >= 0 and db_ids.max() < ID_LIMIT
-                and torch.unique(db_ids).numel() == db_ids.numel())
-
-
-def _slice_in_location_order(database, db_mask, db_ids: torch.Tensor, id_offset: int):
-    """This rank's slice with its rows in ascending location index (copied only when they are not;
-    the search breaks ties by row), and those location indices."""
-    local = db_ids[id_offset: id_offset + database.shape[0]].cpu()
-    if bool((local[1:] > local[:-1]).all()):
-        return database, db_mask, local
-    order = torch.sort(local).indices
-    return database[order.to(database.device)], None if db_mask is None else db_mask[order.to(db_mask.device)], local[order]
-
-
 def search_metrics(
     queries: torch.Tensor,
     query_mask: torch.Tensor | None,
@@ -158,17 +141,11 @@ def search_metrics(
     device = torch.device(device) if device is not None else database.device
     k = max(ks)
     total = db_coords.shape[0]
-    by_location = ids is not None and _ranks_by_location(ids[1])
-    if by_location:  # equal scores: the lower location index first
-        database, db_mask, key_ids = _slice_in_location_order(database, db_mask, ids[1], id_offset)
-    scores, top = sharded_group_topk(
+    scores, top = sharded_topk_by_location(
         queries.to(device), None if query_mask is None else query_mask.to(device),
         database.to(device), None if db_mask is None else db_mask.to(device),
-        k, mode, id_offset=id_offset, total=total, backend=backend, key_ids=key_ids if by_location else None,
+        k, mode, db_ids=None if ids is None else ids[1], id_offset=id_offset, total=total, backend=backend,
     )
-    if by_location:
-        sorted_ids, rows = torch.sort(ids[1].cpu())
-        top = rows[torch.searchsorted(sorted_ids, top.cpu())]  # location ids -> database rows
     accuracy = topk_within_radius(top.cpu(), query_coords, db_coords, ks, radii)
     metrics = {"accuracy": accuracy, "num_queries": int(queries.shape[0]), "num_database": int(total), "mode": mode,
                "ks": [int(x) for x in ks], "radii": [float(r) for r in radii]}
