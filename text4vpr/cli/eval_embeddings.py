@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg
-from text4vpr.cli.errors import fail
+from text4vpr.cli.errors import UsageError
 from text4vpr.cli.evaluate import add_ks_radii
 
 _NAMES = ("embeddings", "view_mask", "coords", "index")
@@ -41,11 +41,11 @@ def _load(path: str) -> tuple[dict, dict]:
         tensors = {"embeddings": idx.embeddings, "view_mask": idx.view_mask, "coords": idx.coords, "index": idx.index}
         return tensors, idx.header
     if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist")
+        raise UsageError(f"{p}: no such file or index folder")
     tensors = load_file(str(p))
     missing = [n for n in _NAMES if n not in tensors]
     if missing:
-        raise ValueError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
+        raise UsageError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
     with safe_open(str(p), framework="pt") as f:
         return tensors, f.metadata() or {}
 
@@ -62,17 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import check_queries_in_database, search_metrics
     from text4vpr.retrieval.report import markdown_table, write_report
 
-    try:
-        (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
-        _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
-        if not args.allow_disjoint:
-            check_queries_in_database(q["index"].long(), db["index"].long())
-        metrics = search_metrics(
-            q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
-            db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
+    _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
+    if not args.allow_disjoint:
+        check_queries_in_database(q["index"].long(), db["index"].long())
+    metrics = search_metrics(
+        q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
+        db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,
+    )
     paths = write_report(args.out, metrics)
     print(markdown_table(metrics), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

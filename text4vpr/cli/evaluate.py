@@ -13,7 +13,7 @@ from text4vpr.cli._retrieval_common import (
     add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
-from text4vpr.cli.errors import fail
+from text4vpr.cli.errors import UsageError
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
@@ -52,22 +52,19 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.report import markdown_table, write_report
 
     if args.gallery < 0:
-        return fail(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
+        raise UsageError(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
     check_loader_args(args)  # before any model is loaded
     device = init_distributed()
-    try:
-        model = load_model_on(args.model, device)
-        index = None
-        if args.index:
-            index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
-                               weights_digest=weights_digest(model), shards_digest=shards_digest(args.shards) or None,
-                               allow_mismatch=args.allow_index_mismatch)
-        with precision_context(args.precision, device):
-            metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
-                               backend=args.backend, device=device, show_progress=show_progress(args),
-                               allow_disjoint=args.allow_disjoint, with_ranking=True)
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    model = load_model_on(args.model, device)
+    index = None
+    if args.index:
+        index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
+                           weights_digest=weights_digest(model), shards_digest=shards_digest(args.shards) or None,
+                           allow_mismatch=args.allow_index_mismatch)
+    with precision_context(args.precision, device):
+        metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
+                           backend=args.backend, device=device, show_progress=show_progress(args),
+                           allow_disjoint=args.allow_disjoint, with_ranking=True)
     if is_main_rank():
         metrics, ranking = metrics
         if args.html:

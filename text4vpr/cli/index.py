@@ -13,7 +13,6 @@ from text4vpr.cli._retrieval_common import (
     add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on, precision_context,
     show_progress,
 )
-from text4vpr.cli.errors import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +42,9 @@ def _encode(args: argparse.Namespace, write) -> int:
     """Load the model on this rank's device, then `write(args, model, loader, device)` -> the line to print."""
     check_loader_args(args)  # before any model is loaded
     device = init_distributed()
-    try:
-        model = load_model_on(args.model, device)
-        with precision_context(args.precision, device):
-            line = write(args, model, eval_loader(args, model), device)
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    model = load_model_on(args.model, device)
+    with precision_context(args.precision, device):
+        line = write(args, model, eval_loader(args, model), device)
     if is_main_rank():
         print(line)
     return 0

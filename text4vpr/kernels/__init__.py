@@ -3,8 +3,3 @@
 `group_topk` (in `topk.py`) is the entry point; it runs the torch reference path on CPU
 and the fused Triton kernel (`group_topk_triton.py`) on CUDA tensors.
 """
-
-from text4vpr.kernels.common import MODES, merge_topk
-from text4vpr.kernels.topk import group_topk, group_topk_torch
-
-__all__ = ["MODES", "group_topk", "group_topk_torch", "merge_topk"]

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from text4vpr.utils.errors import InputError
+
 CPU_FIX = ("on CPU use `accelerate launch --config_file launch/accelerate_cpu_2proc.yaml` (edit num_processes), "
            "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`, "
            "with train.cpu=true")
 
 
-class LaunchMismatch(RuntimeError):
+class LaunchMismatch(InputError, RuntimeError):
     """The launcher started fewer (or more) processes than its command line asked for."""
 
 
