@@ -26,7 +26,7 @@ def user_message(e: BaseException) -> str | None:
     if isinstance(e, InputError):
         return one_line(e)
     if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a file"
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "<output>"
         return f"{where}: {e.strerror or one_line(e)}"
     return None
 
@@ -36,26 +36,36 @@ def fail(message: str) -> int:
     return 2
 
 
-def _quiet_closed_pipe() -> int:
-    """Stdout's reader went away (`text4vpr ... | head`): stop without a word, and keep Python's
-    exit-time flush from writing a second error."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return SIGPIPE_STATUS
+def _drop_stdout() -> None:
+    """Send what stdout still holds to /dev/null, so Python's exit-time flush cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _flush_stdout() -> None:
+    """Flush inside the guard: a closed (`| head`) or full stdout fails here, named as such."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        _drop_stdout()
+        e.filename = e.filename or "<stdout>"
+        raise
 
 
 def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:
     """`fn()`, with user mistakes and Ctrl-C turned into one line and an exit status."""
     try:
-        return int(fn() or 0)
+        rc = int(fn() or 0)
+        _flush_stdout()
+        return rc
     except KeyboardInterrupt:
         rank = os.environ.get("RANK")
         print(f"interrupted{f' (rank {rank})' if rank is not None else ''}", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # stdout's reader went away (`text4vpr ... | head`): stop without a word
         if debug:
             raise
-        return _quiet_closed_pipe()
+        _drop_stdout()
+        return SIGPIPE_STATUS
     except Exception as e:
         message = user_message(e)
         if debug or message is None:

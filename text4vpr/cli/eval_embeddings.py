@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, check_device
 from text4vpr.cli.errors import UsageError
 from text4vpr.cli.evaluate import add_ks_radii
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import check_queries_in_database, search_metrics
     from text4vpr.retrieval.report import markdown_table, write_report
 
+    check_device(args.device)
     (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
     _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
     if not args.allow_disjoint:

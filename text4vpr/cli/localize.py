@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, check_device
 from text4vpr.cli.errors import UsageError
 
 
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
     check_text_normalization(args.text_normalization, "--text-normalization")  # before loading the model
+    check_device(args.device)
     model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
     index = load_index(args.index, model.config_hash(), model.embed_dim)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

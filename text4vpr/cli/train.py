@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         return print_config(cfg)
     one_thread_unless_set()
     check_launch_applies(cfg)
+    quiet_known_warnings()
     train(cfg)
     return 0
 
@@ -50,17 +51,32 @@ def check_launch_applies(cfg) -> None:
     """Refuse a launch this machine cannot honour, before anything is written (docs/launch.md)."""
     import torch
 
+    from text4vpr.utils.launch_check import resolve_deepspeed_config
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if deepspeed:
+        resolve_deepspeed_config()
     if torch.cuda.is_available():
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, imported by Accelerate, warns on every CPU-only start
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and cfg.train.cpu:
-        raise UsageError("a DeepSpeed launch config with train.cpu=true: Accelerate would train without DeepSpeed; "
-                         "launch without --config_file launch/accelerate_deepspeed_zero2.yaml on a CPU machine, "
-                         "or give train.cpu=false to run DeepSpeed on the CPU")
+    if deepspeed and cfg.train.cpu:
+        raise UsageError("DeepSpeed launch config with train.cpu=true on a machine without a GPU: Accelerate would "
+                         "train without DeepSpeed; launch without the DeepSpeed config, or give train.cpu=false "
+                         "to run DeepSpeed on the CPU")
     procs, cores = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1
     if procs > cores and not cfg.train.cpu:
         raise UsageError(f"{procs} processes on {cores} CPU cores and no GPU: launch at most {cores} "
                          f"(--num_processes {cores}), or give train.cpu=true to run them anyway")
+    if procs > cores and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"note: {procs} processes share {cores} CPU cores (train.cpu=true): expect each to run slower")
+
+
+def quiet_known_warnings() -> None:
+    """Filter the warnings the package understands (each explained in docs/launch.md)."""
+    import warnings
+
+    # 1x1 conv weights get gradients with other strides on their size-1 dims; DDP copies them either way
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
