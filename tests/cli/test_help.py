@@ -14,7 +14,7 @@ from text4vpr.config import to_dict
 from text4vpr.train import resolve_config
 from text4vpr.train.config import RunConfig
 from text4vpr.utils.mapping import flatten
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from text4vpr.utils.testing import HANG_GUARD_S, free_port
+from tests.helpers import HANG_GUARD_S, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from text4vpr.utils.launch_check import LaunchMismatch, check_world_size, requested_processes
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 ACC = ["/usr/bin/python3", "/venv/bin/accelerate", "launch"]

@@ -196,8 +196,8 @@ def _load(path) -> dict:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UpstreamConversionError(f"{path}: refused: it holds more than tensors and plain containers, and only "
-                                      f"weights-only unpickling is allowed ({weights_only_reason(e)})") from None
+        raise UpstreamConversionError(f"{path}: refused to unpickle ({weights_only_reason(e)}): only tensors and "
+                                      "plain containers are read from a checkpoint (torch.load weights_only)") from None
     except (RuntimeError, EOFError) as e:  # OSError (missing, unreadable) names its path itself
         raise UpstreamConversionError(f"{path}: not a readable torch file ({weights_only_reason(e)})") from None
     if not isinstance(ckpt, dict):

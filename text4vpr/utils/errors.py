@@ -34,7 +34,8 @@ def weights_only_reason(error: BaseException) -> str:
     """Why `torch.load(weights_only=True)` refused a file: the line of torch's long message
     that names the type it would not unpickle."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return next((line for line in lines if "but got" in line or "Unsupported global" in line), lines[0])[:300]
+    line = next((line for line in lines if "but got" in line or "Unsupported global" in line), lines[0])
+    return line.split(" was not an allowed global")[0][:300]  # not torch's advice to allow-list it
 
 
 def file_records_problem(records, what: str) -> str | None:
