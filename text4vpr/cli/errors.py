@@ -26,7 +26,7 @@ def user_message(e: BaseException) -> str | None:
     if isinstance(e, InputError):
         return one_line(e)
     if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "<output>"
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "writing output"
         return f"{where}: {e.strerror or one_line(e)}"
     return None
 
