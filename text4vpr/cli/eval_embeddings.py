@@ -1,8 +1,6 @@
-"""`text4vpr eval-embeddings --queries Q.safetensors --database DB.safetensors --out DIR`.
-
-Both files hold `embeddings` (n, V, D), `view_mask` (n, V), `coords` (n, 3) float64 and
-`index` (n,) (the index part layout); a database may also be an index folder.
-"""
+"""`text4vpr eval-embeddings --queries Q.safetensors --database DB --out DIR`: the metrics of
+precomputed vectors; each file holds `embeddings` (n, V, D), `view_mask` (n, V), `coords` (n, 3)
+and `index` (n,), and a database may be an index folder."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""`text4vpr eval --model DIR --shards DIR [--index INDEX] [--mode M] --out DIR`.
-
-Top-k accuracy within r metres on a split (docs/method.md), written as metrics.json, report.md
-and accuracy_vs_radius.png; `--html` adds report.html (charts, map, gallery of the worst queries). Runs single-process or under `accelerate launch` (ranks share the
-encoding; rank 0 writes the report).
-"""
+"""`text4vpr eval --model DIR --shards DIR [--index INDEX] --out DIR`: top-k accuracy within r
+metres on a split (metrics.json, report.md, a plot; `--html` report.html), single-process or
+under `accelerate launch` (docs/retrieval.md)."""
 
 from __future__ import annotations
 

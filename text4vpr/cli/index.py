@@ -1,9 +1,6 @@
-"""`text4vpr index build --model DIR --shards DIR --out INDEX`: database image vectors of a split;
-`text4vpr index queries ... --out Q.safetensors`: its descriptions' vectors, for `eval-embeddings`.
-
-Launch with `accelerate launch -m text4vpr index build ...` to encode on several GPUs; each
-rank writes its own part.
-"""
+"""`text4vpr index build|queries --model DIR --shards DIR --out PATH`: a split's database image
+vectors (an index folder, one part per rank under `accelerate launch -m text4vpr`) or its
+descriptions' vectors (a query file for `eval-embeddings`)."""
 
 from __future__ import annotations
 

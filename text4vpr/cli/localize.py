@@ -1,9 +1,6 @@
-"""`text4vpr localize --model DIR --index INDEX --text "..." [--text "..." up to 4] [--top-k 5] [--mode M] [--json]
-[--html out.html --shards DIR]`.
-
-Descriptions are taken in pos order (the first faces pos 1, ...); use `--mode any-heading`
-when the heading of the first description is unknown.
-"""
+"""`text4vpr localize --model DIR --index INDEX --text "..." (up to 4, in pos order)`: the best
+matching locations as a table, JSON or an HTML page (`--mode any-heading` when the first
+description's heading is unknown)."""
 
 from __future__ import annotations
 

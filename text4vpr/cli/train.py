@@ -48,7 +48,7 @@ def one_thread_unless_set() -> None:
 
 
 def check_launch_applies(cfg) -> None:
-    """Refuse a launch this machine cannot honour, before anything is written (docs/launch.md)."""
+    """Refuse a launch this machine cannot honour, before anything is written (docs/cli.md)."""
     import torch
 
     from text4vpr.utils.launch_check import resolve_deepspeed_config
@@ -72,7 +72,7 @@ def check_launch_applies(cfg) -> None:
 
 
 def quiet_known_warnings() -> None:
-    """Filter the warnings the package understands (each explained in docs/launch.md)."""
+    """Filter the warnings the package understands (each explained in docs/cli.md)."""
     import warnings
 
     # 1x1 conv weights get gradients with other strides on their size-1 dims; DDP copies them either way

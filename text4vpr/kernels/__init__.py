@@ -1,5 +1,2 @@
-"""Search kernels: group-similarity top-k over a database of view groups.
-
-`group_topk` (in `topk.py`) is the entry point; it runs the torch reference path on CPU
-and the fused Triton kernel (`group_topk_triton.py`) on CUDA tensors.
-"""
+"""Search kernels: group-similarity top-k over a database of view groups; `topk.group_topk` runs
+the torch path on CPU and the fused Triton kernel (`group_topk_triton.py`) on CUDA tensors."""

@@ -1,9 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename.
-
-A reader never sees a half-written file, and a killed writer leaves only a `.tmp-*` file
-that the next run ignores or overwrites. The file gets the mode a plain `open` would give
-(0666 less the umask), not the temp file's private 0600.
-"""
+"""Atomic file writes: a temporary name in the same folder, then a rename, so a reader never sees
+a half-written file and a killed writer leaves only a `.tmp-*` file (docs/cli.md#files)."""
 
 from __future__ import annotations
 

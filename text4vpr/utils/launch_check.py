@@ -1,5 +1,5 @@
 """Does the launch match what its command line asked for: the number of processes, and the
-DeepSpeed config its launch config names (docs/launch.md)."""
+DeepSpeed config its launch config names (docs/cli.md)."""
 
 from __future__ import annotations
 
