@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from text4vpr.kernels.modes import MODES
+from text4vpr.kernels import MODES
 
 
 def add_model_loader_args(parser: argparse.ArgumentParser) -> None:

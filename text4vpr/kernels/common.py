@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from text4vpr.kernels.modes import MODES
+from text4vpr.kernels import MODES
 from text4vpr.utils.errors import InputError
 
 MAX_TRITON_K = 128
