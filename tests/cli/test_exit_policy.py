@@ -51,7 +51,7 @@ MISTAKES = [
     ("config show with a typo", ["config", "show", "train.epocs=3"], {}, r"unknown config key in 'train': train.epocs"),
     # a launch this machine cannot honour (issue 28, item 4), refused before the run folder exists
     ("DeepSpeed launch config on a CPU machine", ["train", "train.output_dir=o"],
-     {**NO_GPU, "ACCELERATE_USE_DEEPSPEED": "true"}, r"DeepSpeed launch config with train.cpu=true on a machine without a GPU"),
+     {**NO_GPU, "ACCELERATE_USE_DEEPSPEED": "true"}, r"DeepSpeed launch config with train.cpu=true \(the demo's default\): Accelerate would train without DeepSpeed"),
     ("more processes than cores", ["train", "train.cpu=false", "train.output_dir=o"],
      {**NO_GPU, "LOCAL_WORLD_SIZE": str((os.cpu_count() or 1) + 1)}, r"processes on \d+ CPU cores and no GPU"),
     ("DeepSpeed JSON relative to another folder", ["train", "train.cpu=false", "train.output_dir=o"],

@@ -53,16 +53,15 @@ def check_launch_applies(cfg) -> None:
 
     from text4vpr.utils.launch_check import resolve_deepspeed_config
 
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    if deepspeed:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if cfg.train.cpu:  # Accelerator(cpu=True) leaves DeepSpeed out without a word
+            raise UsageError("DeepSpeed launch config with train.cpu=true (the demo's default): Accelerate would "
+                             "train without DeepSpeed; give train.cpu=false (DeepSpeed on the GPU, or on the CPU "
+                             "where there is none), or launch without the DeepSpeed config")
         resolve_deepspeed_config()
     if torch.cuda.is_available():
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, imported by Accelerate, warns on every CPU-only start
-    if deepspeed and cfg.train.cpu:
-        raise UsageError("DeepSpeed launch config with train.cpu=true on a machine without a GPU: Accelerate would "
-                         "train without DeepSpeed; launch without the DeepSpeed config, or give train.cpu=false "
-                         "to run DeepSpeed on the CPU")
     procs, cores = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1
     if procs > cores and not cfg.train.cpu:
         raise UsageError(f"{procs} processes on {cores} CPU cores and no GPU: launch at most {cores} "
