@@ -45,6 +45,8 @@ MISTAKES = [
     ("eval without a model", ["eval", "--model", "m", "--shards", "shards", "--out", "o"], {}, r"m/config.json not found"),
     ("eval-embeddings of a missing file", ["eval-embeddings", "--queries", "q.safetensors", "--database", "d", "--out", "o"], {},
      r"q.safetensors: no such file"),
+    ("eval-embeddings of a non-safetensors file", ["eval-embeddings", "--queries", "afile", "--database", "d", "--out", "o"], {},
+     r"afile: not a safetensors file \(.*\); pass one written by `text4vpr index queries`"),
     ("localize on cuda without one", ["localize", "--model", "m", "--index", "i", "--text", "a", "--device", "cuda"], NO_GPU,
      r"--device cuda: (this torch has no CUDA|no GPU is visible) on this machine; use --device cpu"),
     ("train with a typo", ["train", "train.epocs=3", "train.output_dir=o"], {}, r"unknown config key in 'train': train.epocs"),
@@ -130,17 +132,3 @@ def test_os_errors_name_the_path():
     assert user_message(OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors")) == \
         "/runs/x/model.safetensors: No space left on device"
     assert user_message(OSError(errno.EBADF, "Bad file descriptor")) is None  # ours, not the user's: a traceback
-
-
-def test_a_full_disk_during_an_atomic_write_names_the_file(tmp_path, monkeypatch):
-    import errno
-
-    from text4vpr.utils import atomic
-
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(atomic.os, "fsync", full)
-    with pytest.raises(OSError) as e:
-        atomic.atomic_write_text(tmp_path / "metrics.json", "{}")
-    assert e.value.filename == str(tmp_path / "metrics.json") and not list(tmp_path.iterdir())

@@ -83,3 +83,27 @@ def test_saved_safetensors_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
         assert f.metadata() == metadata
+
+
+def test_an_os_error_names_the_file_as_the_user_named_it(tmp_path, monkeypatch):
+    """A full disk (no path in the error) or a folder where the file goes (the temp file's
+    rename): the error names the target, and no temp file is left."""
+    import errno
+
+    import pytest
+
+    from text4vpr.utils import atomic
+
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic.atomic_write_text(tmp_path / "report.html", "<html>")
+    assert e.value.filename == str(tmp_path / "report.html") and e.value.filename2 is None
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic.atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert e.value.filename == str(tmp_path / "metrics.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

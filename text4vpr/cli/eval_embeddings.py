@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(path: str) -> tuple[dict, dict]:
     """(tensors, provenance): the digests the file or index recorded ({} for a plain file)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from text4vpr.retrieval.index import load_index
@@ -40,7 +40,10 @@ def _load(path: str) -> tuple[dict, dict]:
         return tensors, idx.header
     if not p.is_file():
         raise UsageError(f"{p}: no such file or index folder")
-    tensors = load_file(str(p))
+    try:
+        tensors = load_file(str(p))
+    except SafetensorError as e:
+        raise UsageError(f"{p}: not a safetensors file ({e}); pass one written by `text4vpr index queries`") from None
     missing = [n for n in _NAMES if n not in tensors]
     if missing:
         raise UsageError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")

@@ -38,8 +38,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # a full disk says which file it stopped
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename, e.filename2 = str(path), None  # a full disk or a folder in the way: named as the user named it
         raise
 
 
