@@ -12,10 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from text4vpr.retrieval.defaults import KS, RADII
 from text4vpr.utils.errors import InputValueError
-
-DEFAULT_KS = (1, 5, 10)
-DEFAULT_RADII = (5.0, 10.0, 15.0, 30.0)
 
 
 def key(x: float) -> str:
@@ -31,8 +29,8 @@ def topk_within_radius(
     topk_ids,
     query_coords,
     db_coords,
-    ks: Sequence[int] = DEFAULT_KS,
-    radii: Sequence[float] = DEFAULT_RADII,
+    ks: Sequence[int] = KS,
+    radii: Sequence[float] = RADII,
 ) -> dict[str, dict[str, float]]:
     """accuracy[k][r] from ranked ids (Q, K) into the database rows, coords (Q, 3) / (N, 3) metres.
 
