@@ -1,5 +1,6 @@
 """The package's import graph, every import counted (function-level ones too): no cycle, the
-library never imports the trainer or the CLI, and the trainer never imports the CLI."""
+library never imports the trainer or the CLI, the trainer never imports the CLI, and the CLI
+reaches the trainer only through `cli/train.py`."""
 
 import ast
 from pathlib import Path
@@ -75,6 +76,8 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
                 bad.append(f"library {src} imports {dst}")
             if _in(src, ("text4vpr.train",)) and _in(dst, ("text4vpr.cli",)):
                 bad.append(f"trainer {src} imports the CLI {dst}")
+            if _in(src, ("text4vpr.cli",)) and src != "text4vpr.cli.train" and _in(dst, ("text4vpr.train",)):
+                bad.append(f"CLI {src} imports the trainer {dst} (only cli.train does)")
     return sorted(bad)
 
 
@@ -99,4 +102,5 @@ def test_the_checks_see_lazy_imports_and_cycles(tmp_path):
     assert graph["text4vpr.train"] == {"text4vpr.cli.errors"} and graph["text4vpr.cli"] == {"text4vpr.cli.errors"}
     assert find_cycle(graph) in (["text4vpr.cli.errors", "text4vpr.train", "text4vpr.cli.errors"],
                                  ["text4vpr.train", "text4vpr.cli.errors", "text4vpr.train"])
-    assert layer_violations(graph) == ["trainer text4vpr.train imports the CLI text4vpr.cli.errors"]
+    assert layer_violations(graph) == ["CLI text4vpr.cli.errors imports the trainer text4vpr.train (only cli.train does)",
+                                       "trainer text4vpr.train imports the CLI text4vpr.cli.errors"]

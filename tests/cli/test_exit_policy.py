@@ -94,9 +94,9 @@ def test_train_py_takes_debug_after_its_arguments(tmp_path):
 
 def test_a_bug_shows_its_traceback(tmp_path):
     """A programming error is no user mistake: the traceback, exit 1, with or without --debug."""
-    code = ("import sys, text4vpr.cli.config as c\n"
-            "def broken(cfg): return 1 / 0\n"
-            "c.print_config = broken\n"
+    code = ("import sys, text4vpr.cli.train as t\n"
+            "def broken(*args): return 1 / 0\n"
+            "t.print_config = broken\n"
             "from text4vpr.cli import main\n"
             "sys.exit(main(['config', 'show']))\n")
     r = _run([sys.executable, "-c", code], tmp_path)

@@ -16,14 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.train import resolve_config
+    from text4vpr.cli.train import print_config
 
-    return print_config(resolve_config(args.config, args.overrides))
-
-
-def print_config(cfg) -> int:
-    """The resolved run config, every key, as YAML a `--config` file accepts."""
-    from text4vpr.config import dump_yaml
-
-    print(dump_yaml(cfg), end="")
-    return 0
+    return print_config(args.config, args.overrides)

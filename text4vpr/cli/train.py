@@ -23,17 +23,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.cli.config import print_config
     from text4vpr.train import resolve_config
     from text4vpr.train import run as train
 
-    cfg = resolve_config(args.config, args.overrides, args.resume)  # config errors before heavy imports
     if args.print_config:
-        return print_config(cfg)
+        return print_config(args.config, args.overrides, args.resume)
+    cfg = resolve_config(args.config, args.overrides, args.resume)  # config errors before heavy imports
     one_thread_unless_set()
     check_launch_applies(cfg)
     quiet_known_warnings()
     train(cfg)
+    return 0
+
+
+def print_config(config: str | None, overrides: list[str], resume: str | None = None) -> int:
+    """The resolved run config, every key, as YAML a `--config` file accepts (`--print-config`,
+    `text4vpr config show`)."""
+    from text4vpr.config import dump_yaml
+    from text4vpr.train import resolve_config
+
+    print(dump_yaml(resolve_config(config, overrides, resume)), end="")
     return 0
 
 
