@@ -7,6 +7,8 @@ import contextlib
 
 import torch
 
+from text4vpr.config import ConfigError
+
 
 def model_inputs(batch: dict) -> dict:
     """The model's keyword arguments: images, or cached frozen tokens instead of them."""
@@ -29,7 +31,7 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     """Split every tensor of the batch along dim 0 into `n` nearly equal micro-batches."""
     size = batch["view_mask"].shape[0]
     if n > size:
-        raise ValueError(f"train.micro_batches={n} exceeds the per-rank batch of {size} locations")
+        raise ConfigError(f"train.micro_batches={n} exceeds the per-rank batch of {size} locations")
     bounds = torch.linspace(0, size, n + 1).round().long().tolist()
     return [{k: v[a:b] if torch.is_tensor(v) else v for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
