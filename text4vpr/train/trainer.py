@@ -33,7 +33,7 @@ from text4vpr.train.strategy import make_strategy
 from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.progress import Progress
 from text4vpr.utils.atomic import atomic_write_text
-from text4vpr.utils.distributed import average_gradients, broadcast_buffers
+from text4vpr.utils.distributed import average_gradients, broadcast_buffers, main_value
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,7 +68,8 @@ class Trainer:
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
         # never mix runs; after every refusal above, so train.overwrite=true never clears a run for nothing
-        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
+        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone,
+                        share=main_value if self.acc.num_processes > 1 else None, report=self.acc.print)
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
