@@ -13,12 +13,13 @@ from text4vpr.cli._retrieval_common import (
     add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
+from text4vpr.cli.arg_types import non_negative_int, positive_float, positive_int
 from text4vpr.cli.errors import fail
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values")
-    parser.add_argument("--radii", type=float, nargs="+", default=[5, 10, 15, 30], help="radii in metres")
+    parser.add_argument("--ks", type=positive_int, nargs="+", default=[1, 5, 10], help="k values")
+    parser.add_argument("--radii", type=positive_float, nargs="+", default=[5, 10, 15, 30], help="radii in metres")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="search kernel")
 
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ks_radii(parser)
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
-    parser.add_argument("--gallery", type=int, default=40, help="worst queries shown in report.html (default 40)")
+    parser.add_argument("--gallery", type=non_negative_int, default=40, help="worst queries shown in report.html (default 40)")
 
 
 def _this_rank_rows(path: str) -> tuple[int, int]:

@@ -9,7 +9,6 @@ naming shard and key (`on_error="raise"`) or a counted, logged skip.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
+from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.tokenizer import normalize_text
 from text4vpr.data.transforms import empty_cpu, normalize_images
 
@@ -70,7 +70,7 @@ class BatchMaker:
         """Raw sample -> (uint8 views [(H,W,3) or None], texts, mask, coords, index); None if skipped."""
         v = self.cfg.views
         try:
-            meta = json.loads(sample["json"])
+            meta = read_sample_json(sample)  # the check `shards inspect` runs too
             if self.splits is not None and meta.get("split") not in self.splits:
                 raise ValueError(f"split {meta.get('split')!r}, manifest says {sorted(self.splits)}")
             mask = [bool(m) for m in meta["view_mask"]][:v]

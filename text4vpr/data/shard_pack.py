@@ -58,6 +58,7 @@ class BuildOptions:
     workers: int = 1
     prefix: str = "shard"
     overwrite: bool = False  # discard an earlier, different build in the same folder
+    max_skipped_share: float = 1.0  # refuse when more of the locations (or views) are skipped; the CLI says 0.05
 
 
 def sample_key(loc: Location) -> str:

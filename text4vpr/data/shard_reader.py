@@ -8,6 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
 from text4vpr.utils.errors import InputError, file_records_problem
 
@@ -88,7 +89,13 @@ def verify_shards(shard_dir: str | Path) -> dict:
         if path.stat().st_size != s["bytes"] or file_sha256(path) != s["sha256"]:
             problems.append(f"{s['name']}: checksum mismatch")
             continue
-        count = sum(1 for _ in iter_tar_samples(path))
+        count = 0
+        for key, sample in iter_tar_samples(path):
+            count += 1
+            try:
+                read_sample_json(sample)  # the loader's own check of each sample
+            except ValueError as e:
+                problems.append(f"{s['name']}: sample {key}: {e}")
         if count != s["count"]:
             problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
