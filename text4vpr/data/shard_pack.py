@@ -86,12 +86,26 @@ def _image_bytes(path: Path, resize: int | None, quality: int, max_pixels: int) 
     with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size checked above
         im.load()  # raises on truncated/corrupt data
+        problem = degenerate_problem(im)
+        if problem is not None:
+            raise BadImage(problem)
         if resize is None:
             return data
         rgb = im.convert("RGB").resize((resize, resize), Image.BILINEAR)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def degenerate_problem(im) -> str | None:
+    """Why a decoded view would reach the model as something else than the photo, or None: not
+    a JPEG, not 8-bit (a 16-bit PNG named .jpg becomes all white), or one flat value."""
+    if im.format != "JPEG" or im.mode not in ("L", "RGB", "CMYK", "YCbCr"):
+        return f"degenerate image: a {im.format} of mode {im.mode} named .jpg (8-bit JPEG expected)"
+    low, high = im.convert("L").getextrema()
+    if low == high:
+        return f"degenerate image: every pixel has the value {low}"
+    return None
 
 
 def sample_json(loc: Location, views) -> bytes:

@@ -265,8 +265,11 @@ def _apply_worker_drops(report: ValidationReport, records: list[dict]) -> Valida
 def _summary_line(manifest: dict, reused: int, elapsed: float) -> str:
     t, c = manifest["totals"], manifest["report"]["counts"]
     mb = t["bytes"] / 1e6
+    off = c["flags"].get("off_earth", 0)
+    warn = (f"\nWARNING: {off} locations have coordinates that are not on the Earth's surface (flag off_earth in "
+            "report.json); the loader refuses them: check the x, y, z columns (ECEF metres)") if off else ""
     return (
         f"shards: {t['locations']} locations, {t['views']} views in {t['shards']} shards ({reused} reused); "
         f"skipped {c['locations_skipped']} locations, {c['rows_dropped']} views; "
-        f"{mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s)"
+        f"{mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s)" + warn
     )
