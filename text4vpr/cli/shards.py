@@ -59,6 +59,10 @@ def _build(args: argparse.Namespace) -> int:
     from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
     from text4vpr.utils.atomic import atomic_write_json
 
+    from text4vpr.cli.errors import UsageError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: a file, not a folder; pass a folder for the shards")
     images = Path(args.images)
     if not images.is_dir() or next(images.glob("*_[0-9].jpg"), None) is None:
         why = "no such folder" if not images.is_dir() else "no {index:06d}_{pos}.jpg views in this folder"

@@ -27,6 +27,7 @@ from text4vpr.train.data import (
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
+from text4vpr.train.preflight import check_run_inputs
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
@@ -58,6 +59,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t = cfg.train
+        check_run_inputs(cfg)  # every path and key the run names, before anything is written
         self.trackers = tracker_names(t.log_with, t.tensorboard)
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, log_with=self.trackers or None,
                                project_dir=str(Path(t.output_dir) / TRACKERS_DIR))
