@@ -64,3 +64,12 @@ def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict | No
     from safetensors.torch import save
 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' streaming `save_file` (for files inside a folder renamed into place when
+    complete), with the mode a plain `open` gives instead of its 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
