@@ -28,12 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder")
 
 
-def _load(path: str) -> tuple[dict, dict]:
-    """(tensors, provenance): the digests the file or index recorded ({} for a plain file)."""
+def _load(path: str, role: str) -> tuple[dict, dict]:
+    """(tensors, provenance): the digests the file or index recorded ({} for a plain file);
+    `role` "--queries" or "--database": a file written for the other role is refused."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.index import FORMAT as INDEX_FORMAT, load_index
+    from text4vpr.retrieval.queries import QUERIES_FORMAT
 
     p = Path(path)
     if p.is_dir():
@@ -47,7 +49,14 @@ def _load(path: str) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
     with safe_open(str(p), framework="pt") as f:
-        return tensors, f.metadata() or {}
+        meta = f.metadata() or {}
+    if role == "--database" and meta.get("format") == QUERIES_FORMAT:
+        raise ValueError(f"--database {p}: a query file (written by `text4vpr index queries`), not database vectors; "
+                         "pass the index folder of `text4vpr index build`")
+    if role == "--queries" and meta.get("format") == INDEX_FORMAT:
+        raise ValueError(f"--queries {p}: an index part (database image vectors), not query vectors; "
+                         "pass the file of `text4vpr index queries`")
+    return tensors, meta
 
 
 def _check_same_model(queries: dict, database: dict, where: str, allow: bool) -> None:
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.report import markdown_table, write_report
 
     try:
-        (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
+        (q, q_meta), (db, db_meta) = _load(args.queries, "--queries"), _load(args.database, "--database")
         _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
         if not args.allow_disjoint:
             check_queries_in_database(q["index"].long(), db["index"].long())
