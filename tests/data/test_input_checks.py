@@ -157,3 +157,16 @@ def test_a_killed_builds_temp_files_are_removed_by_the_next(synth_root, tmp_path
         p.write_bytes(b"half a shard")
     _build(synth_root, out)
     assert not any(p.exists() for p in orphans) and not list(out.rglob(".tmp-*"))
+
+
+def test_a_shard_duplicated_under_a_rehashed_manifest_is_refused_by_both(synth_shards, tmp_path, tokenizer_dir):
+    folder = tmp_path / "s"
+    shutil.copytree(synth_shards, folder)
+    manifest = load_manifest(folder)
+    first, second = manifest["shards"][:2]
+    shutil.copy(folder / first["name"], folder / second["name"])
+    second.update({k: first[k] for k in ("bytes", "sha256", "count", "views", "keys") if k in first})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = verify_shards(folder)
+    assert not result["ok"] and any("duplicate location key" in p for p in result["problems"]), result
+    assert "duplicate location key" in _loader_error(folder, tokenizer_dir)

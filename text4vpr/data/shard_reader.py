@@ -77,10 +77,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def verify_shards(shard_dir: str | Path) -> dict:
-    """Check every shard's sha256, bytes and sample count against the manifest."""
+    """Check every shard's sha256, bytes and sample count against the manifest, and what the
+    loader checks besides: each sample's JSON member, the manifest's key list, no key twice."""
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    problems = []
+    problems, owner = [], {}
     for s in manifest["shards"]:
         path = shard_dir / s["name"]
         if not path.exists():
@@ -89,15 +90,20 @@ def verify_shards(shard_dir: str | Path) -> dict:
         if path.stat().st_size != s["bytes"] or file_sha256(path) != s["sha256"]:
             problems.append(f"{s['name']}: checksum mismatch")
             continue
-        count = 0
+        keys = []
         for key, sample in iter_tar_samples(path):
-            count += 1
+            keys.append(key)
+            if key in owner:
+                problems.append(f"{s['name']}: duplicate location key {key} (also in {owner[key]})")
+            owner.setdefault(key, s["name"])
             try:
                 read_sample_json(sample)  # the loader's own check of each sample
             except ValueError as e:
                 problems.append(f"{s['name']}: sample {key}: {e}")
-        if count != s["count"]:
-            problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        if len(keys) != s["count"]:
+            problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['count']}")
+        elif "keys" in s and keys != list(s["keys"]):
+            problems.append(f"{s['name']}: its location keys differ from its manifest entry's list")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
 
 
