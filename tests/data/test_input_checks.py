@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 from text4vpr.data.loader import LoaderConfig, LoaderError, build_loader
 from text4vpr.data.shard_reader import ShardError, iter_tar_samples, load_manifest, verify_shards
 from text4vpr.data.shards import BuildOptions, build_shards
+from text4vpr.utils.testing import rewrite_first_shard
 
 
 def _build(root, out, **kw):
@@ -25,23 +23,8 @@ def _build(root, out, **kw):
 
 
 def _rewrite_first_sample(folder: Path, raw_json: bytes) -> str:
-    """Replace the first sample's JSON member with `raw_json` and re-hash the manifest (a
-    crafted folder whose checksums all agree); return the sample's key."""
-    manifest = load_manifest(folder)
-    entry = manifest["shards"][0]
-    samples = list(iter_tar_samples(folder / entry["name"]))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, (key, sample) in enumerate(samples):
-            for suffix, data in sample.items():
-                data = raw_json if (i == 0 and suffix == "json") else data
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / entry["name"]).write_bytes(buf.getvalue())
-    entry.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return samples[0][0]
+    """Replace the first sample's JSON member with `raw_json` (manifest re-hashed); its key."""
+    return rewrite_first_shard(folder, lambda i, raw: raw_json if i == 0 else raw)[0]
 
 
 def _first_meta(folder: Path) -> dict:
