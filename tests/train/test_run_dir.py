@@ -7,7 +7,9 @@ import pytest
 
 from text4vpr.config import dump_yaml
 from text4vpr.train import resolve_config
-from text4vpr.train.run_dir import RUN_MANIFEST, RunDirError, check_run_dir, prepare_run_dir, record_run
+from text4vpr.train.run_dir import (
+    LOCK_NAME, PACKAGE_FILES, RUN_MANIFEST, RunDirError, check_run_dir, prepare_run_dir, record_run,
+)
 from text4vpr.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +46,7 @@ def test_second_run_into_a_used_dir_is_refused(tmp_path):
 def test_overwrite_clears_first(tmp_path):
     run = _old_run(tmp_path / "run")
     prepare_run_dir(run, _cfg(run, "train.overwrite=true"), is_main=True, barrier=lambda: None)
-    assert [p.name for p in run.iterdir()] == [RUN_MANIFEST]
+    assert sorted(p.name for p in run.iterdir()) == sorted(PACKAGE_FILES)
 
 
 def test_overwrite_never_clears_a_folder_that_is_not_a_run(tmp_path):
@@ -164,7 +166,7 @@ def test_a_locked_run_folder_is_refused(tmp_path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunDirError, match="another training run is using this folder"):
+        with pytest.raises(RunDirError, match=f"another training run is using this folder \\(it holds {LOCK_NAME}\\)"):
             prepare_run_dir(run, _cfg(run, "train.resume=auto"), is_main=True, barrier=lambda: None)
     finally:
         holder.communicate("", timeout=60)
@@ -180,6 +182,6 @@ def test_a_real_run_records_every_file_it_writes(train_cache, tmp_path):
     from text4vpr.train.run_dir import own_entries
 
     cfg = _cfg(out, *args, "train.overwrite=true")
-    assert own_entries(out, cfg) == sorted(p.name for p in out.iterdir() if p.name != RUN_MANIFEST)
+    assert own_entries(out, cfg) == sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES)
     prepare_run_dir(out, cfg, is_main=True, barrier=lambda: None)
-    assert [p.name for p in out.iterdir()] == [RUN_MANIFEST]
+    assert sorted(p.name for p in out.iterdir()) == sorted(PACKAGE_FILES)

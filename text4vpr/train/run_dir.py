@@ -5,7 +5,8 @@ A non-empty `train.output_dir` is refused unless the run resumes it (`train.resu
 same resolved config, or `train.overwrite=true` clears it first. Clearing removes only the
 names the folder's run manifest (`.text4vpr-run.json`, written before any other file of the
 run) lists; a folder holding anything else is refused, naming it. The main rank holds a lock
-on the folder for the whole run, so two runs never write into one folder at once.
+on the folder (`.text4vpr-run.lock`) for the whole run, so two runs never write into one
+folder at once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ RESUME_MAY_CHANGE = frozenset({"train.resume", "train.overwrite", "train.progres
                                "train.output_dir"})
 CONFIG_NAME = "config.yaml"
 RUN_MANIFEST = ".text4vpr-run.json"
+LOCK_NAME = ".text4vpr-run.lock"
+PACKAGE_FILES = frozenset({RUN_MANIFEST, LOCK_NAME})  # the folder's own bookkeeping: never a run's output
 # every top-level name a training run writes into its folder (fnmatch patterns); recorded in
 # RUN_MANIFEST before the run writes anything, so a clear never reaches a user's own file
 RUN_OUTPUTS = (CONFIG_NAME, "metrics.jsonl", "checkpoints", TRACKERS_DIR, "model", "best_model", FINAL_METRICS,
@@ -77,8 +80,8 @@ def check_run_dir(run_dir: Path, cfg) -> bool:
         if resumes_here:
             raise RunDirError(f"train.overwrite=true with train.resume={t.resume}: overwriting would delete the run "
                               "it resumes; drop one of the two")
-        return bool(set(entries) - {RUN_MANIFEST})
-    if not set(entries) - {RUN_MANIFEST}:
+        return bool(set(entries) - PACKAGE_FILES)
+    if not set(entries) - PACKAGE_FILES:
         return False
     if not resumes_here:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
@@ -105,7 +108,7 @@ def recorded_outputs(run_dir: Path) -> list[str] | None:
 def own_entries(run_dir: Path, cfg) -> list[str]:
     """The entries of `run_dir` a clear removes; RunDirError naming the rest when the folder
     holds anything the package did not record as its own (nothing is removed then)."""
-    entries = sorted(p.name for p in run_dir.iterdir() if p.name != RUN_MANIFEST)
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name not in PACKAGE_FILES)
     patterns = recorded_outputs(run_dir)
     own = [e for e in entries if patterns is not None and any(fnmatch.fnmatchcase(e, p) for p in patterns)]
     foreign = [e for e in entries if e not in own]
@@ -140,23 +143,40 @@ def record_run(run_dir: Path) -> None:
 _HELD: dict[str, tuple[int, int]] = {}  # resolved folder -> (fd, inode) of the locks this process holds
 
 
-def lock_run_dir(run_dir: Path) -> None:
-    """Hold an exclusive lock on `run_dir` (created if missing) until this process exits;
-    RunDirError when another process holds it. Taking it again in this process is a no-op."""
+def lock_run_dir(run_dir: Path) -> bool:
+    """Hold an exclusive lock on `run_dir` (created if missing) until this process exits or
+    `unlock_run_dir`; RunDirError when another process holds it. Taking it again in this
+    process is a no-op. Returns whether this call created the lock file."""
     import fcntl
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    key, inode = str(run_dir.resolve()), run_dir.stat().st_ino
-    if _HELD.get(key, (None, None))[1] == inode:
-        return
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    key, lock = str(run_dir.resolve()), run_dir / LOCK_NAME
+    if key in _HELD and lock.exists() and _HELD[key][1] == lock.stat().st_ino:
+        return False
+    created = not lock.exists()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when the process ends
-    except BlockingIOError:
+        # a POSIX record lock: owned by this process alone (a forked DataLoader worker that
+        # outlives a killed run does not inherit it), released by the kernel when it ends
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         os.close(fd)
-        raise RunDirError(f"train.output_dir={run_dir}: another training run is using this folder (it holds its "
-                          "lock); wait for that run to end, or choose another train.output_dir") from None
-    _HELD[key] = (fd, inode)
+        raise RunDirError(f"train.output_dir={run_dir}: another training run is using this folder (it holds "
+                          f"{LOCK_NAME}); wait for that run to end, or choose another train.output_dir") from None
+    _HELD[key] = (fd, os.fstat(fd).st_ino)
+    return created
+
+
+def unlock_run_dir(run_dir: Path, remove_file: bool = False, remove_dir: bool = False) -> None:
+    """Release this process's lock on `run_dir`; after a refusal, remove what taking it created
+    (the lock file; the folder, when it was created and is empty again)."""
+    held = _HELD.pop(str(run_dir.resolve()), None)
+    if held is not None:
+        os.close(held[0])  # closing releases the POSIX lock
+    if remove_file:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    if remove_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def prepare_run_dir(run_dir: Path, cfg, is_main: bool, barrier: Callable[[], None],
@@ -164,17 +184,22 @@ def prepare_run_dir(run_dir: Path, cfg, is_main: bool, barrier: Callable[[], Non
     """The main rank locks the folder; every rank checks (same verdict, read-only); then the
     main rank clears the package's own files when asked to and records the run manifest.
     `share`: the main rank's value on every rank (a broadcast; None in one process)."""
-    refusal = None
+    refusal, created, existed = None, False, run_dir.exists()
     if is_main:
         try:
-            lock_run_dir(run_dir)
+            created = lock_run_dir(run_dir)
         except RunDirError as e:
             refusal = str(e)
     refusal = share(refusal) if share is not None else refusal
     if refusal:
         raise RunDirError(refusal)
-    clear = check_run_dir(run_dir, cfg)
-    removed = own_entries(run_dir, cfg) if clear else []
+    try:
+        clear = check_run_dir(run_dir, cfg)
+        removed = own_entries(run_dir, cfg) if clear else []
+    except RunDirError:
+        if is_main:  # refused: leave the folder as it was found
+            unlock_run_dir(run_dir, remove_file=created, remove_dir=not existed)
+        raise
     barrier()  # no rank writes before every rank has looked
     if is_main:
         clear_run_dir(run_dir, removed)
