@@ -11,6 +11,7 @@ from text4vpr.train.run_dir import (
     LOCK_NAME, PACKAGE_FILES, RUN_MANIFEST, RunDirError, check_run_dir, prepare_run_dir, record_run,
 )
 from text4vpr.train.trainer import Trainer
+from text4vpr.utils.testing import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_test.yaml")
@@ -154,23 +155,49 @@ def test_another_runs_checkpoint_under_another_batch_size_is_refused(tmp_path):
     assert check_run_dir(new, _cfg(new, "data.loader.batch_size=4", f"train.resume={ckpt}")) is False
 
 
-def test_a_locked_run_folder_is_refused(tmp_path):
-    """Another process holds the folder's lock (a concurrent run): refused with one line."""
+def _holding_the_lock(run):
+    """A process that holds `run`'s lock until its stdin closes (a concurrent run)."""
     import subprocess
     import sys
 
-    run = _old_run(tmp_path / "run")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, pathlib; from text4vpr.train.run_dir import lock_run_dir; "
          "lock_run_dir(pathlib.Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(run)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_locked_run_folder_is_refused(tmp_path):
+    """Another process holds the folder's lock (a concurrent run): refused with one line."""
+    run = _old_run(tmp_path / "run")
+    holder = _holding_the_lock(run)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirError, match=f"another training run is using this folder \\(it holds {LOCK_NAME}\\)"):
             prepare_run_dir(run, _cfg(run, "train.resume=auto"), is_main=True, barrier=lambda: None)
     finally:
         holder.communicate("", timeout=60)
     prepare_run_dir(run, _cfg(run, "train.resume=auto"), is_main=True, barrier=lambda: None)  # free again
+
+
+def test_a_second_resume_into_a_running_folder_is_one_line(train_cache, tmp_path):
+    """Two `train.resume=auto` into one folder (a requeued job beside the running one), through
+    the real command line: the second stops with one line, exit 2, and writes nothing."""
+    import subprocess
+    import sys
+
+    extra = [f"data.synthetic.cache_dir={train_cache}"]
+    run = _old_run(tmp_path / "run", *extra)
+    holder = _holding_the_lock(run)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    try:
+        r = subprocess.run([sys.executable, "-m", "text4vpr", "train", "--config", TINY, f"train.output_dir={run}",
+                            "train.resume=auto", *extra], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    finally:
+        holder.communicate("", timeout=60)
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert r.returncode == 2 and len(errors) == 1 and "another training run is using this folder" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_a_real_run_records_every_file_it_writes(train_cache, tmp_path):
