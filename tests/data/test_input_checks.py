@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ def _build(root, out, **kw):
 
 def _rewrite_first_sample(folder: Path, raw_json: bytes) -> str:
     """Replace the first sample's JSON member with `raw_json` (manifest re-hashed); its key."""
-    return rewrite_first_shard(folder, lambda i, raw: raw_json if i == 0 else raw)[0]
+    return rewrite_first_shard(folder, lambda i, suffix, raw: raw_json if (i, suffix) == (0, "json") else raw)[0]
 
 
 def _first_meta(folder: Path) -> dict:
@@ -153,3 +154,19 @@ def test_a_shard_duplicated_under_a_rehashed_manifest_is_refused_by_both(synth_s
     result = verify_shards(folder)
     assert not result["ok"] and any("duplicate location key" in p for p in result["problems"]), result
     assert "duplicate location key" in _loader_error(folder, tokenizer_dir)
+
+
+def test_the_loader_refuses_a_16_bit_png_inside_a_shard(synth_shards, tmp_path, tokenizer_dir):
+    """A shard of an older build holding a 16-bit PNG as a view: refused, not decoded as white."""
+    from PIL import Image
+
+    folder = tmp_path / "s"
+    shutil.copytree(synth_shards, folder)
+    png = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).save(png, format="PNG")
+    key = rewrite_first_shard(folder, lambda i, suffix, raw: png.getvalue() if (i, suffix) == (0, "1.jpg") else raw)[0]
+    cfg = LoaderConfig(shards=str(folder), tokenizer=str(tokenizer_dir), batch_size=2, image_size=24, num_workers=0,
+                       max_text_length=16)
+    with pytest.raises(LoaderError, match=f"sample {key}: .*degenerate image: a PNG of mode I;16"):
+        for _ in build_loader(cfg, "eval"):
+            pass

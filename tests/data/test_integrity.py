@@ -94,7 +94,8 @@ def test_drop_overlap_with_two_files_writes_the_last_minus_the_first(overlapping
 # ---- 3: inspect --write-images -------------------------------------------------------------
 def _rewrite_shard(folder: Path, edit) -> None:
     """Rewrite the first shard's JSON members with `edit(meta)`, fixing the manifest (a crafted folder)."""
-    rewrite_first_shard(folder, lambda i, raw: json.dumps(edit(json.loads(raw))).encode())
+    rewrite_first_shard(folder, lambda i, suffix, raw: (json.dumps(edit(json.loads(raw))).encode()
+                                                        if suffix == "json" else raw))
 
 
 @pytest.mark.parametrize("split", ["../../escaped", "ABS/escaped", "a/b"])

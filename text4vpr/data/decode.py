@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from text4vpr.data.image_checks import format_problem
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.tokenizer import normalize_text
@@ -102,6 +103,9 @@ class BatchMaker:
             im = Image.open(io.BytesIO(data))
         with im:
             self.check_size(im.size)
+            problem = format_problem(im)  # a shard of an older build may hold one
+            if problem is not None:
+                raise ValueError(problem)
             if self.cfg.fast_decode and im.size != (size, size):
                 im.draft("RGB", (size, size))  # DCT-domain downscale to >= size (JPEG only)
             im.load()

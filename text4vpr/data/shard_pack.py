@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from text4vpr.data.image_checks import pixel_problem
+from text4vpr.data.image_checks import format_problem, pixel_problem
 from text4vpr.data.shard_reader import ShardError
 from text4vpr.data.street360loc import Location, Street360LocError
 from text4vpr.utils.atomic import atomic_open, atomic_write_json
@@ -99,9 +99,10 @@ def _image_bytes(path: Path, resize: int | None, quality: int, max_pixels: int) 
 
 def degenerate_problem(im) -> str | None:
     """Why a decoded view would reach the model as something else than the photo, or None: not
-    a JPEG, not 8-bit (a 16-bit PNG named .jpg becomes all white), or one flat value."""
-    if im.format != "JPEG" or im.mode not in ("L", "RGB", "CMYK", "YCbCr"):
-        return f"degenerate image: a {im.format} of mode {im.mode} named .jpg (8-bit JPEG expected)"
+    an 8-bit JPEG (`format_problem`), or one flat value."""
+    problem = format_problem(im)
+    if problem is not None:
+        return problem
     low, high = im.convert("L").getextrema()
     if low == high:
         return f"degenerate image: every pixel has the value {low}"

@@ -63,10 +63,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rewrite_first_shard(folder, edit_json) -> list[str]:
-    """Tests: rewrite the first shard of a shard folder with each sample's JSON member replaced
-    by `edit_json(i, raw_bytes) -> bytes`, and re-hash the manifest (a crafted folder whose
-    checksums all agree). Returns the shard's sample keys."""
+def rewrite_first_shard(folder, edit_member) -> list[str]:
+    """Tests: rewrite the first shard of a shard folder with each member of sample i replaced
+    by `edit_member(i, suffix, raw_bytes) -> bytes`, and re-hash the manifest (a crafted folder
+    whose checksums all agree). Returns the shard's sample keys."""
     import hashlib
     import io
     import json
@@ -83,7 +83,7 @@ def rewrite_first_shard(folder, edit_json) -> list[str]:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, (key, sample) in enumerate(samples):
             for suffix, data in sample.items():
-                data = edit_json(i, data) if suffix == "json" else data
+                data = edit_member(i, suffix, data)
                 info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
