@@ -48,3 +48,21 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
+
+
+def out_folder(text: str) -> str:
+    """argparse type: a folder to write into (it may not exist yet), never an existing file."""
+    from pathlib import Path
+
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder; pass a folder to write into")
+    return text
+
+
+def out_file(text: str) -> str:
+    """argparse type: a file to write (it may not exist yet), never an existing folder."""
+    from pathlib import Path
+
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file; pass a file name to write")
+    return text

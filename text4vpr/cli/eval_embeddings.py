@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg
+from text4vpr.cli.arg_types import out_folder
 from text4vpr.cli.errors import fail
 from text4vpr.cli.evaluate import add_ks_radii
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score queries whose locations are not in the database (by default an error)")
     add_index_risk_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the search (cpu, cuda)")
-    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--out", required=True, type=out_folder, help="report folder")
 
 
 def _load(path: str, role: str) -> tuple[dict, dict]:

@@ -13,7 +13,7 @@ from text4vpr.cli._retrieval_common import (
     add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
-from text4vpr.cli.arg_types import non_negative_int, positive_float, positive_int
+from text4vpr.cli.arg_types import non_negative_int, out_folder, positive_float, positive_int
 from text4vpr.cli.errors import fail
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "match by distance; by default an error)")
     add_mode_arg(parser)
     add_ks_radii(parser)
-    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--out", required=True, type=out_folder, help="report folder")
     parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
     parser.add_argument("--gallery", type=non_negative_int, default=40, help="worst queries shown in report.html (default 40)")
 

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from text4vpr.cli.arg_types import fraction, int_between, non_negative_int, positive_int
+from text4vpr.cli.arg_types import fraction, int_between, non_negative_int, out_folder, positive_int
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
 
 
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b = sub.add_parser("build", help="validate annotation files and write shards + manifest.json")
     b.add_argument("--xlsx", required=True, nargs="+", help="*_description.xlsx file(s), read in order")
     b.add_argument("--images", required=True, help="folder of {index:06d}_{pos}.jpg")
-    b.add_argument("--out", required=True, help="shard folder")
+    b.add_argument("--out", required=True, type=out_folder, help="shard folder")
     b.add_argument("--resize", type=int_between(8, 16384), default=None, help="resize views to this square size (default: keep bytes)")
     b.add_argument("--jpeg-quality", type=int_between(1, 95), default=90, help="quality when re-encoding with --resize")
     b.add_argument("--workers", type=positive_int, default=1, help="processes writing shards")
@@ -59,10 +59,6 @@ def _build(args: argparse.Namespace) -> int:
     from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
     from text4vpr.utils.atomic import atomic_write_json
 
-    from text4vpr.cli.errors import UsageError
-
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: a file, not a folder; pass a folder for the shards")
     images = Path(args.images)
     if not images.is_dir() or next(images.glob("*_[0-9].jpg"), None) is None:
         why = "no such folder" if not images.is_dir() else "no {index:06d}_{pos}.jpg views in this folder"

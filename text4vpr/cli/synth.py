@@ -7,14 +7,14 @@ import argparse
 import shlex
 from pathlib import Path
 
-from text4vpr.cli.arg_types import fraction, positive_int
+from text4vpr.cli.arg_types import fraction, out_folder, positive_int
 
 SPLITS = ("train", "val", "test")
 TOKENIZER_VOCAB = 1000  # as the trainer's embedded demo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=out_folder, help="output folder")
     p.add_argument("--locations", type=positive_int, default=300, help="number of locations (all splits)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the scenes and descriptions")
     p.add_argument("--image-size", type=positive_int, default=640, help="square image side in px")
