@@ -210,5 +210,7 @@ def test_a_real_run_records_every_file_it_writes(train_cache, tmp_path):
 
     cfg = _cfg(out, *args, "train.overwrite=true")
     assert own_entries(out, cfg) == sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES)
+    shards = sorted(Path(train_cache).rglob("manifest.json"))  # what the run folder's shards/ links point to
     prepare_run_dir(out, cfg, is_main=True, barrier=lambda: None)
     assert sorted(p.name for p in out.iterdir()) == sorted(PACKAGE_FILES)
+    assert shards and all(p.is_file() for p in shards)  # links removed, never their targets

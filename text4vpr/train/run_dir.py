@@ -35,7 +35,7 @@ LOCK_NAME = ".text4vpr-run.lock"
 PACKAGE_FILES = frozenset({RUN_MANIFEST, LOCK_NAME})  # the folder's own bookkeeping: never a run's output
 # every top-level name a training run writes into its folder (fnmatch patterns); recorded in
 # RUN_MANIFEST before the run writes anything, so a clear never reaches a user's own file
-RUN_OUTPUTS = (CONFIG_NAME, "metrics.jsonl", "checkpoints", TRACKERS_DIR, "model", "best_model", FINAL_METRICS,
+RUN_OUTPUTS = (CONFIG_NAME, "metrics.jsonl", "checkpoints", TRACKERS_DIR, "model", "best_model", "shards", FINAL_METRICS,
                "metrics.json", "per_query.jsonl", "report.md", "report.html", "*.png", ".tmp-*")
 FIX = "start over with train.overwrite=true, or choose another train.output_dir"
 
