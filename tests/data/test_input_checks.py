@@ -15,7 +15,7 @@ import pytest
 from text4vpr.data.loader import LoaderConfig, LoaderError, build_loader
 from text4vpr.data.shard_reader import ShardError, iter_tar_samples, load_manifest, verify_shards
 from text4vpr.data.shards import BuildOptions, build_shards
-from text4vpr.utils.testing import rewrite_first_shard
+from tests.helpers import rewrite_first_shard
 
 
 def _build(root, out, **kw):

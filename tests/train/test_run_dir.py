@@ -11,7 +11,7 @@ from text4vpr.train.run_dir import (
     LOCK_NAME, PACKAGE_FILES, RUN_MANIFEST, RunDirError, check_run_dir, prepare_run_dir, record_run,
 )
 from text4vpr.train.trainer import Trainer
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_test.yaml")
