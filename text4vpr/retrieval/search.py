@@ -60,7 +60,11 @@ def sharded_group_topk(
     the database size over all ranks. Without a process group this is plain `group_topk`.
     """
     scores, ids = group_topk(queries, query_mask, database, db_mask, k, mode, backend=backend)
-    ids = ids + id_offset
+    return merge_across_ranks(scores, ids + id_offset, k, total, group)
+
+
+def merge_across_ranks(scores: torch.Tensor, ids: torch.Tensor, k: int, total: int, group=None):
+    """Every rank's (Q, <=k) top-k with global ids -> the global top min(k, total), on all ranks."""
     scores, ids = pad_topk(scores, ids, k)
     keys = encode_keys(scores, ids)  # (Q, k) int64: one word per entry
     if not (dist.is_available() and dist.is_initialized()):
