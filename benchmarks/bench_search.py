@@ -5,7 +5,7 @@ One run measures, per size (Q queries x N locations x V*D dims) and k: seconds, 
 effective TFLOP/s (2*Q*N*V*D / time, i.e. counting the GEMM a search implies) and peak
 extra memory of each path. Upstream = per-query numpy dot + argsort over the whole
 database (test/test.py). faiss = IndexFlatIP on the flattened V*D vectors (CPU, if
-installed: `pip install faiss-cpu`, the `benchmark` extra). Triton runs on CUDA only.
+installed: `pip install faiss-cpu`, the `approx` extra). Triton runs on CUDA only.
 
 Memory: CUDA, torch.cuda.max_memory_allocated beyond the inputs; CPU, the peak resident set
 (VmHWM after resetting it via /proc/self/clear_refs) beyond the resident set before the call.
