@@ -30,9 +30,11 @@ def candidate_scores(q: torch.Tensor, q_mask: torch.Tensor, rows: torch.Tensor, 
     """Exact scores (Q, C) of each query against its own candidate rows (Q, C, V, D), masks (Q, C, V)."""
     num_q, c, v, d = rows.shape
     rot = rotated_views(weighted_views(q, q_mask, mode), mode)  # (R, Q, V, D)
-    dots = torch.einsum("qcvd,rqvd->rqcv", rows, rot)  # (R, Q, C, V) per-view inner products
-    weights = view_scales(rows.view(-1, v, d), rows_mask.view(-1, v), mode).view(num_q, c, v)  # (Q, C, V)
-    scores = (dots * weights).sum(-1).amax(dim=0)  # (Q, C): best rotation
+    weights = view_scales(rows.view(-1, v, d), rows_mask.view(-1, v), mode).view(num_q, c, v, 1)  # (Q, C, V, 1)
+    if not bool((weights == 1).all()):  # missing views or cosine: weight the rows' views
+        rows = rows * weights
+    q_cols = rot.reshape(rot.shape[0], num_q, v * d).permute(1, 2, 0)  # (Q, V*D, R)
+    scores = torch.bmm(rows.reshape(num_q, c, v * d), q_cols).amax(dim=-1)  # (Q, C): best rotation
     if mode == "cosine":
         common = (q_mask[:, None, :] & rows_mask).sum(-1).float()  # (Q, C) views in both
         scores = scores / common.clamp_min(1.0)
