@@ -5,13 +5,15 @@ tensor's dtype, shape and byte range, then the raw bytes. `PartRows` parses that
 (checked like any hostile input: known dtype, byte ranges inside the file and of the size
 the shape implies), maps the file read-only and hands out copies of chosen rows of the
 (n, V, D) `embeddings`. `release()` drops the mapped pages from this process's resident set
-(they stay in the OS page cache), so a long-running search does not grow to the file size.
+(they stay in the OS page cache); the re-rank's scattered rows are read with pread and never
+mapped, so a long-running search does not grow to the file size.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -60,6 +62,7 @@ class PartRows:
                 raise PartFormatError("safetensors header is not a JSON object")
             data_start = 8 + struct.unpack("<Q", raw)[0]
             np_dtype, self.shape, offset, st_dtype = _tensor_entry(header, "embeddings", size, data_start)
+            self._offset = offset
             if len(self.shape) != 3:
                 raise PartFormatError(f"embeddings of shape {self.shape}, expected (n, V, D)")
             self._torch_view = _DTYPES[st_dtype][1]
@@ -72,12 +75,30 @@ class PartRows:
         return self.shape[0]
 
     def rows(self, index: np.ndarray | slice) -> torch.Tensor:
-        """fp32 copy of the chosen rows: (len(index), V, D)."""
-        block = self._array[index]  # fancy indexing copies; a slice is a view of the read-only map
-        block = torch.from_numpy(block if block.flags.writeable and block.flags.c_contiguous else block.copy())
+        """fp32 copy of the chosen rows: (len(index), V, D). A slice (sequential: build, exact
+        search) is copied from the map, then its pages released; scattered rows (the re-rank)
+        are read with pread, so they never enter the resident set (the map's fault-around would
+        map ~64 kB around every 16 kB row)."""
+        if isinstance(index, slice):
+            block = self._array[index].copy()
+            self.release()
+        else:
+            block = self._pread(np.asarray(index, dtype=np.int64))
+        block = torch.from_numpy(block)
         if self._torch_view is not None:
             block = block.view(self._torch_view)
         return block.float()
+
+    def _pread(self, index: np.ndarray) -> np.ndarray:
+        out = np.empty((len(index), *self.shape[1:]), dtype=self._array.dtype)
+        if len(index) and (index.min() < 0 or index.max() >= self.shape[0]):
+            raise IndexError(f"rows outside 0..{self.shape[0] - 1}")
+        row_bytes = out[0].nbytes if len(index) else 0
+        with open(self.file, "rb", buffering=0) as f:
+            for i, r in enumerate(index):
+                if os.preadv(f.fileno(), [memoryview(out[i]).cast("B")], self._offset + int(r) * row_bytes) != row_bytes:
+                    raise PartFormatError(f"{self.file}: short read at row {r} (file changed?)")
+        return out
 
     def release(self) -> None:
         """Drop the pages read so far from the resident set (they stay in the page cache)."""
