@@ -26,18 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from benchmarks.bench_search import _status_kb  # noqa: E402
 from benchmarks.proxy_embeddings import V, Proxy, write_part_streamed  # noqa: E402
 from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
 MODEL = Path(__file__).parent / "results" / "demo_embedding_model.json"
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def _reset_peak() -> None:

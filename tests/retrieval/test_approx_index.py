@@ -219,3 +219,24 @@ def test_partial_view_metrics_equal_the_exact_ones(built):
         for k, row in exact["accuracy"].items():
             for r, value in row.items():
                 assert abs(approx["accuracy"][k][r] - value) <= 0.005 + 1e-9, (mode, k, r)
+
+
+@pytest.mark.slow
+def test_two_rank_build_and_search_equal_one_process(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from text4vpr.utils.testing import HANG_GUARD_S
+
+    root = Path(__file__).resolve().parents[2]
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd + ["--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("approx_dist_worker.py"))],
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count(": ok") == 6, out[-4000:]
