@@ -40,13 +40,14 @@ def _data(n: int, seed: int = 0):
     return emb * mask[..., None], mask, q, q_mask
 
 
-def _write(path, emb, mask, cuts):
-    """An exact index of `emb` in parts ending at `cuts`."""
+def _write(path, emb, mask, cuts, locations=None):
+    """An exact index of `emb` in parts ending at `cuts` (location indices: the rows, or `locations`)."""
     start, g = 0, torch.Generator().manual_seed(1)
+    locations = torch.arange(emb.shape[0]) if locations is None else locations
     for r, end in enumerate(cuts):
         n = end - start
         write_part(path, r, {"embeddings": emb[start:end], "view_mask": mask[start:end],
-                             "coords": torch.randn(n, 3, dtype=torch.float64, generator=g), "index": torch.arange(start, end)},
+                             "coords": torch.randn(n, 3, dtype=torch.float64, generator=g), "index": locations[start:end]},
                    "hash", DIGESTS)
         start = end
     write_header(path, "hash", D, V, "float32", [b - a for a, b in zip([0, *cuts[:-1]], cuts)], DIGESTS)
@@ -101,17 +102,22 @@ def test_recall_and_order_match_the_exact_path(built, mode):
         assert keys == sorted(keys)
 
 
-def test_ties_are_broken_by_the_lower_row(tmp_path):
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_ties_follow_the_exact_rule(tmp_path, shuffled):
+    """Equal scores: the lower location index first (rows when the location indices are the rows)."""
+    from text4vpr.retrieval.search import sharded_topk_by_location
+
     emb, mask, q, q_mask = _data(300, seed=3)
     emb[150:] = emb[:150]  # every location twice: equal scores everywhere
     mask[150:] = mask[:150]
-    _write(tmp_path, emb, mask, [300])
+    locations = torch.randperm(300, generator=torch.Generator().manual_seed(4)) * 3 if shuffled else torch.arange(300)
+    _write(tmp_path, emb, mask, [170, 300], locations)
     build_approximate(tmp_path, ApproxConfig(nlist=4, nprobe=4, rerank=40))  # every list probed
     index = load_approx_index(tmp_path)
     for mode in MODES:
-        s, ids = approx_topk(index, q, q_mask, 6, mode)
-        es, exact = group_topk(q, q_mask, emb, mask, 6, mode)
-        assert torch.equal(ids, exact), mode  # the exact path's ids and order, duplicates included
+        s, rows = approx_topk(index, q, q_mask, 6, mode)
+        es, exact = sharded_topk_by_location(q, q_mask, emb, mask, 6, mode, db_ids=locations, id_offset=0, total=300)
+        assert torch.equal(rows, exact), mode  # the exact path's rows and order, duplicates included
         torch.testing.assert_close(s, es, rtol=1e-5, atol=1e-5)
 
 
@@ -213,9 +219,9 @@ def test_partial_view_metrics_equal_the_exact_ones(built):
     q_coords = index.coords[torch.arange(q.shape[0]) * 7]
     for mode in MODES:
         assert recall(approx_topk(index, q, q_mask, 10, mode)[1], group_topk(q, q_mask, emb, mask, 10, mode)[1]) == 1
-        exact = search_metrics(q, q_mask, q_coords, emb, mask, index.coords, (1, 5, 10), (0.3, 1.0), mode)
+        exact = search_metrics(q, q_mask, q_coords, emb, mask, index.coords, (1, 5, 10), (0.3, 1.0), mode).metrics
         approx = search_metrics(q, q_mask, q_coords, torch.zeros(0, V, D), torch.zeros(0, V, dtype=torch.bool),
-                                index.coords, (1, 5, 10), (0.3, 1.0), mode, search=searcher(index))
+                                index.coords, (1, 5, 10), (0.3, 1.0), mode, search=searcher(index)).metrics
         for k, row in exact["accuracy"].items():
             for r, value in row.items():
                 assert abs(approx["accuracy"][k][r] - value) <= 0.005 + 1e-9, (mode, k, r)

@@ -58,10 +58,19 @@ class ApproxIndex:
     parts: list[ApproxPart] = field(default_factory=list)
     nprobe: int = 1
     rerank: int = 64
+    _keys: tuple | None = field(default=None, repr=False)
     approximate = True  # what `evaluate` and `localize` dispatch on
 
     def __len__(self) -> int:
         return self.coords.shape[0]
+
+    def tie_keys(self) -> torch.Tensor | None:
+        """The ids equal scores are ranked by, as the exact path: location indices when unique, else None (rows)."""
+        if self._keys is None:
+            from text4vpr.retrieval.search import ranks_by_location
+
+            self._keys = (self.index,) if ranks_by_location(self.index) else (None,)
+        return self._keys[0]
 
     def close(self) -> None:
         for p in self.parts:

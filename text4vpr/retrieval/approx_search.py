@@ -4,7 +4,8 @@ Per part: the query views are weighted as the exact path scores them (the mask; 
 in cosine mode), concatenated, and searched in the part's IVF-PQ for `rerank` candidates
 (`any-heading`: each of the V rotated queries, candidates pooled). The candidates' full
 vectors are read from the memory-mapped part, scored with the exact formula of
-`kernels/common.py`, and the top k kept under the exact tie rule (score, then lower row).
+`kernels/common.py`, and the top k kept under the exact tie rule (score, then lower location
+index when the indices are unique, else lower row: `search.ranks_by_location`).
 Parts and ranks merge like the exact sharded search (`search.merge_across_ranks`).
 """
 
@@ -85,7 +86,8 @@ def part_candidates(part, q: torch.Tensor, q_mask: torch.Tensor, k: int, mode: s
     return _dedupe(cand) if rot.shape[0] > 1 else cand
 
 
-def _part_topk(part, q, q_mask, k, mode, nprobe, rerank) -> tuple[torch.Tensor, torch.Tensor]:
+def _part_topk(part, q, q_mask, k, mode, nprobe, rerank, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, tie-rule ids) of one part's top k: location indices (`keys`) or global rows."""
     cand = part_candidates(part, q, q_mask, k, mode, nprobe, rerank)  # (Q, C)
     safe = cand.clamp_min(0)
     rows = part.rows.rows(safe.flatten().numpy()).view(*cand.shape, *part.rows.shape[1:])  # (Q, C, V, D)
@@ -94,44 +96,60 @@ def _part_topk(part, q, q_mask, k, mode, nprobe, rerank) -> tuple[torch.Tensor, 
     if not bool(torch.isfinite(scores[real]).all()):
         raise ValueError("queries or database contain non-finite values (NaN or inf)")
     scores = scores.masked_fill(~real, float("-inf"))
-    ids = torch.where(real, cand + part.offset, torch.full_like(cand, _PAD_ID))
+    rows = cand + part.offset
+    ids = torch.where(real, rows if keys is None else keys[rows.clamp_min(0)], torch.full_like(cand, _PAD_ID))
     return merge_topk(scores, ids, min(k, ids.shape[1]))
 
 
-def approx_topk(index, queries: torch.Tensor, query_mask: torch.Tensor | None, k: int, mode: str = "upstream", *,
-                nprobe: int | None = None, rerank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k over the parts this process holds: (scores (Q, k) fp32, global rows (Q, k) int64),
-    padded with (-inf, _PAD_ID) where fewer rows exist here; no collective."""
+def _local_topk(index, queries, query_mask, k: int, mode: str, nprobe: int | None,
+                rerank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, tie-rule ids) (Q, k) over the parts this process holds, padded (-inf, _PAD_ID)."""
     check_mode(mode)
     queries = queries.detach().cpu().float()
     v, d = index.header["views"], index.header["embed_dim"]
     query_mask, _ = check_inputs(queries, None if query_mask is None else query_mask.cpu(), torch.zeros(0, v, d), None, k)
-    nprobe, rerank = nprobe or index.nprobe, max(rerank or index.rerank, k)
-    rotations = v if mode == "any-heading" else 1
-    step = max(1, _ROWS_PER_BATCH // (rotations * rerank))
-    out_s, out_i = [], []
+    nprobe, rerank, keys = nprobe or index.nprobe, max(rerank or index.rerank, k), index.tie_keys()
+    step = max(1, _ROWS_PER_BATCH // ((v if mode == "any-heading" else 1) * rerank))
+    out_s, out_i = [torch.zeros(0, k)], [torch.zeros(0, k, dtype=torch.int64)]
     for s in range(0, queries.shape[0], step):
         q, qm = queries[s : s + step], query_mask[s : s + step]
-        found = [pad_topk(*_part_topk(p, q, qm, k, mode, nprobe, rerank), k) for p in index.parts]
-        if not found:
-            found = [pad_topk(torch.zeros(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.int64), k)]
+        found = [pad_topk(*_part_topk(p, q, qm, k, mode, nprobe, rerank, keys), k) for p in index.parts]
+        found = found or [pad_topk(torch.zeros(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.int64), k)]
         scores, ids = merge_topk(torch.cat([f[0] for f in found], 1), torch.cat([f[1] for f in found], 1), k)
         out_s.append(scores)
         out_i.append(ids)
     for p in index.parts:
         p.rows.release()  # the re-rank reads leave the resident set
-    if not out_s:
-        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
     return torch.cat(out_s), torch.cat(out_i)
 
 
-def sharded_approx_topk(index, queries, query_mask, k: int, mode: str = "upstream", *, group=None,
-                        **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_rows(index, ids: torch.Tensor) -> torch.Tensor:
+    """Tie-rule ids -> global rows (padding stays _PAD_ID)."""
+    keys = index.tie_keys()
+    if keys is None:
+        return ids
+    sorted_keys, rows = torch.sort(keys)
+    pos = torch.searchsorted(sorted_keys, ids.clamp(max=int(sorted_keys[-1]))) if len(keys) else ids
+    return torch.where(ids == _PAD_ID, ids, rows[pos] if len(keys) else ids)
+
+
+def approx_topk(index, queries: torch.Tensor, query_mask: torch.Tensor | None, k: int, mode: str = "upstream", *,
+                nprobe: int | None = None, rerank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the parts this process holds: (scores (Q, k) fp32, global rows (Q, k) int64), equal
+    scores ranked as the exact path ranks them; padded with (-inf, _PAD_ID) where fewer rows exist
+    here; no collective."""
+    scores, ids = _local_topk(index, queries, query_mask, k, mode, nprobe, rerank)
+    return scores, _to_rows(index, ids)
+
+
+def sharded_approx_topk(index, queries, query_mask, k: int, mode: str = "upstream", *, group=None, nprobe=None,
+                        rerank=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Global top min(k, N) over every rank's parts (identical on all ranks; queries the same everywhere)."""
-    scores, ids = approx_topk(index, queries, query_mask, k, mode, **kwargs)
+    scores, ids = _local_topk(index, queries, query_mask, k, mode, nprobe, rerank)
     if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
         scores, ids = scores.cuda(), ids.cuda()  # NCCL gathers CUDA tensors only
-    return merge_across_ranks(scores, ids, k, len(index), group)
+    scores, ids = merge_across_ranks(scores, ids, k, len(index), group)
+    return scores, _to_rows(index, ids.cpu()).to(ids.device)
 
 
 def searcher(index):
