@@ -1,9 +1,9 @@
 """Approximate group top-k: FAISS candidates, then an exact re-rank with the full vectors.
 
 Per part: the query views are weighted as the exact path scores them (the mask; 1/||t_v||
-in cosine mode), concatenated, and searched in the part's IVF-PQ for `rerank` candidates
+in cosine mode), concatenated, and searched in the part's FAISS IVF for `rerank` candidates
 (`any-heading`: each of the V rotated queries, candidates pooled). The candidates' full
-vectors are read from the memory-mapped part, scored with the exact formula of
+vectors are read from the part file (pread of those rows only), scored with the exact formula of
 `kernels/common.py`, and the top k kept under the exact tie rule (score, then lower location
 index when the indices are unique, else lower row: `search.ranks_by_location`).
 Parts and ranks merge like the exact sharded search (`search.merge_across_ranks`).
