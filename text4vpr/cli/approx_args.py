@@ -34,6 +34,8 @@ def approx_config(args: argparse.Namespace):
     for flag in ("tune_queries", "coarse_dim", "rerank"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.pq_m and args.coarse_dim % args.pq_m:
+        raise UsageError(f"--pq-m {args.pq_m} must divide --coarse-dim {args.coarse_dim}")
     return ApproxConfig(coarse_dim=args.coarse_dim, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m,
                         codes=args.codes, opq=args.opq, rerank=args.rerank)
 

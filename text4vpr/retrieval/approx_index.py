@@ -22,6 +22,7 @@ import torch
 from text4vpr.retrieval.index import HEADER, RetrievalIndexError, read_header
 from text4vpr.retrieval.part_rows import PartFormatError, PartRows
 from text4vpr.utils.atomic import atomic_write_bytes, atomic_write_json
+from text4vpr.utils.errors import InputValueError
 
 SECTION = "approximate"
 _MIN_PER_LIST = 39  # faiss's k-means warns below 39 training points per centroid
@@ -50,11 +51,11 @@ def resolve_params(cfg: ApproxConfig, n: int, dim_in: int) -> dict:
     nlist = max(1, min(nlist, n // _MIN_PER_LIST or 1))
     pq_m = cfg.pq_m or max(1, coarse // 8)  # 8 dims per byte (faiss trains 4-dim sub-spaces ~25x slower)
     if coarse % pq_m:
-        raise ValueError(f"PQ sub-quantizers pq_m={pq_m} must divide the coarse dimension {coarse}")
+        raise InputValueError(f"PQ sub-quantizers pq_m={pq_m} must divide the coarse dimension {coarse}")
     nbits = cfg.nbits or max(1, min(8, int(math.log2(max(n // 4, 2)))))  # >= 4 training rows per PQ centroid
     nprobe = cfg.nprobe or max(1, nlist // 16)
     if cfg.codes not in ("sq8", "pq"):
-        raise ValueError(f"approximate codes must be 'sq8' or 'pq', got {cfg.codes!r}")
+        raise InputValueError(f"approximate codes must be 'sq8' or 'pq', got {cfg.codes!r}")
     return {"coarse_dim": coarse, "nlist": nlist, "codes": cfg.codes, "pq_m": pq_m, "nbits": nbits,
             "opq": cfg.opq and cfg.codes == "pq", "nprobe": nprobe, "rerank": cfg.rerank}
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from text4vpr.kernels.common import check_inputs, check_mode, merge_topk, rotated_views, view_scales
+from text4vpr.kernels.common import SearchInputError, check_inputs, check_mode, merge_topk, rotated_views, view_scales
 from text4vpr.retrieval.search import _PAD_ID, merge_across_ranks, pad_topk
 
 _ROWS_PER_BATCH = 2048  # candidate rows read per query batch: (2048, V, D) fp32 = 64 MB at V*D = 8192
@@ -94,7 +94,7 @@ def _part_topk(part, q, q_mask, k, mode, nprobe, rerank, keys) -> tuple[torch.Te
     scores = candidate_scores(q, q_mask, rows, part.view_mask[safe], mode)
     real = cand >= 0
     if not bool(torch.isfinite(scores[real]).all()):
-        raise ValueError("queries or database contain non-finite values (NaN or inf)")
+        raise SearchInputError("queries or database contain non-finite values (NaN or inf)")
     scores = scores.masked_fill(~real, float("-inf"))
     rows = cand + part.offset
     ids = torch.where(real, rows if keys is None else keys[rows.clamp_min(0)], torch.full_like(cand, _PAD_ID))
