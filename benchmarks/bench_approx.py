@@ -67,7 +67,8 @@ def generate(work: Path, n: int, dim: int, num_queries: int, seed: int = 0) -> N
 def build(work: Path, args) -> dict:
     from safetensors.torch import load_file
 
-    from text4vpr.retrieval.approx_index import ApproxConfig, build_approximate
+    from text4vpr.retrieval.approx_build import build_approximate
+from text4vpr.retrieval.approx_index import ApproxConfig
 
     q = load_file(str(work / "queries.safetensors"))["queries"]
     tune = q[args.queries :]  # held out: never among the measured queries

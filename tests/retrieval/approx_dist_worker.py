@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from text4vpr.kernels.topk import group_topk
-from text4vpr.retrieval.approx_index import ApproxConfig, build_approximate
+from text4vpr.retrieval.approx_build import build_approximate
+from text4vpr.retrieval.approx_index import ApproxConfig
 from text4vpr.retrieval.approx_load import load_approx_index, load_search_index
 from text4vpr.retrieval.approx_search import approx_topk, sharded_approx_topk
 from text4vpr.retrieval.index import write_header, write_part
@@ -35,20 +36,17 @@ def main() -> int:
         write_header(path, "hash", 16, 4, "float32", [cut, n - cut])
     dist.barrier()
     header = build_approximate(path, ApproxConfig(nlist=4, nprobe=4, rerank=60))  # every list probed
-    failures = 0
-    if [f["part"] for f in header["approximate"]["files"]] != [0, 1]:
-        failures += 1
+    verdicts = {"files": [f["part"] for f in header["approximate"]["files"]] == [0, 1]}
     mine = load_search_index(path)  # under torch.distributed: this rank's part only
     whole = load_approx_index(path)
     for mode in ("upstream", "cosine", "any-heading"):
         s, i = sharded_approx_topk(mine, q, qm, 10, mode)
         s_one, i_one = approx_topk(whole, q, qm, 10, mode)
         _, i_exact = group_topk(q, qm, emb, mask, 10, mode)
-        ok = len(mine.parts) == 1 and torch.equal(i, i_one) and torch.equal(s, s_one) and torch.equal(i, i_exact)
-        print(f"rank {rank} {mode}: {'ok' if ok else 'DIFFER'}", flush=True)
-        failures += not ok
+        verdicts[mode] = len(mine.parts) == 1 and torch.equal(i, i_one) and torch.equal(s, s_one) and torch.equal(i, i_exact)
     shutdown_distributed()
-    return 1 if failures else 0
+    print("\n".join(f"rank {rank} {name}: {'ok' if good else 'DIFFER'}" for name, good in verdicts.items()), flush=True)
+    return 0 if all(verdicts.values()) else 1
 
 
 if __name__ == "__main__":

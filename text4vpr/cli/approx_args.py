@@ -46,7 +46,7 @@ def build_approximate_from_args(args: argparse.Namespace, model, loader, device)
     import itertools
     import math
 
-    from text4vpr.retrieval.approx_index import build_approximate
+    from text4vpr.retrieval.approx_build import build_approximate
     from text4vpr.retrieval.evaluate import encode_split
     from text4vpr.utils.distributed import distributed_world
 
