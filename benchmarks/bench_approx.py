@@ -68,7 +68,7 @@ def build(work: Path, args) -> dict:
     from safetensors.torch import load_file
 
     from text4vpr.retrieval.approx_build import build_approximate
-from text4vpr.retrieval.approx_index import ApproxConfig
+    from text4vpr.retrieval.approx_index import ApproxConfig
 
     q = load_file(str(work / "queries.safetensors"))["queries"]
     tune = q[args.queries :]  # held out: never among the measured queries
