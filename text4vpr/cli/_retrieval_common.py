@@ -32,6 +32,11 @@ def add_index_risk_args(parser: argparse.ArgumentParser) -> None:
                              "(a warning, not an error; the results are then meaningless)")
 
 
+def add_exact_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exact", action="store_true",
+                        help="search the exact parts even when the index has an approximate (FAISS) part")
+
+
 def precision_context(precision: str, device):
     """bf16 autocast (`--precision bf16`, or auto on CUDA) or nothing (fp32)."""
     import contextlib
