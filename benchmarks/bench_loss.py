@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="4096,16384", help="comma list of pairs per batch")
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="tile side of the tiled loss")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best time is kept")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best time is kept")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -157,10 +157,10 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
-    rows = best_rows(sizes, methods, args.dim, args.block, args.rounds)
+    rows = best_rows(sizes, methods, args.dim, args.block, args.repeats)
     by = {(r["method"], r["batch"]): r for r in rows}
     print(f"device={'cuda' if cuda else 'cpu'} D={args.dim} block={args.block} threads={torch.get_num_threads()} "
-          f"rounds={args.rounds}; speed = reference time / ours (>= 1: ours faster)")
+          f"repeats={args.repeats}; speed = reference time / ours (>= 1: ours faster)")
     print(f"{'B':>7s} {'ref s':>8s} {'plain s':>8s} {'tiled s':>8s} {'plain spd':>9s} {'tiled spd':>9s} "
           f"{'ref MiB':>10s} {'plain MiB':>10s} {'tiled MiB':>10s}")
     for b in sizes:
@@ -183,7 +183,7 @@ def main() -> None:
               else "peak CPU tensor allocation beyond inputs (torch.profiler memory events)")
     atomic_write_json(out, {"device": "cuda" if cuda else "cpu",
                             "gpu": torch.cuda.get_device_name() if cuda else None, "dim": args.dim,
-                            "block": args.block, "sizes": sizes, "rounds": args.rounds, "memory": memory,
+                            "block": args.block, "sizes": sizes, "repeats": args.repeats, "memory": memory,
                             "reference": "open_clip ClipLoss math (world size 1) x 2, unit inputs",
                             "torch": torch.__version__, "platform": platform.platform(), "results": rows})
     print(f"wrote {out}")

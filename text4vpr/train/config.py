@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from text4vpr.config import ConfigError, check_choice
 from text4vpr.data.loader import LoaderConfig
 from text4vpr.kernels.common import MODES
+from text4vpr.losses import DEFAULT_BLOCK
 from text4vpr.train.optim import OptimConfig
 
 
@@ -23,7 +24,7 @@ class LossConfig:
     learnable: bool = False
     tiled: bool = False  # blockwise loss, never materialises the N x N logits
     exclude_same_location: bool = False  # upstream keeps the other views as negatives
-    block_size: int = 4096
+    block_size: int = DEFAULT_BLOCK  # tile side (tiled) / rows per backward chunk (plain)
 
 
 @dataclass
