@@ -47,7 +47,7 @@ class _InfoNCESum(torch.autograd.Function):
     def backward(ctx, g):
         img, txt, img_all, txt_all, pos, groups, groups_all = ctx.saved_tensors
         (s, positive, units, outs), block, shared = ctx.parts, ctx.block, ctx.shared
-        del ctx.parts  # free the kept logits as soon as they are used
+        del ctx.parts  # one backward (it overwrites the kept logits); they go when it ends
         ui, ut, uia, uta = (_Unit(x, block, False, *p) for x, p in zip((img, txt, img_all, txt_all), units))
         mask = None if groups is None else (pos, groups, groups_all)
         di, dt = torch.zeros_like(img), torch.zeros_like(txt)  # d/d normalised local vectors
@@ -82,9 +82,12 @@ class _Unit:
     def parts(self) -> tuple:
         return self.inv, self.hat
 
-    def rows(self, a: int, n: int) -> torch.Tensor:
-        """Rows a .. a + n, normalised: (n, D)."""
-        return self.hat[a : a + n] if self.hat is not None else self.x[a : a + n] * self.inv[a : a + n, None]
+    def rows(self, a: int, n: int, scale=None) -> torch.Tensor:
+        """Rows a .. a + n, normalised (and times `scale`): (n, D)."""
+        if self.hat is not None:
+            return self.hat[a : a + n] if scale is None else self.hat[a : a + n] * scale
+        inv = self.inv[a : a + n, None]
+        return self.x[a : a + n] * (inv if scale is None else inv * scale)
 
     def normalize_backward_(self, grad: torch.Tensor) -> None:
         """In place: gradient w.r.t. x_hat -> gradient w.r.t. x (blockwise)."""
@@ -107,11 +110,11 @@ def _lse_pass(q: _Unit, k: _Unit, columns: bool, s, mask, block: int, keep: bool
     lse_c = q.x.new_full((nk,), float("-inf"), dtype=torch.float64) if columns else None
     kept = q.x.new_empty((nq, nk)) if keep else None
     for a in range(0, nq, block):
-        qa = q.rows(a, block)  # (bq, D)
-        rows = slice(a, a + qa.shape[0])
+        qa_s = q.rows(a, block, s)  # (bq, D), s on this side: no (bq, bk) pass for it
+        rows = slice(a, a + qa_s.shape[0])
         for b in range(0, nk, nk if keep else block):
             kb = k.rows(b, nk if keep else block)  # (bk, D)
-            logits = _logits(qa, kb, s, a, b, mask, None if kept is None else kept[rows])  # (bq, bk)
+            logits = _logits(qa_s, kb, a, b, mask, None if kept is None else kept[rows])  # (bq, bk)
             lse_r[rows] = torch.logaddexp(lse_r[rows], _lse64(logits, 1))
             if columns:
                 cols = slice(b, b + kb.shape[0])
@@ -145,28 +148,29 @@ def _grad_pass(q: _Unit, k: _Unit, dq, dk, lse_r, lse_c, kept, s, g, mask, block
     (hi_r, f_r), (hi_c, f_c) = _split(lse_r, g * s), _split(lse_c, g * s)
     for a in range(0, nq, block):
         qa = q.rows(a, block)  # (bq, D)
+        qa_s = q.rows(a, block, s) if kept is None else None
         rows = slice(a, a + qa.shape[0])
         for b in range(0, nk, kblock):
             kb = k.rows(b, kblock)  # (bk, D)
             cols = slice(b, b + kb.shape[0])
-            logits = kept[rows] if kept is not None else _logits(qa, kb, s, a, b, mask)  # (bq, bk)
+            logits = kept[rows] if kept is not None else _logits(qa_s, kb, a, b, mask)  # (bq, bk)
             w = (logits - hi_r[rows, None]).exp_().mul_(f_r[rows, None])  # g s softmax over the row; 0 where masked
-            if lse_c is not None:  # and over the column
-                w.addcmul_((logits - hi_c[None, cols]).exp_(), f_c[None, cols])
+            if lse_c is not None:  # and over the column, in the logits' place (used once: one backward)
+                w.addcmul_(logits.sub_(hi_c[None, cols]).exp_(), f_c[None, cols])
             dq[rows].addmm_(w, kb)
             dk[cols].addmm_(w.T, qa)
 
 
-def _logits(qa, kb, s, a: int, b: int, mask, out=None) -> torch.Tensor:
-    """Tile (a, b): s * qa @ kb.T (bq, bk), the excluded same-location keys at -inf (a key is
-    never excluded from its own query's row); written into `out` when given."""
-    logits = torch.matmul(qa, kb.T, out=out).mul_(s)
+def _logits(qa_s, kb, a: int, b: int, mask, out=None) -> torch.Tensor:
+    """Tile (a, b): qa_s @ kb.T (bq, bk) (qa_s = s * q_hat rows), the excluded same-location
+    keys at -inf (a key is never excluded from its own query's row); written into `out` when given."""
+    logits = torch.matmul(qa_s, kb.T, out=out)
     if mask is None:
         return logits
     pos, q_groups, k_groups = mask
-    cols = torch.arange(b, b + kb.shape[0], device=qa.device)
-    same = q_groups[a : a + qa.shape[0], None] == k_groups[None, b : b + kb.shape[0]]  # (bq, bk)
-    return logits.masked_fill_(same & (pos[a : a + qa.shape[0], None] != cols[None, :]), float("-inf"))
+    cols = torch.arange(b, b + kb.shape[0], device=qa_s.device)
+    same = q_groups[a : a + qa_s.shape[0], None] == k_groups[None, b : b + kb.shape[0]]  # (bq, bk)
+    return logits.masked_fill_(same & (pos[a : a + qa_s.shape[0], None] != cols[None, :]), float("-inf"))
 
 
 # ---------------------------------------------------------------------- the loss
