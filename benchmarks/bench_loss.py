@@ -171,10 +171,12 @@ def main() -> None:
         for r in (p, t):  # the same function: the values must agree
             if ref and r and abs(r["loss"] - ref["loss"]) > 1e-4 * abs(ref["loss"]):
                 raise SystemExit(f"{r['method']} loss {r['loss']} != reference {ref['loss']} at B={b}")
-    for r in rows:
-        if r["method"] == "tiled" and r["batch"] > args.block and r["extra_bytes"] is not None:
-            print(f"tiled B={r['batch']}: {r['extra_bytes'] / r['batch']:.0f} bytes/pair "
-                  f"(the two input gradients alone: {2 * args.dim * 4})")
+    tiled = sorted((r["batch"], r["extra_bytes"]) for r in rows
+                   if r["method"] == "tiled" and r["batch"] > args.block and r["extra_bytes"] is not None)
+    if len(tiled) >= 2:  # beyond one tile the workspace is constant: the slope is the per-pair memory
+        (b0, m0), (b1, m1) = tiled[0], tiled[-1]
+        print(f"tiled memory slope B={b0}..{b1}: {(m1 - m0) / (b1 - b0):.0f} bytes/pair "
+              f"(the two input gradients alone: {2 * args.dim * 4}); workspace {(m0 - b0 * (m1 - m0) / (b1 - b0)) / 2**20:.0f} MiB")
 
     from text4vpr.utils.atomic import atomic_write_json
 
