@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from text4vpr.losses import MAX_SCALE, ContrastiveLoss, info_nce
-from text4vpr.utils.testing import run_torchrun
+from tests.helpers import run_torchrun
 
 
 def reference_loss(img, txt, temperature=0.1, groups=None):

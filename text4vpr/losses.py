@@ -10,10 +10,8 @@ import math
 import torch
 from torch import nn
 
+from text4vpr.loss_defaults import DEFAULT_BLOCK, MAX_SCALE
 from text4vpr.utils.distributed import all_reduce_sum, average_grad, distributed_world, gather_rows, gather_sizes
-
-DEFAULT_BLOCK = 4096  # tile side of the tiled loss; rows per chunk of the plain loss's backward
-MAX_SCALE = 100.0  # a learnable 1/temperature is clamped to this after each optimizer step
 
 
 # ---------------------------------------------------------------------- the sum, by tiles

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from text4vpr.config import ConfigError, check_choice
 from text4vpr.data.loader import LoaderConfig
-from text4vpr.kernels.common import MODES
-from text4vpr.losses import DEFAULT_BLOCK
+from text4vpr.kernels import MODES
+from text4vpr.loss_defaults import DEFAULT_BLOCK
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII
 from text4vpr.train.optim import OptimConfig
 
