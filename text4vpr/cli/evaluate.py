@@ -10,13 +10,14 @@ from text4vpr.cli._retrieval_common import (
     add_chance, add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
+from text4vpr.cli.arg_types import non_negative_int, out_folder, positive_float, positive_int
 from text4vpr.cli.errors import UsageError
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII, gallery_successes
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k values")
-    parser.add_argument("--radii", type=float, nargs="+", default=list(RADII), help="radii in metres")
+    parser.add_argument("--ks", type=positive_int, nargs="+", default=list(KS), help="k values")
+    parser.add_argument("--radii", type=positive_float, nargs="+", default=list(RADII), help="radii in metres")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="search kernel")
 
 
@@ -29,9 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "match by distance; by default an error)")
     add_mode_arg(parser)
     add_ks_radii(parser)
-    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--out", required=True, type=out_folder, help="report folder")
     parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
-    parser.add_argument("--gallery", type=int, default=GALLERY, help=f"worst queries shown in report.html (default {GALLERY})")
+    parser.add_argument("--gallery", type=non_negative_int, default=GALLERY,
+                        help=f"worst queries shown in report.html (default {GALLERY})")
 
 
 def _this_rank_rows(path: str) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from text4vpr.cli._retrieval_common import (
     add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on, precision_context,
     show_progress,
 )
+from text4vpr.cli.arg_types import out_file, out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Encode every location's images of a split into an index folder (header + one part per rank), "
                     "the database of `text4vpr localize`, `eval --index` and `eval-embeddings --database`.")
     add_model_loader_args(build)
-    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument("--out", required=True, type=out_folder, help="index folder to write")
     build.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="stored vector dtype (bfloat16 halves the size; search accumulates in fp32)")
     queries = sub.add_parser(
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Encode every location's descriptions of a split (text tower only) into one .safetensors "
                     "file (embeddings, view_mask, coords, index), the --queries input of `text4vpr eval-embeddings`.")
     add_model_loader_args(queries)
-    queries.add_argument("--out", required=True, help="query file to write (.safetensors)")
+    queries.add_argument("--out", required=True, type=out_file, help="query file to write (.safetensors)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import json
 import sys
 
 from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, check_device
+from text4vpr.cli.arg_types import positive_int
 from text4vpr.cli.errors import UsageError
 
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_index_risk_args(parser)
     parser.add_argument("--text", action="append", default=[], help="a description (repeat up to 4 times, pos order)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    parser.add_argument("--top-k", type=int, default=5, help="number of locations to list")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="number of locations to list")
     add_mode_arg(parser)
     add_text_normalization_arg(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
