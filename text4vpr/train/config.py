@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from text4vpr.config import ConfigError, check_choice, check_each, check_range
 from text4vpr.data.loader import LoaderConfig
 from text4vpr.kernels import MODES
+from text4vpr.loss_defaults import DEFAULT_BLOCK
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII
 from text4vpr.train.optim import OptimConfig
 
@@ -24,7 +25,7 @@ class LossConfig:
     learnable: bool = False
     tiled: bool = False  # blockwise loss, never materialises the N x N logits
     exclude_same_location: bool = False  # upstream keeps the other views as negatives
-    block_size: int = 4096
+    block_size: int = DEFAULT_BLOCK  # tile side (tiled) / rows per backward chunk (plain)
 
     def __post_init__(self) -> None:
         check_range("loss.temperature", self.temperature, 0, low_open=True)  # logits are divided by it

@@ -139,11 +139,12 @@ class Trainer:
             with self.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
         loss = self._forward_backward(batch)
-        grad_norm = self.strategy.clip(self.model)
+        grad_norm = self.strategy.clip(self.model, self.loss_fn.parameters())
         if self._skip(loss, grad_norm):
             drop_update(self.optimizer, self.acc.scaler)
         else:
             self.optimizer.step()
+            self.loss_fn.clamp_scale_()  # a learnable temperature back under its cap (open_clip's rule)
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_in_row = 0
         self.scheduler.step()
