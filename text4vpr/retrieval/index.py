@@ -17,7 +17,7 @@ from text4vpr.utils.errors import InputError, file_records_problem
 from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
-FORMAT_VERSION = 2  # 2: weights and shards digests recorded
+FORMAT_VERSION = 3  # 2: weights and shards digests recorded; 3: each part's sha256
 HEADER = "header.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +102,9 @@ def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dt
         "views": views,
         "dtype": dtype,
         "count": int(sum(counts)),
-        "parts": [{"name": part_name(r), "count": int(c)} for r, c in enumerate(counts)],
+        # each part's sha256, checked on load: a flipped bit in coordinates would change the metrics
+        "parts": [{"name": part_name(r), "count": int(c), "sha256": file_sha256(Path(out_dir) / part_name(r))}
+                  for r, c in enumerate(counts)],
     }
     atomic_write_json(Path(out_dir) / HEADER, header)
     return header
@@ -222,6 +224,9 @@ def _read_part(path: Path, part: dict, header: dict, a: int, b: int, device) -> 
     file = path / part["name"]
     if not file.is_file():
         raise RetrievalIndexError(f"{path}: index part {part['name']} is missing ({len(header['parts'])} parts expected)")
+    if file_sha256(file) != part.get("sha256"):
+        why = "sha256 differs from header.json's (damaged or edited)" if part.get("sha256") else "no sha256 in header.json"
+        raise RetrievalIndexError(f"{file}: {why}; rebuild the index with `text4vpr index build`")
     try:
         out = _read_part_file(file, part, header, a, b, device)
     except (SafetensorError, OSError, KeyError) as e:  # truncated, damaged, or without a tensor

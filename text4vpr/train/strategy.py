@@ -51,10 +51,11 @@ class DDPStrategy:
         average_gradients(model.parameters())
         broadcast_buffers(model)
 
-    def clip(self, model) -> torch.Tensor | None:
-        """Clip to optim.grad_clip (no clipping at 0); the total norm, for the finiteness check."""
+    def clip(self, model, extra=()) -> torch.Tensor | None:
+        """Clip the model's and `extra` parameters (the loss's) to optim.grad_clip (no clipping
+        at 0); the total norm, for the finiteness check."""
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return self.acc.clip_grad_norm_(model.parameters(), max_norm)
+        return self.acc.clip_grad_norm_([*model.parameters(), *extra], max_norm)
 
     def drop_update(self, optimizer) -> None:
         drop_update(optimizer, self.scaler)
@@ -119,7 +120,7 @@ class DeepSpeedStrategy(DDPStrategy):
         if finite(loss):  # the loss is the global value on every rank: all skip alike (one sync)
             self.acc.backward(loss)
 
-    def clip(self, model) -> None:
+    def clip(self, model, extra=()) -> None:
         return None  # DeepSpeed clips inside its own step (gradient_clipping in its config)
 
     def save(self, ckpt_dir: Path, step: int, modules, optimizer, state: dict) -> None:

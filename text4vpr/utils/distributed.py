@@ -179,3 +179,10 @@ def global_count(local: int, device: torch.device) -> int:
     t = torch.tensor([int(local)], dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def main_value(value):
+    """Rank 0's `value` (any picklable object) on every rank of the process group."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
