@@ -219,8 +219,8 @@ def test_resume_with_another_max_steps_keeps_the_lr_schedule(train_cache, tmp_pa
     first = tmp_path / "first"
     _train(train_cache, first, "train.max_steps=6", "train.save_every_steps=2", "train.keep_last=3", "eval.final=false")
     again = tmp_path / "again"
-    _train(train_cache, again, "train.max_steps=4", f"train.resume={first / 'checkpoints' / 'step-00000002'}",
-           "eval.final=false")
+    _train(train_cache, again, "train.max_steps=4", "train.save_every_steps=2", "train.keep_last=3",
+           f"train.resume={first / 'checkpoints' / 'step-00000002'}", "eval.final=false")
     a, b = _lrs(first), _lrs(again)
     assert sorted(b) == [3, 4] and len({a[3], a[4]}) == 2
     assert b == {3: a[3], 4: a[4]}
