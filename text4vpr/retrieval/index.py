@@ -14,6 +14,7 @@ from text4vpr.kernels.common import check_finite
 from text4vpr.retrieval.provenance import check_digests, shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
 from text4vpr.utils.errors import InputError, file_records_problem
+from text4vpr.utils.hashing import file_sha256
 from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
