@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an earlier, different build in --out")
     b.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="verify checksums and counts; show a location")
-    i.add_argument("dir", help="shard folder")
+    i.add_argument("dir", help="shard folder, or its URL prefix (http(s)://, s3://, gs://)")
     i.add_argument("--index", type=int, default=None, help="print this location's coordinates and descriptions")
     i.add_argument("--write-images", default=None, help="with --index: write its views to this folder")
 

@@ -163,8 +163,3 @@ def shard_descriptions(source: str | Path) -> list[str]:
     for _, _, sample in iter_shard_samples(source):
         texts += json.loads(sample["json"])["descriptions"]
     return texts
-
-
-def shard_paths(shard_dir: str | Path) -> list[str]:
-    """Shard file paths (or URLs) of a built folder, in manifest order."""
-    return [member(shard_dir, s["name"]) for s in load_manifest(shard_dir)["shards"]]

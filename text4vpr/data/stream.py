@@ -17,6 +17,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from text4vpr.data.decode import BatchMaker, Stats, log
@@ -155,7 +156,7 @@ class ShardStream(IterableDataset):
     # ---- batches -----------------------------------------------------------------------
     def _batches(self, raw: Iterator, limit: int | None) -> Iterator[dict]:
         """Decode raw samples into full batches (train: exactly `limit`); eval keeps the partial tail."""
-        items, made = [], 0
+        items, made, self._counted = [], 0, self.stats.samples_skipped
         for url, key, sample in raw:
             if limit is not None and made >= limit:
                 return
@@ -164,10 +165,17 @@ class ShardStream(IterableDataset):
                 continue
             items.append(item)
             if len(items) == self.cfg.batch_size:
-                yield self.maker.collate(items)
+                yield self._collate(items)
                 items, made = [], made + 1
         if items and self.mode == "eval":
-            yield self.maker.collate(items)
+            yield self._collate(items)
+
+    def _collate(self, items: list[dict]) -> dict:
+        """The batch, with the samples skipped since this worker's previous batch (`skipped`)."""
+        batch = self.maker.collate(items)
+        batch["skipped"] = torch.tensor(self.stats.samples_skipped - self._counted, dtype=torch.int64)
+        self._counted = self.stats.samples_skipped
+        return batch
 
     def _skip(self, raw: Iterator, batches: int) -> None:
         """Fast-forward `batches` batches. Raw samples need no decoding under on_error=raise

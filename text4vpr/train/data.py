@@ -7,15 +7,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
-from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, shard_descriptions, shard_paths
+from text4vpr.data.shard_reader import iter_shard_samples, load_manifest, shard_descriptions
 from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
 from text4vpr.data.tokenizer import train_tokenizer
 from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.utils.distributed import raise_together
 from text4vpr.utils.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -76,7 +78,7 @@ def location_ids(shards: str | Path) -> set[int]:
     entries = load_manifest(shards)["shards"]
     if all("keys" in e for e in entries):
         return {int(k.rsplit("-", 1)[1]) for e in entries for k in e["keys"]}
-    return {int(json.loads(sample["json"])["index"]) for path in shard_paths(shards) for _, sample in iter_tar_samples(path)}
+    return {int(json.loads(sample["json"])["index"]) for _, _, sample in iter_shard_samples(shards)}
 
 
 def check_split_overlap(paths: DataPaths, allow: bool = False) -> None:
@@ -137,6 +139,28 @@ def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_bat
                         skip_images=skip_images)
 
 
+def agreed_batches(loader, report_skips) -> Iterator[dict]:
+    """The loader's batches, the ranks agreeing at every step (one small all-reduce): a rank
+    whose read failed makes every rank raise its one-line message (none is left waiting in a
+    collective), and `report_skips(total)` hears the samples skipped so far on all ranks."""
+    batches, total = iter(loader), 0
+    while True:
+        batch, error = None, None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            pass  # train loaders yield the same number of batches on every rank: all end here
+        except InputError as e:
+            error = e
+        (skipped,) = raise_together(error, [int(batch.pop("skipped", 0)) if batch is not None else 0])
+        if skipped:
+            total += skipped
+            report_skips(total)
+        if batch is None:
+            return
+        yield batch
+
+
 def steps_per_epoch(paths: DataPaths, cfg: LoaderConfig, world_size: int) -> int:
     n = batches_per_epoch(_loader_cfg(cfg, paths.train, paths.tokenizer), world_size)
     if n < 1:
@@ -150,9 +174,6 @@ def eval_loader(shards: str, cfg: LoaderConfig, tokenizer: str, acc):
 
 
 def read_coords(shards: str) -> torch.Tensor:
-    """(N, 3) float64 ECEF of every location in a shard folder, from the JSON members only."""
-    xyz = []
-    for path in shard_paths(shards):
-        for _, sample in iter_tar_samples(path):
-            xyz.append(json.loads(sample["json"])["xyz"])
+    """(N, 3) float64 ECEF of every location in a shard folder (or URL prefix), from the JSON members only."""
+    xyz = [json.loads(sample["json"])["xyz"] for _, _, sample in iter_shard_samples(shards)]
     return torch.tensor(xyz, dtype=torch.float64)
