@@ -16,6 +16,7 @@ in machine load hits them all alike. Prints a table with ratios and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -156,6 +157,47 @@ def bench_regroup(xlsx: str, items: int = 200) -> dict | None:
     return {"rows": len(df), "ms_per_location": 1e3 * per_item, "ms_per_image": 1e3 * per_item / 4}
 
 
+@contextlib.contextmanager
+def _stopping(server):
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int) -> dict:
+    """The local uint8 252 px runs, from a URL: cold (no cache), and from a warmed local cache."""
+    warm = LoaderRun(url, tok, 0, bs, image_dtype="uint8", cache_dir=str(cache))
+    warm.once()  # fills the cache (not counted: its counters are reset)
+    warm.images, warm.seconds = 0, 0.0
+    return {
+        "u8_252_1w_url": ("loader uint8, 252px shards from the URL (no cache), 1 in-process worker",
+                          LoaderRun(url, tok, 0, bs, image_dtype="uint8")),
+        "u8_252_1w_url_cached": ("loader uint8, 252px shards from the URL through a warm local cache, 1 in-process worker",
+                                 warm),
+        "u8_252_w_url": (f"loader uint8, 252px shards from the URL (no cache), {workers} DataLoader workers",
+                         LoaderRun(url, tok, workers, bs, image_dtype="uint8")),
+    }
+
+
+def _url_report(args, runs: dict, results: dict) -> int:
+    """`--url-only`: the local and URL runs side by side, URL / local per worker."""
+    pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w"}
+    print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'vs local':>8s}")
+    for key, (label, _) in runs.items():
+        r = results[key]
+        local = results.get(pairs.get(key, key))
+        ratio = r["images_per_s_per_worker"] / local["images_per_s_per_worker"]
+        print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {ratio:7.2f}x")
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min_at_end": os.getloadavg()[0]},
+           "args": vars(args), "loader": {key: {"label": runs[key][0], **results[key]} for key in runs},
+           "url_vs_local_per_worker": {k: results[k]["images_per_s_per_worker"] / results[v]["images_per_s_per_worker"]
+                                       for k, v in pairs.items() if k in results}}
+    atomic_write_json(args.out, out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--locations", type=int, default=120, help="synthetic locations (x4 images at 640x640)")
@@ -166,14 +208,17 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="keep data here (default: a temp folder)")
     p.add_argument("--real-train-xlsx", default="../shared/street360loc/train_description.xlsx",
                    help="real annotation file for the upstream regroup cost (skipped if absent)")
+    p.add_argument("--url", default=None, help="URL prefix serving --workdir: also read its 252 px shards from there")
+    p.add_argument("--nginx", action="store_true", help="serve the work folder with Debian's nginx on loopback (--url)")
+    p.add_argument("--url-only", action="store_true", help="only the uint8 252 px loader runs, local and from the URL")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per-core figures: one thread per process
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(args.workdir or tmp)
         data = work / "synth"
         _, synth_s = _timed(lambda: write_synthetic(data, SynthConfig(locations=args.locations, seed=0, image_size=640,
                                                                       split_fractions=(1.0, 0.0, 0.0), workers=args.workers)))
-        build_orig = bench_build(data, work / "shards_orig", None, args.workers)
+        build_orig = bench_build(data, work / "shards_orig", None, args.workers) if not args.url_only else None
         build_252 = bench_build(data, work / "shards_252", 252, args.workers)
         tok = work / "tok"
         train_tokenizer(shard_descriptions(work / "shards_252"), tok, vocab_size=500)
@@ -200,12 +245,23 @@ def main(argv=None) -> int:
             "u8_252_w": (f"loader uint8, 252px shards, {args.workers} DataLoader workers",
                          LoaderRun(s252, tok, args.workers, bs, image_dtype="uint8")),
         }
+        if args.nginx:
+            from text4vpr.utils.loopback_http import Nginx
+
+            server = stack.enter_context(_stopping(Nginx(work / "nginx")))
+            args.url = server.serve(work, "bench")
+        if args.url:
+            runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers))
+        if args.url_only:
+            runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w") or "_url" in k}
         for _ in range(args.passes):  # interleaved: each round runs every configuration once
             for _, run in runs.values():
                 run.once()
         results = {key: run.result() for key, (_, run) in runs.items()}
-        sha = bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"])
+        sha = bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"]) if not args.url_only else None
     regroup = bench_regroup(args.real_train_xlsx)
+    if "upstream" not in results:
+        return _url_report(args, runs, results)
     base = results["upstream"]["images_per_s_per_worker"]
     print(f"synthetic data: {args.locations} locations x 4 views at 640x640 (written in {synth_s:.1f} s)")
     print(f"{'build':58s} {'loc/s':>8s} {'MB/s':>8s} {'MB':>7s}")
