@@ -94,19 +94,32 @@ class LoaderRun:
         if skip_images:
             self.options = {**options, "skip_images": f"{len(skip_images)} locations"}
 
+    server_pid: int | None = None  # a local server whose CPU time counts too (--nginx)
+    cpu_seconds = 0.0  # this process's CPU (all its threads) + the server's, in timed passes
+
     def once(self) -> None:
         t0 = None
         for batch in build_loader(self.cfg, "eval", skip_images=self.skip_images):
             if t0 is None:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), self._cpu()
                 continue
             self.images += int(batch["view_mask"].sum())
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += self._cpu() - cpu0
+
+    def _cpu(self) -> float:
+        """CPU seconds of this process (every thread) and of the server (worker processes not counted)."""
+        cpu = time.process_time()
+        if self.server_pid is not None:
+            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return cpu
 
     def result(self) -> dict:
         ips = self.images / self.seconds
         return {"workers": self.workers, "options": self.options, "images": self.images, "seconds": self.seconds,
-                "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1)}
+                "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1),
+                "cpu_seconds": self.cpu_seconds, "images_per_cpu_s": self.images / max(self.cpu_seconds, 1e-9)}
 
 
 class UpstreamRun:
@@ -165,14 +178,15 @@ def _stopping(server):
         server.stop()
 
 
-def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int) -> dict:
+def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int, server_pid: int | None) -> dict:
     """The local uint8 252 px runs, from a URL: cold (no cache), and from a warmed local cache."""
     warm = LoaderRun(url, tok, 0, bs, image_dtype="uint8", cache_dir=str(cache))
     warm.once()  # fills the cache (not counted: its counters are reset)
-    warm.images, warm.seconds = 0, 0.0
+    warm.images, warm.seconds, warm.cpu_seconds = 0, 0.0, 0.0
+    cold = LoaderRun(url, tok, 0, bs, image_dtype="uint8")
+    cold.server_pid = server_pid
     return {
-        "u8_252_1w_url": ("loader uint8, 252px shards from the URL (no cache), 1 in-process worker",
-                          LoaderRun(url, tok, 0, bs, image_dtype="uint8")),
+        "u8_252_1w_url": ("loader uint8, 252px shards from the URL (no cache), 1 in-process worker", cold),
         "u8_252_1w_url_cached": ("loader uint8, 252px shards from the URL through a warm local cache, 1 in-process worker",
                                  warm),
         "u8_252_w_url": (f"loader uint8, 252px shards from the URL (no cache), {workers} DataLoader workers",
@@ -183,12 +197,16 @@ def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int) -> dict:
 def _url_report(args, runs: dict, results: dict) -> int:
     """`--url-only`: the local and URL runs side by side, URL / local per worker."""
     pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w"}
-    print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'vs local':>8s}")
+    print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'vs local':>8s} "
+          f"{'img/CPU-s':>9s} {'vs local':>8s}")
     for key, (label, _) in runs.items():
         r = results[key]
         local = results.get(pairs.get(key, key))
         ratio = r["images_per_s_per_worker"] / local["images_per_s_per_worker"]
-        print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {ratio:7.2f}x")
+        per_cpu = (f"{r['images_per_cpu_s']:9.1f} {r['images_per_cpu_s'] / local['images_per_cpu_s']:7.2f}x"
+                   if r["workers"] == 0 else "")  # DataLoader worker processes' CPU is not counted
+        print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {ratio:7.2f}x {per_cpu}")
+    print("img/CPU-s: images per CPU second of the loading process (all its threads) and, for the cold URL run, nginx")
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min_at_end": os.getloadavg()[0]},
            "args": vars(args), "loader": {key: {"label": runs[key][0], **results[key]} for key in runs},
            "url_vs_local_per_worker": {k: results[k]["images_per_s_per_worker"] / results[v]["images_per_s_per_worker"]
@@ -251,7 +269,8 @@ def main(argv=None) -> int:
             server = stack.enter_context(_stopping(Nginx(work / "nginx")))
             args.url = server.serve(work, "bench")
         if args.url:
-            runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers))
+            pid = server.proc.pid if args.nginx else None
+            runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers, pid))
         if args.url_only:
             runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w") or "_url" in k}
         for _ in range(args.passes):  # interleaved: each round runs every configuration once
