@@ -4,12 +4,20 @@ inspect give what they give for the local folder; an unreadable URL is one line,
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from text4vpr.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+GUARD_S = 120  # hang guard: without the ranks' agreement, rank 0 would wait in the query gather
 
 
 def test_eval_and_index_build_from_a_url_equal_the_local_folders(model_dir, synth_shards, index_dir, nginx, tmp_path):
@@ -49,3 +57,19 @@ def test_a_url_without_a_manifest_is_one_line_exit_2(model_dir, nginx, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {url}/manifest.json: not found on the server (404); check the URL and that the whole "
                    "shard folder was uploaded"]
+
+
+@pytest.mark.slow
+def test_a_shard_failing_on_one_rank_of_a_two_rank_eval_stops_both_with_one_line(model_dir, synth_shards, nginx,
+                                                                                  fault_proxy, http_faults, tmp_path):
+    """3 shards on 2 ranks: rank 1 alone reads shard-000001, which always answers 503."""
+    nginx.serve(synth_shards, "eval2")
+    proxy = fault_proxy(http_faults.fail_always("eval2/shard-000001.tar", "503"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "text4vpr",
+           "eval", "--model", str(model_dir), "--shards", proxy.url("eval2"), "--num-workers", "0", "--out",
+           str(tmp_path / "o")]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=GUARD_S, cwd=tmp_path)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert run.returncode != 0 and len(errors) == 2, run.stderr[-3000:]
+    assert all("eval2/shard-000001.tar: unreadable after 5 tries" in e for e in errors), errors

@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args._module).run(args)
 
     rc = run_guarded(command, args.debug)
-    from text4vpr.utils.distributed import exit_process, shutdown_distributed
+    from text4vpr.utils.distributed import leave
 
-    if rc == 0 and shutdown_distributed():  # under accelerate launch / torchrun: every rank leaves together
-        exit_process(rc)
-    return rc
+    return leave(rc)  # under accelerate launch / torchrun: every rank leaves together
 
 
 if __name__ == "__main__":

@@ -91,10 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rc = run_guarded(train, args.debug)
-    from text4vpr.utils.distributed import distributed_world, exit_process, shutdown_distributed
+    from text4vpr.utils.distributed import leave
 
-    if rc == 0 and shutdown_distributed():  # ranks leave together (rank 0 wrote the report last)
-        exit_process(0)
-    if rc != 0 and distributed_world()[1] > 1:
-        exit_process(rc)  # every rank raised the same error together: no teardown with peers leaving
-    return rc
+    return leave(rc)  # ranks leave together (rank 0 wrote the report last)

@@ -66,6 +66,17 @@ def shutdown_distributed() -> bool:
     return True
 
 
+def leave(rc: int) -> int:
+    """End an entry point: after a success, every rank leaves together (barrier); after an
+    error (which every rank raised together, `raise_together`), at once, with no teardown
+    beside peers that are leaving too. Returns `rc` when not distributed."""
+    if rc == 0 and shutdown_distributed():
+        exit_process(0)
+    if rc != 0 and distributed_world()[1] > 1:
+        exit_process(rc)
+    return rc
+
+
 def exit_process(code: int) -> None:
     """Flush logs and standard streams, then `os._exit(code)`: a distributed process skips the
     interpreter's and C++'s exit-time teardown, where a gloo rank occasionally aborts (SIGABRT,
