@@ -16,8 +16,12 @@ from pathlib import Path
 class ByteCache:
     """Bytes by key under `root`, at most `max_bytes` in all (least recently used evicted)."""
 
+    RESCAN_EVERY = 64  # puts between scans of the folder (other processes' writes count then)
+
     def __init__(self, root: str | Path, max_bytes: int):
         self.root, self.max_bytes = Path(root), int(max_bytes)
+        self._total: int | None = None  # bytes in the cache at the last scan + this process's writes since
+        self._puts = 0
 
     def path(self, key: str) -> Path:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -50,13 +54,19 @@ class ByteCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self.evict()
+        self._puts += 1
+        if self._total is None or self._puts % self.RESCAN_EVERY == 0:
+            self._total = self.evict()
+            return
+        self._total += len(data)
+        if self._total > self.max_bytes:  # a scan per put would cost O(entries) each time
+            self._total = self.evict()
 
     def drop(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
-    def evict(self) -> None:
-        """Remove least recently used entries until the total is within `max_bytes`."""
+    def evict(self) -> int:
+        """Remove least recently used entries until the total is within `max_bytes`; the total left."""
         entries = []
         for path in self.root.glob("??/*"):
             if path.name.startswith(".tmp-"):
@@ -72,3 +82,4 @@ class ByteCache:
                 break
             path.unlink(missing_ok=True)
             total -= size
+        return total
