@@ -145,3 +145,13 @@ def test_read_range_survives_every_fault_kind_and_gives_up_within_its_budget(tmp
     assert dead.seen["/ranges/blob.bin"] == 3
     with pytest.raises(RemoteReadError, match="not found on the server"):
         read_range(dead.url("ranges/missing.bin"), 0, 10, opts)
+
+
+def test_a_stalled_server_ends_the_read_at_its_total_budget(tmp_path, nginx, fault_proxy, http_faults):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "blob.bin").write_bytes(b"x" * 50_000)
+    nginx.serve(tmp_path / "f", "stalled")
+    proxy = fault_proxy(http_faults.fail_always("blob.bin", "stall"), stall_s=60.0)
+    opts = RemoteOptions(retries=3, timeout_s=2.0, stall_s=30.0, backoff_s=0.05)  # the budget ends the first try
+    with pytest.raises(RemoteReadError, match=r"stalled/blob.bin: unreadable after 1 tries in 2 s \(last: FSTimeoutError"):
+        read_range(proxy.url("stalled/blob.bin"), 0, 50_000, opts)

@@ -74,24 +74,24 @@ def _with_retries(url: str, attempt, opts: RemoteOptions) -> bytes:
     """Run `attempt(fs, path, seconds_left)` until it succeeds, a permanent error, or the budget ends."""
     fs, path = _filesystem(url)
     deadline = time.monotonic() + opts.timeout_s
-    last = "no try"
-    for k in range(opts.retries + 1):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
+    last, tries = "no try", 0
+    while tries <= opts.retries and (left := deadline - time.monotonic()) > 0:
+        tries += 1
         try:
             return attempt(fs, path, left)
         except FileNotFoundError:
             raise RemoteReadError(f"{url}: not found on the server (404); check the URL and that the whole "
                                   "shard folder was uploaded") from None
+        except PermissionError as e:  # 403 / missing credentials (s3fs, gcsfs): a retry will not help
+            raise RemoteReadError(f"{url}: access denied ({_describe(e)}); check the credentials") from None
         except _retryable() as e:  # resets, 5xx, timeouts, stalls, short bodies
             if _permanent(e):
                 raise RemoteReadError(f"{url}: {_describe(e)}") from None
             last = _describe(e)
-        pause = min(opts.backoff_s * 2 ** k * (0.5 + random.random()), deadline - time.monotonic())
-        if k < opts.retries and pause > 0:
+        pause = min(opts.backoff_s * 2 ** (tries - 1) * (0.5 + random.random()), deadline - time.monotonic())
+        if tries <= opts.retries and pause > 0:
             time.sleep(pause)
-    raise RemoteReadError(f"{url}: unreadable after {k + 1} tries in {opts.timeout_s:g} s (last: {last}); "
+    raise RemoteReadError(f"{url}: unreadable after {tries} tries in {opts.timeout_s:g} s (last: {last}); "
                           "check the server, or raise data.loader.remote_retries / remote_timeout_s")
 
 
@@ -134,6 +134,7 @@ def _cat(fs, path: str, budget: float, opts: RemoteOptions, start: int | None = 
 
         # a stall (no byte for stall_s) ends the try early; the total is the budget
         kwargs["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=opts.stall_s, sock_read=opts.stall_s)
+
     async def bounded():  # cancelled when the budget is spent (a stalled connection included)
         return await asyncio.wait_for(fs._cat_file(path, **kwargs), max(budget, 0.01))
 
