@@ -23,6 +23,8 @@ class Nginx:
     serving `prefix/www`; `serve(folder, name)` links a folder in and returns its URL."""
 
     def __init__(self, prefix: Path):
+        if not Path(NGINX).is_file():
+            raise RuntimeError(f"no nginx at {NGINX}: install it (Debian: apt-get install nginx; `.ci/run` does)")
         self.prefix, self.www = prefix, prefix / "www"
         self.www.mkdir(parents=True)
         for attempt in range(5):  # the free port can be taken between the probe and nginx's bind
@@ -30,12 +32,13 @@ class Nginx:
             conf = prefix / "nginx.conf"
             conf.write_text(self._config())
             self.proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if self._wait_up():
                 return
             self.proc.kill()
             self.proc.wait()
-        raise RuntimeError(f"nginx did not start: {(prefix / 'error.log').read_text()[-2000:]}")
+        log = prefix / "error.log"
+        raise RuntimeError(f"nginx did not start: {log.read_text()[-2000:] if log.exists() else 'no error log'}")
 
     def _config(self) -> str:
         t = self.prefix
@@ -46,14 +49,23 @@ class Nginx:
                 f"  server {{ listen 127.0.0.1:{self.port}; root {self.www}; }}\n}}\n")
 
     def _wait_up(self) -> bool:
+        """True once this nginx answers with its own token (not another server on the port)."""
+        import http.client
+        import secrets
+
+        token = secrets.token_hex(8)
+        (self.www / "token.txt").write_text(token)
         for _ in range(100):
             if self.proc.poll() is not None:
                 return False
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return True
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/token.txt")
+                if conn.getresponse().read().decode() == token:
+                    return True
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         return False
 
     def serve(self, folder: Path, name: str) -> str:
