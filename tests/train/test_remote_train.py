@@ -80,11 +80,11 @@ def test_a_shard_failing_on_one_rank_stops_both_ranks_with_one_line(train_cache,
     run = _torchrun(train_cache, proxy.url("twor"), shard_root, tmp_path / "raise", *fast)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert run.returncode != 0 and len(errors) == 2, run.stderr[-3000:]
-    assert all(re.fullmatch(r"error: http://\S+/twor/train/shard-000001\.tar: unreadable after 2 tries .*", e)
-               for e in errors), errors
+    assert all(re.fullmatch(r"error: http://\S+/twor/train/shard-000001\.tar: (sample \S+: RemoteReadError: \S+: )?"
+                            r"unreadable after 2 tries .*", e) for e in errors), errors
 
     run = _torchrun(train_cache, proxy.url("twor"), shard_root, tmp_path / "skip", *fast, "data.loader.on_error=skip")
     assert run.returncode == 0, run.stderr[-3000:]
     said = re.findall(r"rank (\d): epoch 0: (\d+) samples skipped so far on all ranks", run.stdout)
     last = {r: max(int(n) for rr, n in said if rr == r) for r, _ in said}  # each rank's final total
-    assert set(last) == {"0", "1"} and last["0"] == last["1"] > 0 and last["0"] % 8 == 0, run.stdout[-3000:]
+    assert set(last) == {"0", "1"} and last["0"] == last["1"] > 0, run.stdout[-3000:]
