@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, open_shard
+from text4vpr.data.shard_reader import is_shard_dir, iter_tar_samples, load_manifest, open_shard
 
 THUMB_PX = 96
 THUMB_QUALITY = 70
@@ -59,7 +59,7 @@ def _may_hold(record: dict, wanted: set[int]) -> bool:
     return keys is None or any(k[-6:].isdigit() and int(k.rsplit("-", 1)[-1]) in wanted for k in keys)
 
 
-def _flags_by_index(manifest: dict) -> dict[int, list[str]]:
+def flags_by_index(manifest: dict) -> dict[int, list[str]]:
     """Flags and dropped views of the shard build's validation report, keyed by location index."""
     report = manifest.get("report", {})
     out: dict[int, list[str]] = {}
@@ -70,6 +70,16 @@ def _flags_by_index(manifest: dict) -> dict[int, list[str]]:
     return out
 
 
+def shard_flags(shard_dirs: Iterable[str | Path]) -> dict[int, list[str]]:
+    """`flags_by_index` of each shard folder's manifest (folders without one add nothing)."""
+    out: dict[int, list[str]] = {}
+    for shard_dir in shard_dirs:
+        if is_shard_dir(shard_dir):
+            for index, flags in flags_by_index(load_manifest(shard_dir)).items():
+                out.setdefault(index, flags)
+    return out
+
+
 def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: int = THUMB_PX) -> dict[int, LocationCard]:
     """Cards of the `wanted` location indices found in the shard folders (first sighting wins);
     locations not found are simply absent (the report says 'not in the shards')."""
@@ -77,7 +87,7 @@ def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: in
     cards: dict[int, LocationCard] = {}
     for shard_dir in shard_dirs:
         manifest = load_manifest(shard_dir)
-        flags = _flags_by_index(manifest)
+        flags = flags_by_index(manifest)
         for s in manifest["shards"]:
             if not todo:
                 return cards
