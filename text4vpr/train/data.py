@@ -150,17 +150,19 @@ def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:
 
 def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_batch: int,
                  skip_images: frozenset[int] = frozenset()):
-    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume);
-    the locations in `skip_images` (already in the frozen-trunk cache) are not decoded."""
-    return build_loader(_loader_cfg(cfg, paths.train, paths.tokenizer), "train", epoch=epoch,
-                        start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes,
-                        skip_images=skip_images)
+    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume), the
+    ranks agreeing at each step on read errors and skips (`agreed_batches`); the locations in
+    `skip_images` (already in the frozen-trunk cache) are not decoded."""
+    loader = build_loader(_loader_cfg(cfg, paths.train, paths.tokenizer), "train", epoch=epoch,
+                          start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes,
+                          skip_images=skip_images)
+    return agreed_batches(loader, f"rank {acc.process_index}: epoch {epoch}")
 
 
-def agreed_batches(loader, report_skips) -> Iterator[dict]:
+def agreed_batches(loader, label: str) -> Iterator[dict]:
     """The loader's batches, the ranks agreeing at every step (one small all-reduce): a rank
     whose read failed makes every rank raise its one-line message (none is left waiting in a
-    collective), and `report_skips(total)` hears the samples skipped so far on all ranks."""
+    collective), and every rank prints the samples skipped so far on all ranks after `label`."""
     batches, total = iter(loader), 0
     while True:
         batch, error = None, None
@@ -173,7 +175,8 @@ def agreed_batches(loader, report_skips) -> Iterator[dict]:
         (skipped,) = raise_together(error, [int(batch.pop("skipped", 0)) if batch is not None else 0])
         if skipped:
             total += skipped
-            report_skips(total)
+            print(f"{label}: {total} samples skipped so far on all ranks (data.loader.on_error=skip; the warnings "
+                  "name the shards)", flush=True)
         if batch is None:
             return
         yield batch

@@ -22,8 +22,7 @@ from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import (
-    DataPaths, agreed_batches, check_split_overlap_once, eval_loader, link_run_shards, prepare_data, steps_per_epoch,
-    train_loader,
+    DataPaths, check_split_overlap_once, eval_loader, link_run_shards, prepare_data, steps_per_epoch, train_loader,
 )
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
@@ -94,7 +93,7 @@ class Trainer:
         """Run to `total_steps`, validating and checkpointing on the way; return final metrics."""
         bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
         while not self.done and self.state.epoch < self.epochs_needed:
-            for batch in agreed_batches(self.epoch_loader(self.state.epoch, self.state.batch_in_epoch), self._skips):
+            for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
                 lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
                 loss, pairs, seconds = self.step(batch)
                 self.state.batch_in_epoch += 1
@@ -112,10 +111,6 @@ class Trainer:
         without decoded images (the cache replaces them), so cached epochs skip JPEG decoding."""
         skip = self.frozen_cache.locations() if self.frozen_cache is not None else frozenset()
         return train_loader(self.paths, self.cfg.data.loader, self.acc, epoch, start_batch, skip_images=skip)
-
-    def _skips(self, total: int) -> None:
-        print(f"rank {self.acc.process_index}: epoch {self.state.epoch}: {total} samples skipped so far on all ranks "
-              "(data.loader.on_error=skip; the warnings name the shards)", flush=True)
 
     @property
     def done(self) -> bool:
