@@ -264,7 +264,7 @@ def main(argv=None) -> int:
                          LoaderRun(s252, tok, args.workers, bs, image_dtype="uint8")),
         }
         if args.nginx:
-            from text4vpr.utils.loopback_http import Nginx
+            from tests.http_servers import Nginx
 
             server = stack.enter_context(_stopping(Nginx(work / "nginx")))
             args.url = server.serve(work, "bench")

@@ -184,25 +184,13 @@ def report_page():
     return ReportPage
 
 
-def _http_servers():
-    """tests/http_servers.py as a module (the tests folder is not a package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "http_servers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("http_servers", Path(__file__).with_name("http_servers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["http_servers"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["http_servers"]
-
-
 @pytest.fixture(scope="session")
 def nginx(tmp_path_factory):
     """Debian's nginx on a free loopback port, config/pid/logs/temp under a tmp prefix:
     `nginx.serve(folder, name)` -> `http://127.0.0.1:PORT/name` serving that folder."""
-    server = _http_servers().Nginx(tmp_path_factory.mktemp("nginx"))
+    from tests.http_servers import Nginx
+
+    server = Nginx(tmp_path_factory.mktemp("nginx"))
     yield server
     server.stop()
 
@@ -210,10 +198,12 @@ def nginx(tmp_path_factory):
 @pytest.fixture
 def fault_proxy(nginx):
     """`fault_proxy(schedule, stall_s)` -> a FaultProxy in front of `nginx` (stopped after the test)."""
+    from tests.http_servers import FaultProxy
+
     proxies = []
 
     def make(schedule, stall_s: float = 5.0):
-        proxies.append(_http_servers().FaultProxy(nginx.port, schedule, stall_s))
+        proxies.append(FaultProxy(nginx.port, schedule, stall_s))
         return proxies[-1]
 
     yield make
@@ -223,5 +213,7 @@ def fault_proxy(nginx):
 
 @pytest.fixture
 def http_faults():
-    """The fault schedules of tests/http_servers.py (fail_each_once, fail_always, FAULTS)."""
-    return _http_servers()
+    """The fault schedules of tests/http_servers.py (FailEachOnce, fail_always, FAULTS)."""
+    import tests.http_servers
+
+    return tests.http_servers
