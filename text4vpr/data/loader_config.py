@@ -65,6 +65,14 @@ class LoaderConfig:
         # fail at config time: the decoder catches per-sample errors, and under on_error=skip a
         # missing package would otherwise skip every sample
         check_text_normalization(self.text_normalization)
+        from text4vpr.config import check_range
+
+        for key, low in (("batch_size", 1), ("image_size", 1), ("num_workers", 0), ("max_text_length", 2),
+                         ("shuffle_buffer", 0), ("prefetch_factor", 1), ("max_pixels", 1), ("views", 1)):
+            check_range(f"data.loader.{key}", getattr(self, key), low)
+        check_range("data.loader.views", self.views, high=4)  # Street360Loc has four views per location
+        if self.batches_per_epoch is not None:
+            check_range("data.loader.batches_per_epoch", self.batches_per_epoch, 1)
 
     def check(self) -> None:
         """Refuse values the loader cannot act on (one line naming the field)."""

@@ -5,13 +5,14 @@ A folder is a local path or a URL prefix (`remote.is_url`) holding `manifest.jso
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
-import io
 from pathlib import Path
 
 from text4vpr.data.remote import is_url, join_url, read_all, read_range
+from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
 from text4vpr.utils.errors import InputError, file_records_problem
 
@@ -111,17 +112,29 @@ def file_sha256(path: str | Path) -> str:
 
 
 def verify_shards(shard_dir: str | Path) -> dict:
-    """Check every shard's sha256, bytes and sample count against the manifest."""
+    """Check every shard's sha256, bytes and sample count against the manifest, and what the
+    loader checks besides: each sample's JSON member, the manifest's key list, no key twice."""
     manifest = load_manifest(shard_dir)
-    problems = []
+    problems, owner = [], {}
     for s in manifest["shards"]:
         problem, source = _shard_problem(shard_dir, s)
         if problem:
             problems.append(f"{s['name']}: {problem}")
             continue
-        count = sum(1 for _ in iter_tar_samples(source))
-        if count != s["count"]:
-            problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        keys = []
+        for key, sample in iter_tar_samples(source):
+            keys.append(key)
+            if key in owner:
+                problems.append(f"{s['name']}: duplicate location key {key} (also in {owner[key]})")
+            owner.setdefault(key, s["name"])
+            try:
+                read_sample_json(sample)  # the loader's own check of each sample
+            except ValueError as e:
+                problems.append(f"{s['name']}: sample {key}: {e}")
+        if len(keys) != s["count"]:
+            problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['count']}")
+        elif "keys" in s and keys != list(s["keys"]):
+            problems.append(f"{s['name']}: its location keys differ from its manifest entry's list")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
 
 

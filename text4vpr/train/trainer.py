@@ -27,13 +27,14 @@ from text4vpr.train.data import (
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
+from text4vpr.train.preflight import check_run_inputs
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
 from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.progress import Progress
 from text4vpr.utils.atomic import atomic_write_text
-from text4vpr.utils.distributed import average_gradients, broadcast_buffers
+from text4vpr.utils.distributed import average_gradients, broadcast_buffers, main_value
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +59,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t = cfg.train
+        check_run_inputs(cfg)  # every path and key the run names, before anything is written
         self.trackers = tracker_names(t.log_with, t.tensorboard)
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, log_with=self.trackers or None,
                                project_dir=str(Path(t.output_dir) / TRACKERS_DIR))
@@ -68,7 +70,8 @@ class Trainer:
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
         # never mix runs; after every refusal above, so train.overwrite=true never clears a run for nothing
-        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
+        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone,
+                        share=main_value if self.acc.num_processes > 1 else None, report=self.acc.print)
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             if cfg.data.synthetic.locations > 0:  # the demo's shards where the README's next commands look
@@ -136,11 +139,12 @@ class Trainer:
             with self.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
         loss = self._forward_backward(batch)
-        grad_norm = self.strategy.clip(self.model)
+        grad_norm = self.strategy.clip(self.model, self.loss_fn.parameters())
         if self._skip(loss, grad_norm):
             drop_update(self.optimizer, self.acc.scaler)
         else:
             self.optimizer.step()
+            self.loss_fn.clamp_scale_()  # a learnable temperature back under its cap (open_clip's rule)
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_in_row = 0
         self.scheduler.step()
