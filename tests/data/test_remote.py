@@ -155,3 +155,12 @@ def test_a_stalled_server_ends_the_read_at_its_total_budget(tmp_path, nginx, fau
     opts = RemoteOptions(retries=3, timeout_s=2.0, stall_s=30.0, backoff_s=0.05)  # the budget ends the first try
     with pytest.raises(RemoteReadError, match=r"stalled/blob.bin: unreadable after 1 tries in 2 s \(last: FSTimeoutError"):
         read_range(proxy.url("stalled/blob.bin"), 0, 50_000, opts)
+
+
+@pytest.mark.parametrize("key, value", [("remote_retries", -1), ("remote_in_flight", 0), ("remote_timeout_s", 0.0),
+                                        ("remote_stall_s", -1.0), ("cache_gb", 0.0)])
+def test_remote_settings_out_of_range_name_their_key(key, value):
+    from text4vpr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.loader.{key}: "):
+        LoaderConfig(**{key: value})

@@ -73,6 +73,10 @@ class LoaderConfig:
         check_range("data.loader.views", self.views, high=4)  # Street360Loc has four views per location
         if self.batches_per_epoch is not None:
             check_range("data.loader.batches_per_epoch", self.batches_per_epoch, 1)
+        check_range("data.loader.remote_retries", self.remote_retries, 0)
+        check_range("data.loader.remote_in_flight", self.remote_in_flight, 1)
+        for key in ("remote_timeout_s", "remote_stall_s", "cache_gb"):
+            check_range(f"data.loader.{key}", getattr(self, key), 0, low_open=True)
 
     def check(self) -> None:
         """Refuse values the loader cannot act on (one line naming the field)."""
@@ -80,11 +84,6 @@ class LoaderConfig:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")
-        for name in ("remote_timeout_s", "remote_stall_s", "cache_gb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.remote_retries < 0 or self.remote_in_flight < 1:
-            raise ValueError("remote_retries must be >= 0 and remote_in_flight >= 1")
 
     def fetcher(self):
         """The remote reader these settings describe (retries, cache, reads in flight)."""
