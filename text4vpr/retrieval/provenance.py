@@ -32,13 +32,12 @@ def weights_digest(model) -> str:
 
 
 def shards_digest(shard_dir: str | Path) -> str:
-    """sha256 of a shard folder's manifest.json ('' when there is none, e.g. a list of tar
-    paths: nothing to compare then, the query-location check remains)."""
-    from text4vpr.data.shard_reader import MANIFEST
-    from text4vpr.utils.hashing import file_sha256
+    """sha256 of a shard folder's (or URL prefix's) manifest.json ('' when there is none, e.g. a
+    list of tar paths: nothing to compare then, the query-location check remains)."""
+    from text4vpr.data.shard_reader import is_shard_dir, manifest_bytes
+    from text4vpr.utils.hashing import bytes_sha256
 
-    manifest = Path(shard_dir) / MANIFEST
-    return file_sha256(manifest) if manifest.is_file() else ""
+    return bytes_sha256(manifest_bytes(shard_dir)) if is_shard_dir(shard_dir) else ""
 
 
 _WHAT = {
