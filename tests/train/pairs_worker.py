@@ -1,5 +1,5 @@
-"""2-rank worker (torchrun): one Trainer.step with a different number of views per rank; prints
-the pair count the step reports and the true global count."""
+"""2-rank worker (torchrun): one Trainer.step with a different number of views per rank; writes
+the pair count the step reports and the true global count (pairs-rank<r>.json)."""
 
 import json
 import sys
@@ -8,6 +8,7 @@ from pathlib import Path
 from text4vpr.config import load_config
 from text4vpr.train.config import RunConfig
 from text4vpr.train.trainer import Trainer
+from text4vpr.utils.distributed import leave
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,5 +25,7 @@ import torch.distributed as dist  # noqa: E402
 
 counts = [None] * dist.get_world_size()
 dist.all_gather_object(counts, local)
-print(json.dumps({"rank": rank, "reported": pairs, "true": sum(counts)}), flush=True)
+# one file per rank: two ranks printing at once can share a line
+Path(out, f"pairs-rank{rank}.json").write_text(json.dumps({"rank": rank, "reported": pairs, "true": sum(counts)}))
 trainer.log.close()
+leave(0)  # ranks leave together, skipping gloo's exit-time teardown (utils.distributed.exit_process)
