@@ -21,6 +21,7 @@ from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
+from text4vpr.train.elastic import global_locations, resumed_loader
 from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
 )
@@ -52,6 +53,8 @@ class TrainState:
     nonfinite_in_row: int = 0
     best_top1_5m: float = -1.0
     best_step: int = -1
+    global_batch: int = 0  # locations per step over all ranks: kept when resuming on another world size
+    world_size: int = 0  # ranks of the run that saved (batch_in_epoch counts global batches)
 
 
 class Trainer:
@@ -71,6 +74,9 @@ class Trainer:
         prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self.resume_path = ckpt.resolve_resume(t.resume, self.ckpt_dir, report=self.acc.print)
+        saved = ckpt.read_verified_state(self.resume_path, verified=True) if self.resume_path else None
+        cfg.data.loader = resumed_loader(saved, cfg.data.loader, self.acc.num_processes, self.acc.print)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
@@ -81,6 +87,8 @@ class Trainer:
         self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
+        self.state.global_batch = cfg.data.loader.batch_size * self.acc.num_processes
+        self.state.world_size = self.acc.num_processes
         if self.acc.is_main_process:  # this run's log: nothing after the step it resumes from
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         start_trackers(self.acc, self.trackers, self.run_dir, dataclasses.asdict(cfg))
@@ -125,6 +133,8 @@ class Trainer:
         pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
         complete = bool(batch["view_mask"].all())  # on the host too: the model skips its mask check
         index = batch["index"].tolist()  # host copy for the frozen cache
+        if self.cfg.train.log_locations:
+            self.log.log("batch", self.state.step + 1, locations=global_locations(index, self.acc.num_processes))
         if self.frozen_cache is not None and self.frozen_cache.covers(index):
             batch = {k: v for k, v in batch.items() if k != "images"}  # not needed: no copy to the device
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
@@ -249,7 +259,7 @@ class Trainer:
         self.strategy.save(self.ckpt_dir, self.state.step, self._modules(), self.optimizer, state)
 
     def _resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.train.resume, self.ckpt_dir, report=self.acc.print)
+        path = self.resume_path
         if path is None:
             return
         state = self.strategy.load(path, self._modules(), self.optimizer, engine=self.model)
