@@ -9,11 +9,13 @@ global batch of the same order (docs/data.md#elastic-order).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 from text4vpr.config import ConfigError
 from text4vpr.data.loader import LoaderConfig
 from text4vpr.data.order import per_rank_batch
+from text4vpr.train import checkpoint as ckpt
 
 
 def resumed_loader(saved: dict | None, cfg: LoaderConfig, world: int, say: Callable[[str], None]) -> LoaderConfig:
@@ -31,10 +33,25 @@ def resumed_loader(saved: dict | None, cfg: LoaderConfig, world: int, say: Calla
     return dataclasses.replace(cfg, batch_size=per)
 
 
-def global_locations(index: list[int], world: int) -> list[int]:
-    """The step's global batch: every rank's location ids, in rank order (a collective: every rank calls it)."""
-    if world == 1:
-        return list(index)
-    from accelerate.utils import gather_object
+def run_shape(cfg: LoaderConfig, world: int) -> dict:
+    """What a checkpoint records of the run's shape: the global batch G and the world size."""
+    return {"global_batch": cfg.batch_size * world, "world_size": world}
 
-    return list(gather_object(list(index)))
+
+def resume_point(resume: str, ckpt_dir, cfg: LoaderConfig, world: int, say: Callable[[str], None]) -> tuple[Path | None, LoaderConfig]:
+    """The checkpoint to resume (verified; None: a fresh run) and this run's loader settings."""
+    path = ckpt.resolve_resume(resume, ckpt_dir, report=say)
+    saved = ckpt.read_verified_state(path, verified=True) if path else None
+    return path, resumed_loader(saved, cfg, world, say)
+
+
+def log_locations(log, step: int, index: list[int], world: int, enabled: bool) -> None:
+    """With `train.log_locations`: a "batch" record of the step's global batch, every rank's location ids
+    in rank order (a collective: every rank calls it)."""
+    if not enabled:
+        return
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        index = gather_object(list(index))
+    log.log("batch", step, locations=list(index))

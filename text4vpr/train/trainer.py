@@ -6,6 +6,7 @@ this package (data, step, optim, checkpoint, logs, report) or to the library.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -19,9 +20,9 @@ from text4vpr.config import dump_yaml
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
-from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
-from text4vpr.train.elastic import global_locations, resumed_loader
+from text4vpr.train.elastic import log_locations, resume_point, run_shape
+from text4vpr.train.preempt import StopSignals
 from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
 )
@@ -74,9 +75,8 @@ class Trainer:
         prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
-        self.resume_path = ckpt.resolve_resume(t.resume, self.ckpt_dir, report=self.acc.print)
-        saved = ckpt.read_verified_state(self.resume_path, verified=True) if self.resume_path else None
-        cfg.data.loader = resumed_loader(saved, cfg.data.loader, self.acc.num_processes, self.acc.print)
+        self.resume_path, cfg.data.loader = resume_point(t.resume, self.ckpt_dir, cfg.data.loader, self.acc.num_processes,
+                                                         self.acc.print)  # the run's global batch, on this world size
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
@@ -87,8 +87,6 @@ class Trainer:
         self.frozen_cache = self._frozen_cache()
         self.state = TrainState()
         self._resume()
-        self.state.global_batch = cfg.data.loader.batch_size * self.acc.num_processes
-        self.state.world_size = self.acc.num_processes
         if self.acc.is_main_process:  # this run's log: nothing after the step it resumes from
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         start_trackers(self.acc, self.trackers, self.run_dir, dataclasses.asdict(cfg))
@@ -98,18 +96,21 @@ class Trainer:
     def train(self) -> dict:
         """Run to `total_steps`, validating and checkpointing on the way; return final metrics."""
         bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
-        while not self.done and self.state.epoch < self.epochs_needed:
-            for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
-                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
-                loss, pairs, seconds = self.step(batch)
-                self.state.batch_in_epoch += 1
-                bar.update(loss, pairs / seconds, lr)
-                self.after_step(loss, lr, pairs, seconds)
-                if self.done:
-                    break
-            if self.state.batch_in_epoch >= self.steps_per_epoch:
-                self.end_epoch()
-        bar.close()
+        # SIGTERM/SIGINT: checkpoint at the next step boundary on every rank, then stop; the bar
+        # is closed first, so the stop line has a line of its own
+        with StopSignals() as stop, contextlib.closing(bar):
+            while not self.done and self.state.epoch < self.epochs_needed:
+                for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
+                    lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                    loss, pairs, seconds = self.step(batch)
+                    self.state.batch_in_epoch += 1
+                    bar.update(loss, pairs / seconds, lr)
+                    self.after_step(loss, lr, pairs, seconds)
+                    stop.checkpoint_if_asked(self.acc.device, self.save, self.state.step, self.ckpt_dir)
+                    if self.done:
+                        break
+                if self.state.batch_in_epoch >= self.steps_per_epoch:
+                    self.end_epoch()
         return self.finish()
 
     def epoch_loader(self, epoch: int, start_batch: int):
@@ -133,8 +134,7 @@ class Trainer:
         pairs = int(batch["view_mask"].sum()) * self.acc.num_processes  # on the host: no device sync
         complete = bool(batch["view_mask"].all())  # on the host too: the model skips its mask check
         index = batch["index"].tolist()  # host copy for the frozen cache
-        if self.cfg.train.log_locations:
-            self.log.log("batch", self.state.step + 1, locations=global_locations(index, self.acc.num_processes))
+        log_locations(self.log, self.state.step + 1, index, self.acc.num_processes, self.cfg.train.log_locations)
         if self.frozen_cache is not None and self.frozen_cache.covers(index):
             batch = {k: v for k, v in batch.items() if k != "images"}  # not needed: no copy to the device
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
@@ -253,7 +253,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
-        state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
+                 **run_shape(self.cfg.data.loader, self.acc.num_processes)}  # a resume on another world keeps G
         if self.acc.scaler is not None:  # fp16: the loss scale resumes where it was
             state["scaler"] = self.acc.scaler.state_dict()
         self.strategy.save(self.ckpt_dir, self.state.step, self._modules(), self.optimizer, state)
