@@ -2,6 +2,7 @@
 pre-emption warning (USR1 to the batch script) every rank gets SIGTERM, the script waits for the
 checkpoint, then requeues the job; the requeued command resumes (train.resume=auto)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,12 +43,16 @@ def test_warning_signal_checkpoints_every_rank_then_requeues(tmp_path):
            "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2"}
     proc = subprocess.Popen(["bash", str(SCRIPT), "configs/street360loc.yaml", "train.epochs=3"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + HANG_GUARD_S  # a guard against a hang, not a measurement
-    while not (log / "running").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch script
-    out, err = proc.communicate(timeout=HANG_GUARD_S)
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S  # a guard against a hang, not a measurement
+        while not (log / "running").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch script
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
+    finally:  # nothing of the fake job outlives the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert (log / "checkpoint").read_text().strip() == "saved"  # the ranks got SIGTERM and were waited for
     assert (log / "scontrol").read_text().split() == ["requeue", "77"]
