@@ -50,6 +50,17 @@ def build_loader(
         pin_memory=cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=_leave_signals_to_main if cfg.num_workers > 0 else None,
         # own generator: creating the iterator must not consume the global torch RNG (exact resume)
         generator=torch.Generator().manual_seed(cfg.seed + 1_000_003 * epoch),
     )
+
+
+def _leave_signals_to_main(worker_id: int) -> None:
+    """Workers ignore SIGINT/SIGTERM (a launcher or terminal signals the whole process group):
+    the main process decides when to stop (e.g. after a checkpoint) and its workers follow it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+

@@ -205,8 +205,8 @@ class Trainer:
         from text4vpr.train.frozen_cache import FrozenTrunkCache
 
         if self.acc.num_processes > 1 and not self.cfg.data.loader.fixed_shard_assignment:
-            self.acc.print("train.frozen_cache: ranks trade shards between epochs, so each rank's cache grows "
-                           "towards every location; data.loader.fixed_shard_assignment=true keeps 1/world per rank")
+            self.acc.print("train.frozen_cache: in the elastic order each rank's cache grows towards every location; "
+                           "data.loader.fixed_shard_assignment=true keeps 1/world per rank, not elastic (docs/data.md)")
         device = self.acc.device if t.frozen_cache_device == "auto" else t.frozen_cache_device
         return FrozenTrunkCache(self.acc.unwrap_model(self.model), device, t.frozen_cache_dtype)
 
