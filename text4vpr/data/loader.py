@@ -34,7 +34,8 @@ def build_loader(
     """A DataLoader of batch dicts for one epoch (train) or one full pass (eval).
 
     Make a new one each epoch. `len()` is the number of batches this rank yields. Resume
-    mid-epoch with `start_batch` (same world size and num_workers as the interrupted run).
+    mid-epoch with `start_batch`, a global batch index: any world size and num_workers with the
+    same global batch (batch_size x world); with fixed_shard_assignment, the same world and workers.
     Locations in `skip_images` are not decoded: their images are placeholders (zero pixels;
     under image_dtype="float32" those zeros normalised), their view masks and descriptions
     unchanged. For a trainer whose frozen-trunk cache holds them and never reads the images.

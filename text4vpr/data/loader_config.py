@@ -66,5 +66,7 @@ class LoaderConfig:
         """Refuse values the loader cannot act on (one line naming the field)."""
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1 shard, got {self.shuffle_window}")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")
