@@ -16,18 +16,14 @@ from text4vpr.data.loader import LoaderConfig, LoaderError, batches_per_epoch, b
 from text4vpr.data.order import epoch_order, per_rank_batch
 from text4vpr.data.sample_index import index_offsets, parse_sample, sample_ranges
 from text4vpr.data.shard_reader import iter_tar_samples
-from text4vpr.data.shards import BuildOptions, build_shards
 
 G = 4  # global batch in locations: 1 x 4, 2 x 2, 4 x 1
 
 
-@pytest.fixture(scope="module")
-def shards(synth_root, tmp_path_factory):
-    """28 train locations in shards of 3 (the last short): more shards than the window."""
-    out = tmp_path_factory.mktemp("elastic_shards")
-    build_shards(synth_root / "train_description.xlsx", synth_root / "Street360Loc_images", out,
-                 BuildOptions(max_count=3), progress=False, log=None)
-    return out
+@pytest.fixture
+def shards(train_shards):
+    """28 train locations in 6 shards (the last short): more shards than the window of 3."""
+    return train_shards
 
 
 def _cfg(shards, tokenizer_dir, world, **kw):
@@ -108,7 +104,7 @@ def test_a_folder_without_offsets_says_so_and_index_offsets_adds_them(shards, to
         build_loader(_cfg(old, tokenizer_dir, 1), "train")
     done = subprocess.run([sys.executable, "-m", "text4vpr", "shards", "index-offsets", str(old)], capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0 and "byte offsets of 28 samples in 10 shards" in done.stdout, done.stderr
+    assert done.returncode == 0 and "byte offsets of 28 samples in 6 shards" in done.stdout, done.stderr
     assert {p.name: p.read_bytes() for p in old.glob("*.tar")} == tars  # the tars are not rewritten
     assert json.loads((old / "manifest.json").read_text()) == json.loads((shards / "manifest.json").read_text())
     assert global_batches(old, tokenizer_dir, 2, 0, 0) == global_batches(shards, tokenizer_dir, 2, 0, 0)
