@@ -178,6 +178,26 @@ def read_amplification(shards: Path, batch_size: int, window: int, worlds=(1, 2,
     return out
 
 
+def cache_hits(counts: list[int], batch_size: int, window: int, worlds=(2, 4, 8), epochs: int = 4) -> dict:
+    """Frozen-trunk cache under the elastic order: the share of rank 0's locations in epoch e that
+    it met in an earlier epoch (cache hits) and the share of all locations its cache holds after e."""
+    from text4vpr.data.order import epoch_order, rank_share
+
+    total, out = sum(counts), {}
+    offsets = np.cumsum([0, *counts])
+    for world in worlds:
+        g, seen, rows = batch_size * world, set(), []
+        for e in range(epochs):
+            shard, sample = epoch_order(counts, 0, e, window)
+            ids = offsets[shard] + sample
+            mine = [int(ids[p]) for j in range(len(ids) // g) for p in range(*rank_share(j, 0, world, g).indices(len(ids)))]
+            rows.append({"hits": sum(i in seen for i in mine) / len(mine), "cached": 0.0})
+            seen.update(mine)
+            rows[-1]["cached"] = len(seen) / total
+        out[world] = rows
+    return out
+
+
 def bench_regroup(xlsx: str, items: int = 200) -> dict | None:
     """Upstream's per-item DataFrame regroup on the real 20,004-row train file (no images)."""
     import pandas as pd
@@ -257,6 +277,8 @@ def main(argv=None) -> int:
         results = {key: run.result() for key, (_, run) in runs.items()}
         sha = None if args.train_only else bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"])
         amplification = read_amplification(s252, bs, LoaderConfig.shuffle_window)
+        counts = [e["count"] for e in __import__("json").loads((s252 / "manifest.json").read_text())["shards"]]
+        hits = cache_hits(counts, bs, LoaderConfig.shuffle_window)
     regroup = bench_regroup(args.real_train_xlsx)
     base = results["upstream"]["images_per_s_per_worker"]
     print(f"synthetic data: {args.locations} locations x 4 views at 640x640 (written in {synth_s:.1f} s)")
@@ -282,7 +304,7 @@ def main(argv=None) -> int:
     for world, a in amplification.items():
         print(f"read amplification, rank 0 of {world}: range reads {a['range_reads']:.4f}x, whole shards "
               f"{a['whole_shards']:.2f}x; {a['shards_per_batch']:.1f} shards per batch")
-    result["train_order"] = {"elastic_over_sequential": ratio, "read_amplification": amplification}
+    result["train_order"] = {"elastic_over_sequential": ratio, "read_amplification": amplification, "cache_hits": hits}
     if args.train_only:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
