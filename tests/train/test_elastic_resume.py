@@ -52,6 +52,26 @@ def _log(run: Path, kind: str) -> dict[int, object]:
     return {e["step"]: e[field] for e in read_metrics(run / "metrics.jsonl") if e["kind"] == kind}
 
 
+def test_a_resume_keeps_the_global_batch_or_refuses_naming_valid_rank_counts():
+    from text4vpr.config import ConfigError
+    from text4vpr.data.loader import LoaderConfig, LoaderError
+    from text4vpr.train.elastic import resumed_loader
+
+    said = []
+    cfg = LoaderConfig(batch_size=4)
+    saved = {"global_batch": 12, "world_size": 3}
+    assert resumed_loader(None, cfg, 2, said.append) is cfg  # a fresh run: the config's batch
+    assert resumed_loader(saved, cfg, 2, said.append).batch_size == 6
+    assert said == ["resuming on 2 rank(s): the run's global batch of 12 locations is 6 per rank "
+                    "(data.loader.batch_size=4 is ignored; it was 4 on 3 rank(s))"]
+    assert resumed_loader(saved, cfg, 3, said.append).batch_size == 4 and len(said) == 1  # same world: silent
+    with pytest.raises(LoaderError, match="global batch of 12 locations cannot be split over 5 ranks; run on 1, 2, 3, 4, 6, 12 ranks"):
+        resumed_loader(saved, cfg, 5, said.append)
+    fixed = LoaderConfig(batch_size=4, fixed_shard_assignment=True)
+    with pytest.raises(ConfigError, match="fixed_shard_assignment=true: the saved run's order belongs to 3 rank"):
+        resumed_loader(saved, fixed, 2, said.append)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(1, 2), (2, 1)])
 def test_kill_on_one_world_resume_on_another_continues_exactly(train_cache, tmp_path, first, then):
