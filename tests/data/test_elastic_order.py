@@ -163,3 +163,32 @@ def test_torchrun_gloo_ranks_make_the_same_global_batches(shards, tokenizer_dir,
             for e in (0, 1):
                 assert got[workers][str(e)] == want[e], (world, workers, e)
     assert batches_per_epoch(_cfg(shards, tokenizer_dir, 1)) == 28 // G
+
+
+def test_inspect_and_the_loader_check_the_byte_ranges_of_the_manifest(shards, tokenizer_dir, tmp_path):
+    from text4vpr.data.shard_reader import verify_shards
+
+    assert verify_shards(shards)["ok"]
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"][1]["samples"][2][1] += 512  # one sample's range a block too long
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_shards(bad)["problems"] == ["shard-000001.tar: per-sample byte offsets differ from the manifest's"]
+    manifest["shards"][1]["samples"][2][0] = manifest["shards"][1]["bytes"]  # past the end of the shard
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoaderError, match="manifest entry shard-000001.tar: sample record .* reaches past the shard"):
+        build_loader(_cfg(bad, tokenizer_dir, 1), "train")
+
+
+def test_a_rank_whose_whole_share_is_unreadable_still_yields_its_batch(shards, tokenizer_dir, tmp_path):
+    """Under skip every rank yields every batch (DDP never waits), an empty one if need be."""
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    for tar in bad.glob("*.tar"):
+        tar.write_bytes(b"\0" * tar.stat().st_size)  # every sample unreadable
+    loader = build_loader(_cfg(bad, tokenizer_dir, 4, on_error="skip"), "train", rank=1, world_size=4)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 28 // G
+    assert all(b["index"].shape == (0,) and b["view_mask"].shape == (0, 4) for b in batches)
+    assert loader.dataset.stats.samples_skipped == 28 // G

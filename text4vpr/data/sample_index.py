@@ -121,6 +121,8 @@ def samples_problem(entry: dict) -> str | None:
         if not (isinstance(s, list) and len(s) == 3 and all(isinstance(x, int) and x >= 0 for x in s[:2])
                 and isinstance(s[2], str) and s[1] >= BLOCK):
             return f"sample record {s!r:.60} is not [offset, size, sha256]"
+        if s[0] + s[1] > entry.get("bytes", 0):
+            return f"sample record {s!r:.60} reaches past the shard's {entry.get('bytes')} bytes"
     return None
 
 

@@ -91,7 +91,15 @@ def verify_shards(shard_dir: str | Path) -> dict:
         count = sum(1 for _ in iter_tar_samples(path))
         if count != s["count"]:
             problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        elif "samples" in s and _byte_ranges(path) != s["samples"]:
+            problems.append(f"{s['name']}: per-sample byte offsets differ from the manifest's")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
+
+
+def _byte_ranges(path: Path) -> list[list]:
+    from text4vpr.data.sample_index import sample_ranges  # it reads manifests with this module
+
+    return [[o, n, d] for _, o, n, d in sample_ranges(path)]
 
 
 def find_location(shard_dir: str | Path, index: int) -> list[tuple[str, dict, dict]]:
