@@ -21,14 +21,14 @@ from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train.config import RunConfig
-from text4vpr.train.elastic import log_locations, resume_point, run_shape
-from text4vpr.train.preempt import StopSignals
 from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
 )
+from text4vpr.train.elastic import log_locations, resume_point, run_shape
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
+from text4vpr.train.preempt import StopSignals
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
