@@ -20,7 +20,7 @@ from text4vpr.utils.testing import HANG_GUARD_S
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 COMMON = ["data.loader.batch_size=2", "data.loader.num_workers=1", "eval.final=false", "eval.every_steps=1000",
-          "train.log_every_steps=1", "train.epochs=2"]
+          "train.log_every_steps=1", "train.epochs=1"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
