@@ -72,11 +72,18 @@ def test_a_resume_keeps_the_global_batch_or_refuses_naming_valid_rank_counts():
         resumed_loader(saved, fixed, 2, said.append)
 
 
+@pytest.fixture(scope="module")
+def reference(train_cache, tmp_path_factory):
+    """The uninterrupted run (1 rank; the same global batches on any number)."""
+    ref = tmp_path_factory.mktemp("elastic") / "ref"
+    _run(_cmd(train_cache, ref, 1))
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(1, 2), (2, 1)])
-def test_kill_on_one_world_resume_on_another_continues_exactly(train_cache, tmp_path, first, then):
-    ref = tmp_path / "ref"
-    _run(_cmd(train_cache, ref, 1))
+def test_kill_on_one_world_resume_on_another_continues_exactly(train_cache, reference, tmp_path, first, then):
+    ref = reference
     cut = tmp_path / "cut"
     _run(_cmd(train_cache, cut, first, kill_at=glob.escape(str(cut / "checkpoints" / "step-00000006"))), expect_kill=True)
     saved = sorted((cut / "checkpoints").glob("step-*"))
