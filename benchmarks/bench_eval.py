@@ -38,12 +38,12 @@ from text4vpr.data.shards import BuildOptions, build_shards  # noqa: E402
 from text4vpr.data.synthetic import SynthConfig, write_synthetic  # noqa: E402
 from text4vpr.data.tokenizer import load_tokenizer, normalize_text, train_tokenizer  # noqa: E402
 from text4vpr.models import Text4VPR, paper_config, tiny_config  # noqa: E402
+from text4vpr.retrieval.defaults import KS, RADII  # noqa: E402
 from text4vpr.retrieval.evaluate import encode_split, evaluate  # noqa: E402
 from text4vpr.retrieval.index import build_index  # noqa: E402
 from text4vpr.retrieval.metrics import topk_within_radius  # noqa: E402
 from text4vpr.utils.atomic import atomic_write_json  # noqa: E402
 
-KS, RADII = (1, 5, 10), (5.0, 10.0, 15.0, 30.0)
 
 
 def prepare(root: Path, n: int, size: int, workers: int) -> tuple[Path, Path, Path]:
@@ -64,7 +64,7 @@ def run_ours(model, loader_cfg: LoaderConfig, device, index_dir: Path) -> dict:
 
     def once():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return evaluate(model, build_loader(loader_cfg, "eval"), KS, RADII, device=device)
+            return evaluate(model, build_loader(loader_cfg, "eval"), KS, RADII, device=device).metrics
 
     _, first = timed(once, device)
     metrics, warm = timed(once, device)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Report cost against the evaluation it reports: a synthetic split of N locations (test split
 only, cached, as bench_eval.py), a tiny random-init model (the cheapest evaluation, so the
-harshest ratio; random weights also fill the gallery with misses), `evaluate(with_ranking=True)`
+harshest ratio; random weights also fill the gallery with misses), `evaluate`
 timed warm, then each piece of what `text4vpr eval --html` writes, timed (median of --repeats):
 report.md + metrics.json + accuracy_vs_radius.png, the chance level, and report.html (one pass
 over the shards for the gallery's thumbnails, SVG charts, the page). Wall seconds and CPU
@@ -30,6 +30,7 @@ from text4vpr.data.loader import LoaderConfig, build_loader  # noqa: E402
 from text4vpr.data.tokenizer import load_tokenizer  # noqa: E402
 from text4vpr.models import Text4VPR, tiny_config  # noqa: E402
 from text4vpr.retrieval.chance import chance_accuracy  # noqa: E402
+from text4vpr.retrieval.defaults import GALLERY, gallery_successes  # noqa: E402
 from text4vpr.retrieval.evaluate import evaluate  # noqa: E402
 from text4vpr.retrieval.html_report import run_identity, write_html_report  # noqa: E402
 from text4vpr.retrieval.report import write_report  # noqa: E402
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--locations", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64, help="synthetic JPEG side (px); the model sees 56")
-    p.add_argument("--gallery", type=int, default=40, help="worst queries in the gallery (+ a quarter as many hits)")
+    p.add_argument("--gallery", type=int, default=GALLERY, help="worst queries in the gallery (+ a quarter as many hits)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="data generation workers")
     p.add_argument("--cache", default=".cache/bench_report", help="synthetic data cache")
@@ -66,9 +67,10 @@ def main(argv=None) -> int:
     model = Text4VPR(tiny_config(vocab_size=len(load_tokenizer(tok)))).eval()
     cfg = LoaderConfig(shards=str(shards), tokenizer=str(tok), batch_size=32, image_size=56,
                        num_workers=0, max_text_length=96)
-    run = lambda: evaluate(model, build_loader(cfg, "eval"), KS, RADII, with_ranking=True)  # noqa: E731
+    run = lambda: evaluate(model, build_loader(cfg, "eval"), KS, RADII)  # noqa: E731
     run()  # warm-up: allocator, first-call costs
-    (metrics, ranking), eval_s, eval_cpu = median_time(run, args.repeats)
+    result, eval_s, eval_cpu = median_time(run, args.repeats)
+    metrics, ranking = result.metrics, result.ranking
     identity = run_identity("tiny random init", shards, metrics["mode"], {"bench": vars(args)})
     with tempfile.TemporaryDirectory() as tmp:
         _, files_s, files_cpu = median_time(lambda: write_report(tmp, metrics), args.repeats)
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         metrics["chance"] = chance
         html = Path(tmp) / "report.html"
         _, html_s, html_cpu = median_time(lambda: write_html_report(
-            html, metrics, ranking, [shards], identity, failures=args.gallery, successes=max(1, args.gallery // 4)),
+            html, metrics, ranking, [shards], identity, failures=args.gallery, successes=gallery_successes(args.gallery)),
             args.repeats)
         size_mb = html.stat().st_size / 1e6
         cards = html.read_text().count('<article class="card')

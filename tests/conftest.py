@@ -126,7 +126,52 @@ class ReportPage:
             w, h = Image.open(io.BytesIO(base64.b64decode(img.attrs["src"].split(",", 1)[1]))).size
             assert max(w, h) <= 96
         assert len(dom.select("svg", cls="map")[0].attrs) and len(dom.select("circle")) >= metrics["num_queries"]
+        ReportPage.check_lead_and_map(dom, metrics)
         return dom
+
+    @staticmethod
+    def check_lead_and_map(dom, metrics: dict) -> None:
+        """The run's identity leads (its digests those of metrics.json); the map draws every miss
+        after every hit, as a ring, and its frame hugs the points on one axis at least."""
+        sections = [e.attrs.get("id") for e in dom.select("section")]
+        assert sections[0] == "identity" and sections.index("identity") < sections.index("table"), sections
+        shown = dict(zip([e.text for e in dom.select("dt")], [e.text for e in dom.select("dd")]))
+        assert set(metrics["identity"]) >= {"weights_digest", "shards_digest"}
+        for name in ("weights_digest", "shards_digest"):
+            assert shown[name] == metrics["identity"][name], name
+        start = dom.elements.index(dom.select("svg", cls="map")[0])
+        end = next(i for i in range(start + 1, len(dom.elements) + 1)
+                   if i == len(dom.elements) or dom.elements[i].tag == "svg")
+        inside = dom.elements[start + 1:end]
+        frame = next(e for e in inside if e.tag == "rect")
+        points = [e for e in inside if e.tag == "circle" and "point" in e.attrs.get("class", "")]
+        miss = [e.attrs.get("fill") == "none" for e in points]
+        assert miss == sorted(miss), "a hit is drawn over a miss"
+        assert all(e.attrs["stroke"] == "#d62728" for e, m in zip(points, miss) if m)
+        x0, y0 = float(frame.attrs["x"]), float(frame.attrs["y"])
+        w, h = float(frame.attrs["width"]), float(frame.attrs["height"])
+        xs = [float(e.attrs["cx"]) for e in points]
+        ys = [float(e.attrs["cy"]) for e in points]
+        assert x0 <= min(xs) and max(xs) <= x0 + w and y0 <= min(ys) and max(ys) <= y0 + h
+        tight_x = min(xs) - x0 <= 0.06 * w and x0 + w - max(xs) <= 0.06 * w
+        tight_y = min(ys) - y0 <= 0.06 * h and y0 + h - max(ys) <= 0.06 * h
+        assert tight_x or tight_y, "the map is not zoomed to the data"
+
+    @staticmethod
+    def check_gallery_order(dom, per_query: list[dict], failures: int) -> None:
+        """Failure cards in the order a naive loop over per_query.jsonl gives: the true location
+        ranked farthest down first (not among the K results: below them), then the largest score
+        margin, the farthest first result, the lower location index; each card says where."""
+        rows = []
+        for rec in per_query:
+            if rec["distances_m"][0] > 5.0:
+                depth = rec["true_rank"] or len(rec["top_ids"]) + 1
+                rows.append((-depth, -(rec["margin"] or 0.0), -rec["distances_m"][0], rec["query"]))
+        want = [row[3] for row in sorted(rows)[:failures]]
+        cards = [c for c in dom.select("article", cls="card") if c.attrs["data-kind"] == "failure"]
+        assert [int(c.attrs["data-query"]) for c in cards] == want
+        titles = [e.text for e in dom.select("h3")]
+        assert all("true location" in t for t in titles[: len(cards)])
 
 
 @pytest.fixture

@@ -94,3 +94,24 @@ def test_clear_errors():
     bad[3, 1, 2] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         group_topk(q, None, bad, None, 1)
+
+
+def test_merge_keys_of_blocks_is_one_sort_by_the_tie_rule():
+    """The one merge (running per-chunk merge, rank gather, Triton splits): the best k of key
+    blocks equal a naive sort of all candidates by (score desc, id asc), ties included."""
+    from text4vpr.kernels.common import merge_keys
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 5, (6, 30), generator=g).float()  # many ties
+    ids = torch.stack([torch.randperm(1000, generator=g)[:30] for _ in range(6)])
+    blocks = [encode_keys(scores[:, a:b], ids[:, a:b]) for a, b in ((0, 7), (7, 8), (8, 30))]
+    for k in (1, 5, 30, 50):
+        got_s, got_i = decode_keys(merge_keys(blocks, k))
+        running = blocks[0]
+        for b in blocks[1:]:
+            running = merge_keys([running, b], k, sorted=False)
+        run_s, run_i = decode_keys(merge_keys([running], k))
+        for q in range(6):
+            want = sorted(zip((-scores[q]).tolist(), ids[q].tolist()))[:k]
+            assert got_i[q].tolist() == [i for _, i in want] == run_i[q].tolist()
+            assert got_s[q].tolist() == [-s for s, _ in want] == run_s[q].tolist()

@@ -21,12 +21,12 @@ def main(model_dir: str, shards: str, out: str) -> int:
     dist.init_process_group("gloo")
     model = Text4VPR.from_pretrained(model_dir)
     cfg = LoaderConfig(shards=shards, tokenizer=model_dir, batch_size=4, image_size=56, num_workers=0)
-    results = {mode: evaluate(model, build_loader(cfg, "eval"), (1, 2, 5), (5, 10, 30, 1000), mode)
+    results = {mode: evaluate(model, build_loader(cfg, "eval"), (1, 2, 5), (5, 10, 30, 1000), mode).metrics
                for mode in ("upstream", "cosine", "any-heading")}
     header = build_index(model, build_loader(cfg, "eval"), Path(out) / "index")
     rows = rank_rows(header["count"], dist.get_rank(), dist.get_world_size())
     index = load_index(Path(out) / "index", model.config_hash(), model.embed_dim, rows=rows)
-    from_index = evaluate(model, build_loader(cfg, "eval"), (1, 2, 5), (5, 10, 30, 1000), "upstream", index=index)
+    from_index = evaluate(model, build_loader(cfg, "eval"), (1, 2, 5), (5, 10, 30, 1000), "upstream", index=index).metrics
     if dist.get_rank() == 0:
         (Path(out) / "metrics.json").write_text(json.dumps({"metrics": results, "header": header, "from_index": from_index}))
     shutdown_distributed()

@@ -22,21 +22,27 @@ def _random_ranking(q=50, n=30, k=5, seed=0) -> Ranking:
     picks = torch.randint(0, n, (q,), generator=g)
     qc = db[picks] + (torch.rand(q, 3, generator=g, dtype=torch.float64) < 0.5) * 3.0
     ids = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(q)])
-    return Ranking(torch.randperm(1000, generator=g)[:q], qc, torch.arange(n) + 500, db,
-                   torch.rand(q, k, generator=g).sort(1, descending=True).values, ids)
+    scores = torch.randint(0, 4, (q, k), generator=g).float().sort(1, descending=True).values  # tied margins too
+    return Ranking(picks + 500, qc, torch.arange(n) + 500, db, scores, ids)  # a query's true location: its pick
 
 
 def test_gallery_selection_matches_a_naive_loop():
+    """Failures: the true location ranked farthest down first (not among the K: below all), then
+    the largest score margin to it, the farthest first result, the lower location index."""
     for seed in range(3):
         r = _random_ranking(seed=seed)
-        rows = []  # (top-1 distance, location index, row), one query at a time, float64
+        rows = []  # (-depth, -margin, -top-1 distance, location index, row), one query at a time, float64
         for q in range(len(r.query_index)):
             d = float(np.linalg.norm(r.db_coords[r.ids[q, 0]].numpy() - r.query_coords[q].numpy()))
-            rows.append((d, int(r.query_index[q]), q))
-        misses = sorted((row for row in rows if row[0] > HEADLINE_R), key=lambda t: (-t[0], t[1]))
-        hits = {row[2] for row in rows if row[0] <= HEADLINE_R}
+            found = [j for j in range(r.ids.shape[1]) if int(r.db_index[r.ids[q, j]]) == int(r.query_index[q])]
+            depth = found[0] + 1 if found else r.ids.shape[1] + 1
+            margin = float(r.scores[q, 0]) - float(r.scores[q, found[0]]) if found else 0.0
+            rows.append((-depth, -margin, -d, int(r.query_index[q]), q))
+        misses = sorted(row for row in rows if -row[2] > HEADLINE_R)
+        assert len({row[0] for row in misses}) > 2  # the rule is exercised: several depths among the misses
+        hits = {row[4] for row in rows if -row[2] <= HEADLINE_R}
         picked = select_gallery(r, failures=7, successes=4, seed=seed)
-        assert [q for q, kind in picked if kind == "failure"] == [row[2] for row in misses[:7]]
+        assert [q for q, kind in picked if kind == "failure"] == [row[4] for row in misses[:7]]
         succ = [q for q, kind in picked if kind == "success"]
         assert len(succ) == min(4, len(hits)) and set(succ) <= hits and succ == sorted(succ)
         assert picked == select_gallery(r, failures=7, successes=4, seed=seed)  # deterministic
@@ -58,7 +64,9 @@ def test_eval_html_report_in_chromium(model_dir, synth_shards, tmp_path, report_
     metrics = json.loads((out / "metrics.json").read_text())
     fails, succ = report_page.expected_cards(metrics, 4, 1)
     assert fails + succ > 0
-    report_page.check(out / "report.html", metrics, fails, succ, thumbs_per_card=16)  # 4 views x (truth + top-3)
+    dom = report_page.check(out / "report.html", metrics, fails, succ, thumbs_per_card=16)  # 4 views x (truth + top-3)
+    per_query = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+    report_page.check_gallery_order(dom, per_query, 4)
     png = screenshot(out / "report.html", tmp_path / "shot.png", 1000, 1400)
     with Image.open(png) as im:
         assert im.size == (1000, 1400)
@@ -131,7 +139,7 @@ def test_cards_carry_the_data_report_flags(synth_shards, tmp_path):
 
 
 def test_evaluate_ranking_matches_a_naive_search(model_dir, synth_shards):
-    """with_ranking=True: the same metrics, and per query the ids, scores and location ids a
+    """The evaluation's ranking: the same metrics, and per query the ids, scores and location ids a
     float64 loop over the database gives (higher score first, then lower row)."""
     from text4vpr.data.loader import LoaderConfig, build_loader
     from text4vpr.models import Text4VPR
@@ -139,8 +147,9 @@ def test_evaluate_ranking_matches_a_naive_search(model_dir, synth_shards):
 
     model = Text4VPR.from_pretrained(model_dir)
     cfg = LoaderConfig(shards=str(synth_shards), tokenizer=str(model_dir), batch_size=4, image_size=56, num_workers=0)
-    plain = evaluate(model, build_loader(cfg, "eval"))
-    metrics, ranking = evaluate(model, build_loader(cfg, "eval"), with_ranking=True)
+    plain = evaluate(model, build_loader(cfg, "eval")).metrics
+    result = evaluate(model, build_loader(cfg, "eval"))
+    metrics, ranking = result.metrics, result.ranking
     assert metrics == plain
     enc = encode_split(model, build_loader(cfg, "eval"))
     text = (enc["queries"] * enc["query_mask"][..., None]).double().flatten(1).numpy()

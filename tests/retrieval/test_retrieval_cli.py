@@ -74,7 +74,7 @@ def test_load_index_rows_reads_a_slice_across_parts(tmp_path):
 def test_evaluate_matches_spec_loop(model_dir, synth_shards):
     model = Text4VPR.from_pretrained(model_dir)
     ks, radii = (1, 2, 5), (5, 10, 15, 30, 1000)
-    metrics = evaluate(model, _loader(model_dir, synth_shards, batch_size=4), ks, radii)  # batches of 4 + 2
+    metrics = evaluate(model, _loader(model_dir, synth_shards, batch_size=4), ks, radii).metrics  # batches of 4 + 2
     enc = encode_split(model, _loader(model_dir, synth_shards))
     want = spec_loop(enc, ks, radii)
     assert metrics["num_queries"] == 6 and metrics["num_database"] == 6  # no drop_last: every location counts
@@ -198,7 +198,7 @@ def test_two_rank_evaluate_and_index_equal_single_process(model_dir, synth_shard
     got = json.loads((tmp_path / "metrics.json").read_text())
     model = Text4VPR.from_pretrained(model_dir)
     for mode, metrics in got["metrics"].items():
-        want = evaluate(model, _loader(model_dir, synth_shards), (1, 2, 5), (5, 10, 30, 1000), mode)
+        want = evaluate(model, _loader(model_dir, synth_shards), (1, 2, 5), (5, 10, 30, 1000), mode).metrics
         assert metrics == want, mode
     assert got["from_index"] == got["metrics"]["upstream"]  # each rank read only its rows of the index
     header = got["header"]
@@ -336,7 +336,7 @@ def test_disjoint_check_in_the_library(model_dir, synth_shards, index_dir):
     index.index[:4] -= 1000  # four back: two queries still missing
     with pytest.raises(DisjointQueriesError, match="2 of 6"):
         evaluate(model, _loader(model_dir, synth_shards), index=index)
-    assert evaluate(model, _loader(model_dir, synth_shards), index=index, allow_disjoint=True)["num_queries"] == 6
+    assert evaluate(model, _loader(model_dir, synth_shards), index=index, allow_disjoint=True).metrics["num_queries"] == 6
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

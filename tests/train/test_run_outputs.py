@@ -63,7 +63,17 @@ def test_mlflow_and_tensorboard_hold_the_jsonl_scalars(tracked_run):
 def test_run_report_html_in_chromium(tracked_run, report_page):
     final = json.loads((tracked_run / "final_metrics.json").read_text())
     fails, succ = report_page.expected_cards(final, 3, 1)
-    report_page.check(tracked_run / "report.html", final, fails, succ, thumbs_per_card=16)
+    dom = report_page.check(tracked_run / "report.html", final, fails, succ, thumbs_per_card=16)
+    per_query = [json.loads(line) for line in (tracked_run / "per_query.jsonl").read_text().splitlines()]
+    report_page.check_gallery_order(dom, per_query, 3)
+    sections = [e.attrs.get("id") for e in dom.select("section")]
+    assert sections[:3] == ["identity", "training", "table"], sections  # identity and curves lead
+    events = [json.loads(line) for line in (tracked_run / "metrics.jsonl").read_text().splitlines()]
+    loss = [e for e in events if e["kind"] == "train"]
+    start = dom.elements.index(dom.select("svg", cls="loss")[0])
+    line = next(e for e in dom.elements[start:] if e.tag == "polyline")
+    assert len(line.attrs["points"].split()) == len(loss) > 1  # every logged loss is on the curve
+    assert dom.select("svg", cls="val-accuracy")
     md = (tracked_run / "report.md").read_text()
     assert md.startswith("# Text4VPR training report") and "![loss](loss.png)" in md
     for name in ("accuracy_vs_radius.png", "loss.png", "val_accuracy.png"):
@@ -83,3 +93,23 @@ def test_tracker_names_refuse_unknown_and_missing(monkeypatch):
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])  # nothing installed
     with pytest.raises(ConfigError, match=r"mlflow is not installed; pip install \"text4vpr\[trackers\]\""):
         tracker_names(["mlflow"], False)
+
+
+def test_final_evaluation_records_its_identity_and_per_query(tracked_run):
+    """final_metrics.json names the evaluated folder with its weights digest and the test shards'
+    manifest digest; the table recomputed from per_query.jsonl by a naive loop equals it."""
+    import hashlib
+
+    from text4vpr.models import Text4VPR
+    from text4vpr.retrieval.provenance import weights_digest
+
+    final = json.loads((tracked_run / "final_metrics.json").read_text())
+    ident = final["identity"]
+    assert Path(ident["model"]).parent == tracked_run and Path(ident["model"]).name in ("best_model", "model")
+    assert ident["weights_digest"] == weights_digest(Text4VPR.from_pretrained(ident["model"]))
+    assert ident["shards_digest"] == hashlib.sha256((Path(ident["shards"]) / "manifest.json").read_bytes()).hexdigest()
+    records = [json.loads(line) for line in (tracked_run / "per_query.jsonl").read_text().splitlines()]
+    assert len(records) == final["num_queries"]
+    for k, row in final["accuracy"].items():
+        for r, value in row.items():
+            assert value == sum(any(d <= float(r) for d in rec["distances_m"][: int(k)]) for rec in records) / len(records)

@@ -100,3 +100,14 @@ def check_shards(path: str, flag: str = "--shards") -> None:
     if not any(p.glob("*.tar")):
         raise UsageError(f"{flag} {path}: no shards (*.tar) in this folder; build them with `text4vpr shards build`")
 
+
+def add_chance(metrics: dict, query_coords, db_coords, max_pairs: int = 50_000_000) -> None:
+    """Chance level beside the accuracy (as the trainer's report has it), when the query x
+    database distance matrix it needs is affordable."""
+    from text4vpr.retrieval.chance import chance_accuracy
+
+    q, n = query_coords.shape[0], db_coords.shape[0]
+    if q * n > max_pairs:
+        print(f"chance level left out: {q} x {n} distances exceed {max_pairs}")
+        return
+    metrics["chance"] = chance_accuracy(query_coords, db_coords, tuple(metrics["ks"]), tuple(metrics["radii"]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg
+from text4vpr.cli._retrieval_common import add_chance, add_index_risk_args, add_mode_arg
 from text4vpr.cli.errors import fail
 from text4vpr.cli.evaluate import add_ks_radii
 
@@ -67,12 +67,15 @@ def run(args: argparse.Namespace) -> int:
         _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
         if not args.allow_disjoint:
             check_queries_in_database(q["index"].long(), db["index"].long())
-        metrics = search_metrics(
+        result = search_metrics(
             q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
             db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,
+            ids=(q["index"].long(), db["index"].long()),
         )
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
+    metrics = result.metrics
+    add_chance(metrics, result.ranking.query_coords, result.ranking.db_coords)  # as `text4vpr eval` has it
     paths = write_report(args.out, metrics)
     print(markdown_table(metrics), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
+    add_chance, add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
 from text4vpr.cli.errors import fail
+from text4vpr.retrieval.defaults import GALLERY, KS, RADII, gallery_successes
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values")
-    parser.add_argument("--radii", type=float, nargs="+", default=[5, 10, 15, 30], help="radii in metres")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k values")
+    parser.add_argument("--radii", type=float, nargs="+", default=list(RADII), help="radii in metres")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="search kernel")
 
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ks_radii(parser)
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
-    parser.add_argument("--gallery", type=int, default=40, help="worst queries shown in report.html (default 40)")
+    parser.add_argument("--gallery", type=int, default=GALLERY, help=f"worst queries shown in report.html (default {GALLERY})")
 
 
 def _this_rank_rows(path: str) -> tuple[int, int]:
@@ -48,8 +49,7 @@ def _this_rank_rows(path: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import evaluate
     from text4vpr.retrieval.index import load_index
-    from text4vpr.retrieval.provenance import shards_digest, weights_digest
-    from text4vpr.retrieval.report import markdown_table, write_report
+    from text4vpr.retrieval.provenance import evaluation_identity
 
     if args.gallery < 0:
         return fail(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
@@ -57,53 +57,54 @@ def run(args: argparse.Namespace) -> int:
     device = init_distributed()
     try:
         model = load_model_on(args.model, device)
+        identity = evaluation_identity(model, args.model, args.shards, args.index)
         index = None
         if args.index:
             index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
-                               weights_digest=weights_digest(model), shards_digest=shards_digest(args.shards) or None,
+                               weights_digest=identity["weights_digest"], shards_digest=identity["shards_digest"] or None,
                                allow_mismatch=args.allow_index_mismatch)
         with precision_context(args.precision, device):
-            metrics = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
-                               backend=args.backend, device=device, show_progress=show_progress(args),
-                               allow_disjoint=args.allow_disjoint, with_ranking=True)
+            result = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
+                              backend=args.backend, device=device, show_progress=show_progress(args),
+                              allow_disjoint=args.allow_disjoint)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     if is_main_rank():
-        metrics, ranking = metrics
-        if args.html:
-            _add_chance(metrics, ranking)
-        paths = write_report(args.out, metrics)
-        if args.html:
-            paths["html"] = _write_html(args, model, metrics, ranking)
-        print(markdown_table(metrics), end="")
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        result.metrics["identity"] = identity
+        _write_outputs(args, model, result)
     return 0
 
 
-def _add_chance(metrics: dict, ranking, max_pairs: int = 50_000_000) -> None:
-    """Chance level beside the accuracy (as the trainer's report has it), when the
-    query x database distance matrix it needs is affordable."""
-    from text4vpr.retrieval.chance import chance_accuracy
+def _write_outputs(args: argparse.Namespace, model, result) -> None:
+    """metrics.json (with chance and identity), per_query.jsonl, report.md and its plot, report.html."""
+    from pathlib import Path
 
-    q, n = ranking.query_coords.shape[0], ranking.db_coords.shape[0]
-    if q * n > max_pairs:
-        print(f"chance level left out: {q} x {n} distances exceed {max_pairs}")
-        return
-    metrics["chance"] = chance_accuracy(ranking.query_coords, ranking.db_coords, tuple(metrics["ks"]),
-                                        tuple(metrics["radii"]))
+    from text4vpr.retrieval.per_query import PER_QUERY_JSONL, write_per_query
+    from text4vpr.retrieval.report import markdown_table, write_report
+    from text4vpr.retrieval.thumbnails import shard_flags
+
+    metrics, ranking = result.metrics, result.ranking
+    add_chance(metrics, ranking.query_coords, ranking.db_coords)
+    paths = write_report(args.out, metrics)
+    shard_dirs = [args.shards, *_index_shards(args.index)]
+    paths["per_query"] = write_per_query(Path(args.out) / PER_QUERY_JSONL, ranking, shard_flags(shard_dirs))
+    if args.html:
+        paths["html"] = _write_html(args, model, metrics, ranking, shard_dirs)
+    print(markdown_table(metrics), end="")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def _write_html(args: argparse.Namespace, model, metrics: dict, ranking):
+def _write_html(args: argparse.Namespace, model, metrics: dict, ranking, shard_dirs: list):
     import dataclasses
     from pathlib import Path
 
     from text4vpr.retrieval.html_report import run_identity, write_html_report
 
     config = {"model": dataclasses.asdict(model.config), "eval": {k: v for k, v in vars(args).items() if k != "func"}}
-    identity = run_identity(args.model, args.shards, args.mode, config, index=args.index or "(images encoded)")
-    shard_dirs = [args.shards, *_index_shards(args.index)]
+    digests = {k: v for k, v in metrics["identity"].items() if k.endswith("_digest")}
+    identity = run_identity(args.model, args.shards, args.mode, config, index=args.index or "(images encoded)", **digests)
     return write_html_report(Path(args.out) / "report.html", metrics, ranking, shard_dirs, identity,
-                             failures=args.gallery, successes=max(1, args.gallery // 4))
+                             failures=args.gallery, successes=gallery_successes(args.gallery))
 
 
 def _index_shards(path: str | None) -> list[str]:

@@ -54,11 +54,16 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), ids
 
 
+def merge_keys(blocks: list[torch.Tensor], k: int, sorted: bool = True) -> torch.Tensor:
+    """The one merge of top-k lists: the best min(k, M) of key blocks (Q, m_i), M = sum m_i, by
+    the tie rule (keys are unique, so the result never depends on topk's order for equal values)."""
+    keys = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # (Q, M)
+    return torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=sorted).values
+
+
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of candidate lists (Q, M) under the tie rule; returns (Q, min(k, M)) sorted."""
-    keys = encode_keys(scores, ids)  # (Q, M)
-    top = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=True).values
-    return decode_keys(top)
+    return decode_keys(merge_keys([encode_keys(scores, ids)], k))
 
 
 # ----------------------------------------------------------------------------- input checks

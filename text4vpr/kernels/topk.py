@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from text4vpr.kernels.common import MAX_TRITON_K, check_inputs, check_mode, decode_keys, encode_keys, rotated_views, view_scales
+from text4vpr.kernels.common import (
+    MAX_TRITON_K, check_inputs, check_mode, decode_keys, encode_keys, merge_keys, rotated_views, view_scales,
+)
 
 # ----------------------------------------------------------------------------- torch path
 
@@ -117,12 +119,8 @@ def group_topk_torch(
             scores = scores / count.clamp_min(1.0)
         scores = scores[0] if rotations == 1 else scores.amax(dim=0)  # (Q, C)
         keys = _chunk_topk_keys(scores, start, kk)  # (Q, <= k)
-        if run_keys is not None:
-            keys = torch.cat([run_keys, keys], dim=1)  # (Q, <= 2k)
-            keys = torch.topk(keys, min(kk, keys.shape[1]), dim=1, sorted=False).values
-        run_keys = keys
-    run_keys = torch.sort(run_keys, dim=1, descending=True).values
-    return decode_keys(run_keys)
+        run_keys = keys if run_keys is None else merge_keys([run_keys, keys], kk, sorted=False)  # (Q, <= k)
+    return decode_keys(merge_keys([run_keys], kk))
 
 
 # ----------------------------------------------------------------------------- dispatch

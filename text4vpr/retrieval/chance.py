@@ -6,11 +6,12 @@ import math
 
 import torch
 
+from text4vpr.retrieval.defaults import KS, RADII
 from text4vpr.retrieval.metrics import key
 
 
 def chance_accuracy(
-    query_coords: torch.Tensor, db_coords: torch.Tensor, ks=(1, 5, 10), radii=(5.0, 10.0, 15.0, 30.0)
+    query_coords: torch.Tensor, db_coords: torch.Tensor, ks=KS, radii=RADII
 ) -> dict[str, dict[str, float]]:
     """Expected accuracy[k][r] of a random ranking, exact: 1 - C(N-m, k) / C(N, k) per query.
 

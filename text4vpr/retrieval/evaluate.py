@@ -6,7 +6,7 @@ yields (every location exactly once over all ranks: no drop_last, nothing repeat
 collective per batch. At the end, one all-gather of the (small) query vectors and
 coordinates, a local search of all queries against this rank's database slice, and one
 all-gather of the (Q, k) results (`search.sharded_group_topk`). Every rank returns the same
-metrics dict.
+`Evaluation` (metrics and ranking).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite, check_mode
 from text4vpr.retrieval.index import rank_rows
-from text4vpr.retrieval.metrics import DEFAULT_KS, DEFAULT_RADII, topk_within_radius
-from text4vpr.retrieval.ranking import Ranking
-from text4vpr.retrieval.search import sharded_group_topk
+from text4vpr.retrieval.defaults import KS, RADII
+from text4vpr.retrieval.metrics import topk_within_radius
+from text4vpr.retrieval.ranking import Evaluation, Ranking
+from text4vpr.retrieval.search import sharded_topk_by_location
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
 from text4vpr.utils.errors import InputError
@@ -121,43 +122,44 @@ def search_metrics(
     database: torch.Tensor,
     db_mask: torch.Tensor | None,
     db_coords: torch.Tensor,
-    ks: Sequence[int] = DEFAULT_KS,
-    radii: Sequence[float] = DEFAULT_RADII,
+    ks: Sequence[int] = KS,
+    radii: Sequence[float] = RADII,
     mode: str = "upstream",
     *,
     id_offset: int = 0,
     backend: str = "auto",
     device: torch.device | str | None = None,
     ids: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict | tuple[dict, Ranking]:
-    """Metrics for precomputed vectors. `database`/`db_mask` are this rank's slice (rows from
-    `id_offset`); `db_coords` covers the whole database; queries are the same on every rank.
-    With `ids` = (query location ids (Q,), database location ids (N,)), also the `Ranking`."""
+) -> Evaluation:
+    """Metrics and `Ranking` for precomputed vectors. `database`/`db_mask` are this rank's slice
+    (rows from `id_offset`); `db_coords` covers the whole database; queries are the same on every
+    rank. `ids` = (query location ids (Q,), database location ids (N,)); None: row numbers.
+    Equal scores rank the lower location index first (the lower row when ids repeat)."""
     check_mode(mode)
     check_finite(queries, "query vectors")
     _check_finite_everywhere(database)
     device = torch.device(device) if device is not None else database.device
     k = max(ks)
     total = db_coords.shape[0]
-    scores, top = sharded_group_topk(
+    scores, top = sharded_topk_by_location(
         queries.to(device), None if query_mask is None else query_mask.to(device),
         database.to(device), None if db_mask is None else db_mask.to(device),
-        k, mode, id_offset=id_offset, total=total, backend=backend,
+        k, mode, db_ids=None if ids is None else ids[1], id_offset=id_offset, total=total, backend=backend,
     )
     accuracy = topk_within_radius(top.cpu(), query_coords, db_coords, ks, radii)
     metrics = {"accuracy": accuracy, "num_queries": int(queries.shape[0]), "num_database": int(total), "mode": mode,
                "ks": [int(x) for x in ks], "radii": [float(r) for r in radii]}
     if ids is None:
-        return metrics
+        ids = torch.arange(queries.shape[0]), torch.arange(total)
     ranking = Ranking(ids[0].cpu(), query_coords.cpu(), ids[1].cpu(), db_coords.cpu(), scores.float().cpu(), top.cpu())
-    return metrics, ranking
+    return Evaluation(metrics, ranking)
 
 
 def evaluate(
     model,
     loader,
-    ks: Sequence[int] = DEFAULT_KS,
-    radii: Sequence[float] = DEFAULT_RADII,
+    ks: Sequence[int] = KS,
+    radii: Sequence[float] = RADII,
     mode: str = "upstream",
     *,
     index=None,
@@ -165,16 +167,15 @@ def evaluate(
     device: torch.device | str | None = None,
     show_progress: bool = False,
     allow_disjoint: bool = False,
-    with_ranking: bool = False,
-) -> dict | tuple[dict, Ranking]:
-    """Encode the loader's split and return the metrics dict (same on every rank):
-    {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"}.
+) -> Evaluation:
+    """Encode the loader's split and return its `Evaluation` (same on every rank): the metrics
+    {"accuracy": {k: {r: fraction}}, "num_queries", "num_database", "mode", "ks", "radii"} and
+    the `Ranking` (what each query retrieved).
 
     Queries = each location's descriptions, database = each location's images (docs/method.md#database-and-query-vectors);
     with `index` (a loaded `retrieval.index.Index`), the database comes from it instead
     (each rank searches an equal slice of its rows), and every query location must be in it
     unless `allow_disjoint`. The model is left in its train/eval state.
-    `with_ranking=True` returns (metrics, `Ranking`): what each query retrieved (HTML report).
     """
     check_mode(mode)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -192,5 +193,5 @@ def evaluate(
     return search_metrics(
         everyone["queries"], everyone["query_mask"], everyone["coords"], database, db_mask, db_coords,
         ks, radii, mode, id_offset=offset, backend=backend, device=device,
-        ids=(everyone["index"], db_ids) if with_ranking else None,
+        ids=(everyone["index"], db_ids),
     )

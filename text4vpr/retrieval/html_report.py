@@ -1,5 +1,6 @@
-"""Self-contained HTML evaluation report (`report.html`): accuracy table beside chance, charts,
-a map of hits and misses, and a gallery of the worst queries with what was retrieved instead.
+"""Self-contained HTML evaluation report (`report.html`): the run's identity and training curves,
+the accuracy table beside chance, charts, a map of hits and misses, and a gallery of the worst
+queries with what was retrieved instead.
 
 Everything is inline (SVG charts, base64 JPEG thumbnails, a few lines of script), so the file
 opens from disk with no network. The page records script errors into `#js-errors` and sets
@@ -18,6 +19,8 @@ import numpy as np
 
 from text4vpr.data.geo import ecef_to_geodetic
 from text4vpr.retrieval import svg
+from text4vpr.retrieval.curves import training_section
+from text4vpr.retrieval.defaults import GALLERY, gallery_successes
 from text4vpr.retrieval.ranking import Ranking
 from text4vpr.retrieval.thumbnails import LocationCard, load_cards
 from text4vpr.utils.atomic import atomic_write_text
@@ -126,25 +129,33 @@ def distance_histogram(top1: np.ndarray) -> str:
 
 
 def query_map(ranking: Ranking, top1: np.ndarray) -> str:
-    """Query positions (lat/lon from ECEF), green when the top-1 is within HEADLINE_R."""
+    """Query positions (lat/lon from ECEF), framed to their extent: green dots where the top-1 is
+    within HEADLINE_R, red rings for misses, drawn last (on top, the dots beneath still visible)."""
     n = len(top1)
     keep = np.arange(n) if n <= MAX_MAP_POINTS else np.linspace(0, n - 1, MAX_MAP_POINTS).astype(int)
     keep = keep[np.argsort(top1[keep] > HEADLINE_R, kind="stable")]  # misses drawn last, on top
     llh = ecef_to_geodetic(ranking.query_coords.numpy()[keep])
     ids = ranking.query_index.numpy()[keep]
-    colours = [svg.HIT if d <= HEADLINE_R else svg.MISS for d in top1[keep]]
+    miss = (top1[keep] > HEADLINE_R).tolist()
+    colours = [svg.MISS if m else svg.HIT for m in miss]
     titles = [f"location {i}: top-1 {d:.1f} m away" for i, d in zip(ids.tolist(), top1[keep].tolist())]
-    legend = ((svg.HIT, f"top-{HEADLINE_K} within {HEADLINE_R:g} m"), (svg.MISS, "miss"))
-    return svg.scatter_map(llh[:, 1], llh[:, 0], colours, titles, legend)
+    legend = ((svg.HIT, f"● top-{HEADLINE_K} within {HEADLINE_R:g} m"), (svg.MISS, "○ miss"))
+    return svg.scatter_map(llh[:, 1], llh[:, 0], colours, titles, legend, hollow=miss)
 
 
 def select_gallery(ranking: Ranking, failures: int, successes: int, seed: int = 0) -> list[tuple[int, str]]:
-    """(query row, 'failure' | 'success'): the `failures` misses at (1, 5 m) whose first result is
-    farthest (ties: lower location index), then a seeded random sample of `successes` hits."""
+    """(query row, 'failure' | 'success'): the `failures` worst misses at (1, 5 m), then a seeded
+    random sample of `successes` hits. Worst: the true location ranked farthest down (not among
+    the K results first), then the largest score margin to it, then the farthest first result,
+    then the lower location index."""
     top1 = ranking.distances()[:, 0]
     ids = ranking.query_index.numpy()
+    k = ranking.ids.shape[1]
+    ranks = ranking.true_ranks()
+    depth = np.where(ranks > 0, ranks, k + 1)  # not among the K results: below all of them
+    margin = np.nan_to_num(ranking.true_margins(), nan=0.0)  # unknown beyond K: equal, distance decides
     miss = np.flatnonzero(top1 > HEADLINE_R)
-    worst = miss[np.lexsort((ids[miss], -top1[miss]))][:failures]
+    worst = miss[np.lexsort((ids[miss], -top1[miss], -margin[miss], -depth[miss]))][:failures]
     hit = np.flatnonzero(top1 <= HEADLINE_R)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(hit, size=min(successes, len(hit)), replace=False)) if len(hit) else hit
@@ -176,8 +187,19 @@ def _dist_span(d: float) -> str:
     return f'<span class="{"within" if d <= HEADLINE_R else "far"}">{d:.1f} m</span>'
 
 
-def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: dict[int, LocationCard]) -> str:
-    """One query: its descriptions, the true location's views, the top results' views."""
+def true_rank_text(rank: int, margin: float, k: int) -> str:
+    """Where the true location ranked, and by how much it trailed the first result."""
+    if rank == 0:
+        return f"true location not in the top {k}"
+    if rank == 1:
+        return "true location ranked first"
+    return f"true location at rank {rank}, {margin:.4g} below the first result's score"
+
+
+def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: dict[int, LocationCard],
+                 rank: int, margin: float) -> str:
+    """One query: where its true location ranked (`Ranking.true_ranks`, `true_margins`), its
+    descriptions, the true location's views, the top results' views."""
     index = int(ranking.query_index[q])
     card = cards.get(index)
     blocks = [location_block(f"<b>true location {index}</b>", card)]
@@ -188,9 +210,11 @@ def gallery_card(q: int, kind: str, ranking: Ranking, dist: np.ndarray, cards: d
         blocks.append(location_block(f"top-{j + 1}: location {other}{same}, score {float(ranking.scores[q, j]):.4f}, "
                                       f"{_dist_span(float(dist[q, j]))}", cards.get(other)))
     verdict = "miss" if kind == "failure" else "hit"
-    return (f'<article class="card {kind}" data-kind="{kind}" data-query="{index}" id="q{index}">'
+    return (f'<article class="card {kind}" data-kind="{kind}" data-query="{index}" id="q{index}" '
+            f'data-true-rank="{rank}" data-margin="{margin!r}">'
             f"<h3>location {index}: top-1 {dist[q, 0]:.1f} m away ({verdict} at top-{HEADLINE_K} within "
-            f"{HEADLINE_R:g} m)</h3>{_flags(card)}{descriptions_list(card)}<div class=\"locs\">{''.join(blocks)}</div></article>")
+            f"{HEADLINE_R:g} m); {true_rank_text(rank, margin, ranking.ids.shape[1])}</h3>"
+            f"{_flags(card)}{descriptions_list(card)}<div class=\"locs\">{''.join(blocks)}</div></article>")
 
 
 def _gallery_section(picked, ranking: Ranking, dist: np.ndarray, cards) -> str:
@@ -198,27 +222,32 @@ def _gallery_section(picked, ranking: Ranking, dist: np.ndarray, cards) -> str:
     misses = int((dist[:, 0] > HEADLINE_R).sum())
     buttons = ('<div class="filters"><button data-show="all">all</button><button data-show="failure">failures</button>'
                '<button data-show="success">successes</button></div>')
-    body = "".join(gallery_card(q, kind, ranking, dist, cards) for q, kind in picked)
+    ranks, margins = ranking.true_ranks(), ranking.true_margins()
+    body = "".join(gallery_card(q, kind, ranking, dist, cards, int(ranks[q]), float(margins[q])) for q, kind in picked)
     return (f'<section id="gallery"><h2>Gallery: the {n_fail} worst of {misses} misses at top-{HEADLINE_K} within '
-            f"{HEADLINE_R:g} m, and {len(picked) - n_fail} random successes</h2>{buttons}{body}</section>")
+            f"{HEADLINE_R:g} m (the true location ranked farthest down first), and {len(picked) - n_fail} random "
+            f"successes</h2>{buttons}{body}</section>")
 
 
 def render_report(metrics: dict, ranking: Ranking, cards: dict[int, LocationCard], identity: dict,
-                  picked: list[tuple[int, str]]) -> str:
-    """The whole page as a string (see `write_html_report`)."""
+                  picked: list[tuple[int, str]], events: Sequence[dict] = ()) -> str:
+    """The whole page as a string (see `write_html_report`): the run's identity and training
+    curves first, then the table, the charts and the gallery."""
     dist = ranking.distances()
     top1 = dist[:, 0]
     charts = (f'<section id="charts"><h2>Accuracy, map and distances</h2><div class="charts">{accuracy_chart(metrics)}'
               f"{query_map(ranking, top1)}{distance_histogram(top1)}</div></section>")
     table = f'<section id="table"><h2>Top-k accuracy within r metres</h2>{accuracy_table(metrics)}</section>'
-    return page("Text4VPR evaluation report", [table, charts, _gallery_section(picked, ranking, dist, cards),
-                                                 identity_section(identity)])
+    return page("Text4VPR evaluation report", [identity_section(identity), training_section(list(events)), table,
+                                                 charts, _gallery_section(picked, ranking, dist, cards)])
 
 
 def write_html_report(path: str | Path, metrics: dict, ranking: Ranking, shard_dirs: Sequence[str | Path],
-                      identity: dict, failures: int = 40, successes: int = 10, seed: int = 0) -> Path:
+                      identity: dict, failures: int = GALLERY, successes: int = gallery_successes(GALLERY), seed: int = 0,
+                      events: Sequence[dict] = ()) -> Path:
     """Write `report.html` for an evaluation; thumbnails come from `shard_dirs` (queries and
-    database). About 60 KB per gallery card with 96 px thumbnails."""
+    database), training curves from `events` (a run's metrics.jsonl). About 60 KB per gallery
+    card with 96 px thumbnails."""
     picked = select_gallery(ranking, failures, successes, seed)
     wanted = set()
     for q, _ in picked:
@@ -226,5 +255,5 @@ def write_html_report(path: str | Path, metrics: dict, ranking: Ranking, shard_d
         wanted.update(int(ranking.db_index[r]) for r in ranking.ids[q, :TOP_SHOWN].tolist())
     cards = load_cards(shard_dirs, wanted)
     path = Path(path)
-    atomic_write_text(path, render_report(metrics, ranking, cards, identity, picked))
+    atomic_write_text(path, render_report(metrics, ranking, cards, identity, picked, events))
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from text4vpr.kernels.topk import group_topk
+from text4vpr.retrieval.search import sharded_topk_by_location
 from text4vpr.utils.errors import InputError
 
 MAX_DESCRIPTIONS = 4
@@ -46,12 +46,15 @@ def encode_descriptions(model, tokenizer, texts: list[str], views: int = 4, max_
 
 def rank_locations(query: torch.Tensor, query_mask: torch.Tensor, index, top_k: int = 5, mode: str = "upstream",
                    backend: str = "auto") -> list[dict]:
-    """Ranked results: rank, score, row, location index, ECEF xyz and WGS84 lat/lon/height."""
+    """Ranked results: rank, score, row, location index, ECEF xyz and WGS84 lat/lon/height (equal
+    scores: the lower location index first)."""
     from text4vpr.data.geo import ecef_to_geodetic
 
     db = index.embeddings.to(query.device)
-    scores, rows = group_topk(query, query_mask, db, index.view_mask.to(query.device), top_k, mode, backend=backend)
-    rows = rows[0].cpu().numpy() + index.rows[0]  # global rows (an index may hold a slice of them)
+    scores, rows = sharded_topk_by_location(query, query_mask, db, index.view_mask.to(query.device), top_k, mode,
+                                            db_ids=index.index, id_offset=index.rows[0], total=db.shape[0],
+                                            backend=backend, gather=False)  # the rows this index holds
+    rows = rows[0].cpu().numpy()  # global rows (an index may hold a slice of them)
     xyz = index.coords[rows].numpy().astype(np.float64)  # (k, 3)
     llh = ecef_to_geodetic(xyz)  # (k, 3) lat, lon, height
     return [

@@ -12,8 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-DEFAULT_KS = (1, 5, 10)
-DEFAULT_RADII = (5.0, 10.0, 15.0, 30.0)
+from text4vpr.retrieval.defaults import KS, RADII
 
 
 def key(x: float) -> str:
@@ -29,8 +28,8 @@ def topk_within_radius(
     topk_ids,
     query_coords,
     db_coords,
-    ks: Sequence[int] = DEFAULT_KS,
-    radii: Sequence[float] = DEFAULT_RADII,
+    ks: Sequence[int] = KS,
+    radii: Sequence[float] = RADII,
 ) -> dict[str, dict[str, float]]:
     """accuracy[k][r] from ranked ids (Q, K) into the database rows, coords (Q, 3) / (N, 3) metres.
 

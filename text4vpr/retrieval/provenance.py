@@ -61,3 +61,15 @@ def check_digests(header: dict, expected: dict[str, str], where: str = "index", 
         if not allow_mismatch:
             raise IndexMismatchError(message)
         warnings.warn(f"index mismatch allowed: {message}", stacklevel=3)
+
+
+def evaluation_identity(model, model_dir: str | Path, shards: str | Path, index: str | Path | None = None) -> dict:
+    """What an evaluation ran on (metrics.json's `identity`): the model folder and its weights
+    digest, the shards folder and its manifest digest, the index folder if any, the version."""
+    from text4vpr import __version__
+
+    ident = {"model": str(model_dir), "weights_digest": weights_digest(model), "shards": str(shards),
+             "shards_digest": shards_digest(shards), "text4vpr": __version__}
+    if index:
+        ident["index"] = str(index)
+    return ident

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from text4vpr.kernels.common import decode_keys, encode_keys
+from text4vpr.kernels.common import ID_LIMIT, decode_keys, encode_keys, merge_keys
 from text4vpr.kernels.topk import group_topk
 
 _PAD_ID = 2**32 - 1  # padding entries: score -inf, largest id -> always last
@@ -35,9 +35,7 @@ def pad_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Ten
 
 def merge_gathered(keys: list[torch.Tensor], k: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-rank (Q, k) key blocks into the global top min(k, total)."""
-    cat = torch.cat(keys, dim=1)  # (Q, R*k)
-    top = torch.topk(cat, min(k, total), dim=1, sorted=True).values
-    return decode_keys(top)
+    return decode_keys(merge_keys(keys, min(k, total)))
 
 
 def sharded_group_topk(
@@ -52,23 +50,61 @@ def sharded_group_topk(
     total: int,
     group=None,
     backend: str = "auto",
+    key_ids: torch.Tensor | None = None,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global top-k over the union of every rank's database slice (identical on all ranks).
 
     queries (Q, V, D) must be the same on every rank (see `broadcast_queries`); `database`
     (n_local, V, D) may be empty; `id_offset` is this slice's first global id and `total`
     the database size over all ranks. Without a process group this is plain `group_topk`.
+    `key_ids` (n_local,), ascending: the ids the rows are ranked (ties) and returned by, e.g.
+    location indices; default: the global row, id_offset + local row. `gather=False`: this
+    slice's top-k alone (pass `total` = its rows), even inside a process group.
     """
     scores, ids = group_topk(queries, query_mask, database, db_mask, k, mode, backend=backend)
-    ids = ids + id_offset
+    ids = ids + id_offset if key_ids is None else key_ids.to(ids.device)[ids]  # local rows -> ids
     scores, ids = pad_topk(scores, ids, k)
     keys = encode_keys(scores, ids)  # (Q, k) int64: one word per entry
-    if not (dist.is_available() and dist.is_initialized()):
+    if not gather or not (dist.is_available() and dist.is_initialized()):
         return merge_gathered([keys], k, total)
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(keys) for _ in range(world)]
     dist.all_gather(gathered, keys.contiguous(), group=group)
     return merge_gathered(gathered, k, total)
+
+
+def ranks_by_location(db_ids: torch.Tensor) -> bool:
+    """Whether ties can be broken by location index: the ids are unique and fit the tie-rule keys
+    (the same verdict on every rank: every rank holds all of them). Otherwise: by row."""
+    return bool(db_ids.numel() and db_ids.min() >= 0 and db_ids.max() < ID_LIMIT
+                and torch.unique(db_ids).numel() == db_ids.numel())
+
+
+def slice_in_location_order(database, db_mask, db_ids: torch.Tensor, id_offset: int):
+    """This rank's slice with its rows in ascending location index (copied only when they are not:
+    the search breaks ties by row), its mask, and those location indices."""
+    local = db_ids[id_offset: id_offset + database.shape[0]].cpu()
+    if bool((local[1:] > local[:-1]).all()):
+        return database, db_mask, local
+    order = torch.sort(local).indices
+    mask = None if db_mask is None else db_mask[order.to(db_mask.device)]
+    return database[order.to(database.device)], mask, local[order]
+
+
+def sharded_topk_by_location(queries, query_mask, database, db_mask, k: int, mode: str = "upstream", *,
+                             db_ids: torch.Tensor | None, id_offset: int, total: int, backend: str = "auto",
+                             gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sharded_group_topk` whose equal scores rank the lower location index first (`db_ids` (N,),
+    every row's location index); returns (scores, global rows). Without unique ids: by row."""
+    if db_ids is None or not ranks_by_location(db_ids):
+        return sharded_group_topk(queries, query_mask, database, db_mask, k, mode, id_offset=id_offset, total=total,
+                                  backend=backend, gather=gather)
+    database, db_mask, key_ids = slice_in_location_order(database, db_mask, db_ids, id_offset)
+    scores, top = sharded_group_topk(queries, query_mask, database, db_mask, k, mode, id_offset=id_offset,
+                                     total=total, backend=backend, key_ids=key_ids, gather=gather)
+    sorted_ids, rows = torch.sort(db_ids.cpu())
+    return scores, rows[torch.searchsorted(sorted_ids, top.cpu())].to(top.device)  # location ids -> rows
 
 
 def broadcast_queries(queries: torch.Tensor | None, query_mask: torch.Tensor | None, src: int = 0, group=None):

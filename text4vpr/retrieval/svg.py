@@ -69,41 +69,65 @@ def _num(v: float) -> str:
     return f"{v:g}"
 
 
+MAX_MARKERS = 60  # points per series drawn as markers with a tooltip; longer series are lines only
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
-               y_range=(0.0, 100.0), cls: str = "lines") -> str:
-    """One polyline with markers per named series, a legend in the top-left corner."""
+               y_range: tuple[float, float] | None = (0.0, 100.0), cls: str = "lines") -> str:
+    """One polyline (with markers when short) per named series, a legend on the right;
+    `y_range=None` fits the y axis to the data."""
     xs = [x for pts in series.values() for x, _ in pts]
     lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
     pad = (hi - lo) * 0.04 or 0.5
+    if y_range is None:
+        ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+        y_pad = (max(ys) - min(ys)) * 0.05 or 0.5
+        y_range = (min(ys) - y_pad, max(ys) + y_pad)
     f = _Frame((lo - pad, hi + pad), y_range, width=_W + _LEGEND, right=_R + _LEGEND)
-    body = f.axes(x_label, y_label, sorted(set(xs)), nice_ticks(*y_range), _num, _num)
+    x_ticks = sorted(set(xs)) if len(set(xs)) <= 12 else nice_ticks(lo, hi)
+    body = f.axes(x_label, y_label, x_ticks, nice_ticks(*y_range), _num, _num)
     for i, (name, pts) in enumerate(series.items()):
         c = PALETTE[i % len(PALETTE)]
         path = " ".join(f"{f.px(x):.1f},{f.py(y):.1f}" for x, y in pts)
         body.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="2"/>')
-        body += [f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="3" fill="{c}"><title>{escape(name)}: '
-                 f'{_num(x)} -> {y:.1f}</title></circle>' for x, y in pts]
+        if len(pts) <= MAX_MARKERS:
+            body += [f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="3" fill="{c}"><title>{escape(name)}: '
+                     f'{_num(x)} -> {y:.4g}</title></circle>' for x, y in pts]
         body.append(f'<text x="{f.w - _LEGEND + 4}" y="{_T + 14 + 14 * i}" fill="{c}">{escape(name)}</text>')
     return _svg(f, body, cls)
 
 
+def _extent(v: np.ndarray) -> tuple[float, float]:
+    """(centre, span) of the values, padded 5 % on each side (a tiny floor for a single point)."""
+    if not len(v):
+        return 0.0, 1e-5
+    lo, hi = float(v.min()), float(v.max())
+    return (lo + hi) / 2, max(hi - lo, 1e-5) * 1.1
+
+
 def scatter_map(lon: np.ndarray, lat: np.ndarray, colours: list[str], titles: list[str],
-                legend: tuple[tuple[str, str], ...] = (), cls: str = "map") -> str:
-    """Points on plain longitude/latitude axes with equal ground scale (x shrunk by cos lat)."""
+                legend: tuple[tuple[str, str], ...] = (), cls: str = "map", hollow: list[bool] | None = None,
+                max_px: tuple[int, int] = (300, 210), min_px: tuple[int, int] = (200, 120)) -> str:
+    """Points on plain longitude/latitude axes with equal ground scale (x shrunk by cos lat), the
+    frame fitted to the data's extent; later points draw on top, `hollow` ones as rings (so a
+    point beneath stays visible)."""
     lat0 = float(np.mean(lat)) if len(lat) else 0.0
     squeeze = max(math.cos(math.radians(lat0)), 1e-6)
     x, y = np.asarray(lon) * squeeze, np.asarray(lat)
-    span = max(float(np.ptp(x)) if len(x) else 0, float(np.ptp(y)) if len(y) else 0, 1e-5) * 1.08
-    cx, cy = (float((x.min() + x.max()) / 2), float((y.min() + y.max()) / 2)) if len(x) else (0.0, 0.0)
-    left = _L + 22  # room for long tick labels
-    top = _T + 14  # the legend's line
-    f = _Frame((cx - span / 2, cx + span / 2), (cy - span / 2, cy + span / 2), width=_H - _B - top + left + _R, left=left, top=top)
-    x_ticks = [t for t in nice_ticks(f.x0 / squeeze, f.x1 / squeeze, 3)]
+    (cx, sx), (cy, sy) = _extent(x), _extent(y)
+    scale = min(max_px[0] / sx, max_px[1] / sy)  # px per degree, the same on both axes
+    sx, sy = max(sx, min_px[0] / scale), max(sy, min_px[1] / scale)  # a thin street still gets a frame
+    left, top = _L + 22, _T + 14  # room for long tick labels; the legend's line
+    f = _Frame((cx - sx / 2, cx + sx / 2), (cy - sy / 2, cy + sy / 2), width=round(left + sx * scale + _R),
+               height=round(top + sy * scale + _B), left=left, top=top)
+    x_ticks = nice_ticks(f.x0 / squeeze, f.x1 / squeeze, 3)
     body = f.axes("longitude (°)", "latitude (°)", [t * squeeze for t in x_ticks], nice_ticks(f.y0, f.y1, 4),
                   lambda v: f"{v / squeeze:.4f}", lambda v: f"{v:.4f}")
-    body += [f'<circle cx="{f.px(a):.1f}" cy="{f.py(b):.1f}" r="2.5" fill="{c}" fill-opacity="0.75"><title>{escape(t)}</title></circle>'
-             for a, b, c, t in zip(x.tolist(), y.tolist(), colours, titles)]
-    body += [f'<text x="{left + 110 * i}" y="{top - 6}" fill="{c}">● {escape(t)}</text>' for i, (c, t) in enumerate(legend)]
+    hollow = hollow or [False] * len(colours)
+    for a, b, c, t, ring in zip(x.tolist(), y.tolist(), colours, titles, hollow):
+        paint = f'r="3.5" fill="none" stroke="{c}" stroke-width="1.5"' if ring else f'r="2.5" fill="{c}" fill-opacity="0.75"'
+        body.append(f'<circle class="point" cx="{f.px(a):.1f}" cy="{f.py(b):.1f}" {paint}><title>{escape(t)}</title></circle>')
+    body += [f'<text x="{left + 110 * i}" y="{top - 6}" fill="{c}">{escape(t)}</text>' for i, (c, t) in enumerate(legend)]
     return _svg(f, body, cls)
 
 

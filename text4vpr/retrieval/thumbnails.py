@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from text4vpr.data.shard_reader import iter_tar_samples, load_manifest
+from text4vpr.data.shard_reader import is_shard_dir, iter_tar_samples, load_manifest
 
 THUMB_PX = 96
 THUMB_QUALITY = 70
@@ -59,7 +59,7 @@ def _may_hold(record: dict, wanted: set[int]) -> bool:
     return keys is None or any(k[-6:].isdigit() and int(k.rsplit("-", 1)[-1]) in wanted for k in keys)
 
 
-def _flags_by_index(manifest: dict) -> dict[int, list[str]]:
+def flags_by_index(manifest: dict) -> dict[int, list[str]]:
     """Flags and dropped views of the shard build's validation report, keyed by location index."""
     report = manifest.get("report", {})
     out: dict[int, list[str]] = {}
@@ -67,6 +67,16 @@ def _flags_by_index(manifest: dict) -> dict[int, list[str]]:
         out.setdefault(int(f["index"]), []).append(f"pos {f.get('pos', '?')}: {f['flag']}")
     for d in report.get("dropped_views", []):
         out.setdefault(int(d["index"]), []).append(f"pos {d.get('pos', '?')}: dropped ({d['reason']})")
+    return out
+
+
+def shard_flags(shard_dirs: Iterable[str | Path]) -> dict[int, list[str]]:
+    """`flags_by_index` of each shard folder's manifest (folders without one add nothing)."""
+    out: dict[int, list[str]] = {}
+    for shard_dir in shard_dirs:
+        if is_shard_dir(shard_dir):
+            for index, flags in flags_by_index(load_manifest(shard_dir)).items():
+                out.setdefault(index, flags)
     return out
 
 
@@ -78,7 +88,7 @@ def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: in
     for shard_dir in shard_dirs:
         shard_dir = Path(shard_dir)
         manifest = load_manifest(shard_dir)
-        flags = _flags_by_index(manifest)
+        flags = flags_by_index(manifest)
         for s in manifest["shards"]:
             if not todo:
                 return cards

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from text4vpr.config import ConfigError, check_choice
 from text4vpr.data.loader import LoaderConfig
 from text4vpr.kernels.common import MODES
+from text4vpr.retrieval.defaults import GALLERY, KS, RADII
 from text4vpr.train.optim import OptimConfig
 
 
@@ -112,12 +113,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # 0 = at the end of each epoch
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    radii: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 30.0])
+    ks: list[int] = field(default_factory=lambda: list(KS))
+    radii: list[float] = field(default_factory=lambda: list(RADII))
     mode: str = "upstream"  # upstream | cosine | any-heading
     final: bool = True  # evaluate the best model on data.test_shards at the end
     html: bool = True  # the final evaluation also writes report.html (gallery of the worst queries)
-    gallery: int = 40  # worst queries shown in report.html (and a quarter as many random successes)
+    gallery: int = GALLERY  # worst queries shown in report.html (and a quarter as many random successes)
 
     def __post_init__(self) -> None:
         check_choice("eval.mode", self.mode, MODES)

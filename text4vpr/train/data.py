@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,23 @@ def prepare_data(cfg, acc) -> DataPaths:
     if not cfg.loader.tokenizer:
         raise ValueError("data.loader.tokenizer: give the local tokenizer folder (e.g. your T5 folder)")
     return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
+
+
+def link_run_shards(paths: DataPaths, run_dir: Path) -> None:
+    """`run_dir/shards/{train,val,test}`: relative links to the cached synthetic shards, so that
+    the README's commands after the demo (eval, index, localize) name them under the run folder."""
+    for split in SPLITS:
+        link, target = run_dir / "shards" / split, Path(getattr(paths, split)).resolve()
+        if link.is_symlink() and link.resolve() == target:
+            continue  # a resumed run: already there
+        if link.is_symlink():
+            link.unlink()  # a link to an earlier cache location
+        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(os.path.relpath(target, link.parent.resolve()), target_is_directory=True)
+        except OSError as e:  # a filesystem without links: say where the shards are instead
+            print(f"note: could not link {link} to the demo's shards ({e}); they are in {target.parent}")
+            return
 
 
 class SplitOverlapError(InputError, ValueError):

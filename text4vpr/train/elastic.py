@@ -38,11 +38,12 @@ def run_shape(cfg: LoaderConfig, world: int) -> dict:
     return {"global_batch": cfg.batch_size * world, "world_size": world}
 
 
-def resume_point(resume: str, ckpt_dir, cfg: LoaderConfig, world: int, say: Callable[[str], None]) -> tuple[Path | None, LoaderConfig]:
-    """The checkpoint to resume (verified; None: a fresh run) and this run's loader settings."""
-    path = ckpt.resolve_resume(resume, ckpt_dir, report=say)
+def resume_point(resume: str, ckpt_dir, cfg: LoaderConfig, acc) -> tuple[Path | None, LoaderConfig]:
+    """The checkpoint to resume (verified; None: a fresh run) and this run's loader settings: the
+    run's global batch on this world size (`acc`: the Accelerator, for the world size and messages)."""
+    path = ckpt.resolve_resume(resume, ckpt_dir, report=acc.print)
     saved = ckpt.read_verified_state(path, verified=True) if path else None
-    return path, resumed_loader(saved, cfg, world, say)
+    return path, resumed_loader(saved, cfg, acc.num_processes, acc.print)
 
 
 def log_locations(log, step: int, index: list[int], world: int, enabled: bool) -> None:

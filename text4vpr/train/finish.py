@@ -11,6 +11,10 @@ from typing import Callable
 
 from text4vpr.models import Text4VPR
 from text4vpr.retrieval.chance import chance_accuracy
+from text4vpr.retrieval.per_query import PER_QUERY_JSONL, write_per_query
+from text4vpr.retrieval.provenance import evaluation_identity
+from text4vpr.retrieval.ranking import Evaluation
+from text4vpr.retrieval.thumbnails import shard_flags
 from text4vpr.retrieval.report import markdown_table
 from text4vpr.train.data import read_coords
 from text4vpr.train.logs import read_metrics
@@ -35,35 +39,41 @@ class FinalRun:
     config_text: str = ""  # the resolved config (YAML), the HTML report's identity
 
 
-def load_best(model: Text4VPR, run: FinalRun) -> str:
-    """Load best_model weights into `model` (unwrapped) when validation chose one; say which."""
+def load_best(model: Text4VPR, run: FinalRun) -> tuple[str, Path]:
+    """Load best_model weights into `model` (unwrapped) when validation chose one; say which, and
+    the folder that holds them."""
     best = run.run_dir / "best_model"
     if run.best_step < 0 or not (best / "model.safetensors").exists():  # none chosen by this run
-        return f"final (step {run.steps})"
+        return f"final (step {run.steps})", run.run_dir / "model"
     model.load_state_dict(Text4VPR.from_pretrained(best).state_dict(), strict=True)  # tied weights restored
-    return f"best by validation top-1 within 5 m (step {run.best_step})"
+    return f"best by validation top-1 within 5 m (step {run.best_step})", best
 
 
-def finish_run(model: Text4VPR, evaluate: Callable[..., tuple], run: FinalRun) -> dict:
-    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards, with_ranking=True)`
-    -> (metrics, ranking)), then, on the main process, add chance level and write
-    final_metrics.json, the report and (`run.html_gallery`) report.html."""
-    which = load_best(model, run)
-    metrics, ranking = evaluate(run.test_shards, with_ranking=True)
+def finish_run(model: Text4VPR, evaluate: Callable[[str], Evaluation], run: FinalRun) -> dict:
+    """Evaluate the best model on `run.test_shards` (every rank: `evaluate(shards)` -> `Evaluation`),
+    then, on the main process, add chance level and write final_metrics.json, the report and
+    (`run.html_gallery`) report.html."""
+    which, folder = load_best(model, run)
+    result = evaluate(run.test_shards)
+    metrics, ranking = result.metrics, result.ranking
     metrics["split"] = run.split
     metrics["model"] = which
     if not run.is_main:
         return metrics
     coords = read_coords(run.test_shards)
     metrics["chance"] = chance_accuracy(coords, coords, run.ks, run.radii)
+    metrics["identity"] = evaluation_identity(model, folder, run.test_shards)
+    write_per_query(run.run_dir / PER_QUERY_JSONL, ranking, shard_flags([run.test_shards]))
     summary = {"steps": run.steps, "epochs": run.epochs, "processes": run.processes, "model evaluated": which,
                "non-finite steps skipped": run.nonfinite_skipped}
     if run.loss_scale_backoffs is not None:
         summary["fp16 loss-scale back-offs (steps skipped by design)"] = run.loss_scale_backoffs
-    write_run_report(run.run_dir, metrics, read_metrics(run.run_dir / "metrics.jsonl"), summary)
+    events = read_metrics(run.run_dir / "metrics.jsonl")
+    write_run_report(run.run_dir, metrics, events, summary)
     if run.html_gallery is not None:
-        write_html(run.run_dir, metrics, ranking, run.test_shards, run.config_text, run.html_gallery)
+        write_html(run.run_dir, metrics, ranking, run.test_shards, run.config_text, run.html_gallery, events)
     print(f"\nHeld-out {run.split} split, {metrics['num_queries']} queries, model: {which}")
     print(markdown_table(metrics), end="")
-    print(f"\nrun directory: {run.run_dir} (report.md{', report.html' if run.html_gallery is not None else ''}, final_metrics.json, plots, model/)")
+    print(f"\nrun directory: {run.run_dir} (report.md{', report.html' if run.html_gallery is not None else ''}, "
+          f"final_metrics.json, per_query.jsonl, plots, model/)")
     return metrics

@@ -49,12 +49,15 @@ def write_run_report(run_dir: str | os.PathLike, final: dict, events: list[dict]
                         metrics_name=FINAL_METRICS)["table"]
 
 
-def write_html(run_dir: str | os.PathLike, final: dict, ranking, shards: str, config_text: str, gallery: int) -> Path:
+def write_html(run_dir: str | os.PathLike, final: dict, ranking, shards: str, config_text: str, gallery: int,
+               events: list[dict] = ()) -> Path:
     """report.html of the final evaluation (the `gallery` worst queries): the run's resolved
-    config (YAML text) as its identity."""
+    config (YAML text) and digests as its identity, `events` (metrics.jsonl) as training curves."""
+    from text4vpr.retrieval.defaults import gallery_successes
     from text4vpr.retrieval.html_report import run_identity, write_html_report
 
+    digests = {k: v for k, v in final.get("identity", {}).items() if k.endswith("_digest")}
     identity = run_identity(final.get("model", "model"), shards, final["mode"], config_text,
-                            split=final.get("split", "held-out"), run=run_dir)
+                            split=final.get("split", "held-out"), run=run_dir, **digests)
     return write_html_report(Path(run_dir) / "report.html", final, ranking, [shards], identity,
-                             failures=gallery, successes=max(1, gallery // 4))
+                             failures=gallery, successes=gallery_successes(gallery), events=events)

@@ -22,7 +22,7 @@ from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import (
-    DataPaths, check_split_overlap_once, eval_loader, prepare_data, steps_per_epoch, train_loader,
+    DataPaths, check_split_overlap_once, eval_loader, link_run_shards, prepare_data, steps_per_epoch, train_loader,
 )
 from text4vpr.train.elastic import log_locations, resume_point, run_shape
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
@@ -75,8 +75,9 @@ class Trainer:
         prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
-        self.resume_path, cfg.data.loader = resume_point(t.resume, self.ckpt_dir, cfg.data.loader, self.acc.num_processes,
-                                                         self.acc.print)  # the run's global batch, on this world size
+            if cfg.data.synthetic.locations > 0:  # the demo's shards where the README's next commands look
+                link_run_shards(self.paths, self.run_dir)
+        self.resume_path, cfg.data.loader = resume_point(t.resume, self.ckpt_dir, cfg.data.loader, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
         optimizer = build_optimizer(model, cfg.optim, extra=list(self.loss_fn.parameters()))
@@ -232,7 +233,7 @@ class Trainer:
         self.save()
 
     def validate(self) -> dict:
-        metrics = self._evaluate(self.paths.val)
+        metrics = self._evaluate(self.paths.val).metrics
         top1 = metrics["accuracy"].get(key(1), {}).get(key(5.0), -1.0)  # upstream's choice; -1 if not evaluated
         self.log.log("val", self.state.step, accuracy=metrics["accuracy"], epoch=self.state.epoch)
         if top1 > self.state.best_top1_5m:
@@ -240,16 +241,15 @@ class Trainer:
             self._export(self.run_dir / "best_model")
         return metrics
 
-    def _evaluate(self, shards: str, with_ranking: bool = False):
+    def _evaluate(self, shards: str):
         e = self.cfg.eval
         loader = eval_loader(shards, self.cfg.data.loader, self.paths.tokenizer, self.acc)
         model = self.acc.unwrap_model(self.model)
         model.eval()
         with self.autocast():
-            metrics = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device,
-                               with_ranking=with_ranking)
+            result = evaluate(model, loader, ks=tuple(e.ks), radii=tuple(e.radii), mode=e.mode, device=self.acc.device)
         model.train()
-        return metrics
+        return result
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
