@@ -28,8 +28,9 @@ FAKES = {
 def test_sbatch_header_asks_for_a_warning_and_requeue_and_logs_where_slurm_can_write():
     header = [ln for ln in SCRIPT.read_text().splitlines() if ln.startswith("#SBATCH")]
     assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
-    out = next(ln for ln in header if ln.startswith("#SBATCH --output="))
-    assert "/" not in out.split("=", 1)[1]  # SLURM does not create folders: the submission folder itself
+    for script in (SCRIPT, REPO / "launch" / "slurm_eval.sbatch"):
+        out = next(ln for ln in script.read_text().splitlines() if ln.startswith("#SBATCH --output="))
+        assert "/" not in out.split("=", 1)[1].split()[0]  # SLURM creates no folders: the submission folder itself
 
 
 def test_warning_signal_checkpoints_every_rank_then_requeues(tmp_path):
