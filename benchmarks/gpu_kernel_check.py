@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from text4vpr.kernels.common import MODES  # noqa: E402
 from text4vpr.kernels.topk import group_topk  # noqa: E402
-from text4vpr.utils.testing import unexplained_id_differences  # noqa: E402
+from tests.helpers import unexplained_id_differences  # noqa: E402
 
 
 def check(q, qm, db, dm, k: int, mode: str) -> tuple[bool, str]:

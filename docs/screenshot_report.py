@@ -4,10 +4,12 @@
 """
 
 import sys
+from pathlib import Path
 
 from PIL import Image
 
-from text4vpr.utils.browser import screenshot
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's tests/ (a test-only helper)
+from tests.browser import screenshot  # noqa: E402
 
 if __name__ == "__main__":
     page, out = sys.argv[1], sys.argv[2]

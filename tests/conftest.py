@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `tests.helpers` under plain `pytest` too
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,7 +99,7 @@ class ReportPage:
 
         from PIL import Image
 
-        from text4vpr.utils.browser import dump_dom, parse_dom
+        from tests.browser import dump_dom, parse_dom
 
         raw, console = dump_dom(html_path)
         dom = parse_dom(raw)

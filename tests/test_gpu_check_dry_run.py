@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 DRY_RUN_SKIPS = {"install", "deepspeed_zero2"}  # no wheels to install; the DeepSpeed step needs CUDA

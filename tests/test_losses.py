@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from text4vpr.losses import ContrastiveLoss, info_nce, info_nce_and_grads
-from text4vpr.utils.testing import run_torchrun
+from tests.helpers import run_torchrun
 
 
 def reference_loss(img, txt, temperature=0.1, groups=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "After the demo, these run as typed"

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from text4vpr.utils.errors import InputError
+
 T = TypeVar("T")
 
 BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -36,7 +38,7 @@ def _load_yaml(stream) -> Any:
     return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config key is unknown, or its value has the wrong type."""
 
 

@@ -14,7 +14,7 @@ from text4vpr.config import to_dict
 from text4vpr.train import resolve_config
 from text4vpr.train.config import RunConfig
 from text4vpr.utils.mapping import flatten
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,3 +60,18 @@ def test_print_config_shows_every_key_and_reads_back(tmp_path):
     (tmp_path / "printed.yaml").write_text(printed)
     assert resolve_config(str(tmp_path / "printed.yaml"), []) == resolve_config("street360loc", ["optim.lr=0.5"])
     assert _run("-m", "text4vpr", "config", "show", "--config", "street360loc", "optim.lr=0.5") == printed
+
+
+def test_help_imports_no_torch(tmp_path):
+    """`text4vpr --help` and every subcommand's `--help` build the parser with a torch that
+    cannot be imported (a stub first on the path raises on import)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported by --help')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    for cmd in ([], ["train"], ["eval"], ["index", "build"], ["localize"], ["shards", "build"], ["config", "show"]):
+        r = subprocess.run([sys.executable, "-m", "text4vpr", *cmd, "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert r.returncode == 0 and "usage: text4vpr" in r.stdout, (cmd, r.stderr[-2000:])
+    r = subprocess.run([sys.executable, "-c", "import torch"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)
+    assert "torch imported by --help" in r.stderr  # the stub is the torch these runs would import

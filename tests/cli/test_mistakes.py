@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT4VPR = [sys.executable, "-m", "text4vpr"]

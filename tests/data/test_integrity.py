@@ -22,7 +22,7 @@ from text4vpr.data.loader import LoaderConfig, LoaderError, build_loader
 from text4vpr.data.shard_reader import ShardError, iter_tar_samples, load_manifest, verify_shards
 from text4vpr.data.shards import BuildOptions, build_lock, build_shards
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -284,7 +284,7 @@ def test_torchrun_two_processes_split_eval_exactly_and_train_evenly(train_shards
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from text4vpr.utils.testing import HANG_GUARD_S, free_port
+    from tests.helpers import HANG_GUARD_S, free_port
 
     port = str(free_port())  # parallel test runs do not collide
     out = tmp_path / "seen.json"

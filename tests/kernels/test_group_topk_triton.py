@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from text4vpr.utils.testing import HANG_GUARD_S, unexplained_id_differences
+from tests.helpers import HANG_GUARD_S, unexplained_id_differences
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from PIL import Image
 from text4vpr.cli import main
 from text4vpr.retrieval.html_report import DIST_EDGES, HEADLINE_R, distance_histogram, select_gallery
 from text4vpr.retrieval.ranking import Ranking
-from text4vpr.utils.browser import screenshot
+from tests.browser import screenshot
 
 
 def _random_ranking(q=50, n=30, k=5, seed=0) -> Ranking:
@@ -75,7 +75,7 @@ def test_eval_html_report_in_chromium(model_dir, synth_shards, tmp_path, report_
 
 def test_localize_html_in_chromium(model_dir, index_dir, synth_shards, tmp_path, capsys):
     from text4vpr.data.geo import ecef_to_geodetic
-    from text4vpr.utils.browser import dump_dom, parse_dom
+    from tests.browser import dump_dom, parse_dom
 
     page = tmp_path / "where.html"
     texts = ["a red car by the curb and a tall green tree", "a grey building with many windows"]

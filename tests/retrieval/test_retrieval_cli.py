@@ -17,7 +17,7 @@ from text4vpr.data.tokenizer import load_tokenizer
 from text4vpr.models import Text4VPR, tiny_config
 from text4vpr.retrieval.evaluate import encode_split, evaluate
 from text4vpr.retrieval.metrics import key
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 
 def _loader(model_dir, synth_shards, batch_size=4):

@@ -13,7 +13,7 @@ import torch
 
 from text4vpr.kernels.topk import group_topk
 from text4vpr.retrieval.search import pad_topk, sharded_group_topk
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from text4vpr.utils.testing import HANG_GUARD_S, free_port
+from tests.helpers import HANG_GUARD_S, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("deepspeed")  # a runtime dependency; absent only in a stripped install
 
 
-def _launch(cache, out, *extra):
+def _launch(cache, out, *extra, cwd=REPO):
     worker = Path(__file__).with_name("deepspeed_cpu_worker.py")  # train.py, no op compiled
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "launch" / "accelerate_deepspeed_zero2.yaml"), "--num_processes", "1",
@@ -30,7 +30,7 @@ def _launch(cache, out, *extra):
            "optim.schedule=constant", f"data.synthetic.cache_dir={cache}", f"train.output_dir={out}", *extra]
     extensions = Path(out).parent / "torch_extensions"  # where a JIT-compiled op would land
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not extensions.exists() or not any(extensions.rglob("*.so")), "DeepSpeed compiled an op at test time"
     return run
@@ -56,6 +56,14 @@ def test_zero2_trains_and_resumes_bitwise(train_cache, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_zero2_launch_config_works_outside_the_checkout(train_cache, tmp_path):
+    """The launch config names its DeepSpeed JSON relative to the checkout; from another folder
+    the trainer finds it beside the launch config (no "expected a string path" error)."""
+    _launch(train_cache, tmp_path / "run", "train.max_steps=1", "train.save_every_steps=0", cwd=tmp_path)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from text4vpr.train.logs import read_metrics
-from text4vpr.utils.testing import assert_close_by_norm
+from tests.helpers import assert_close_by_norm
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -48,7 +48,7 @@ def test_shipped_configs_load():
 
 
 def test_main_reports_bad_key(capsys):
-    from text4vpr.train import main
+    from text4vpr.cli.train import main
 
     assert main(["--config", "configs/tiny_test.yaml", "train.nonsense=1"]) == 2
     assert "train.nonsense" in capsys.readouterr().err

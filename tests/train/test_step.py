@@ -7,7 +7,7 @@ import torch
 
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.models import Text4VPR, tiny_config
-from text4vpr.utils.testing import assert_close_by_norm
+from tests.helpers import assert_close_by_norm
 from text4vpr.train.step import StepContext, cached_backward, pairs, plain_backward, split_batch
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from text4vpr.train import resolve_config
 from text4vpr.train.trainer import NonFiniteLossError, Trainer
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -61,3 +61,49 @@ def test_saved_model_files_follow_the_umask(tmp_path, tokenizer_dir):
     files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
     assert len(files) >= 3
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
+
+
+def test_saved_safetensors_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    """safetensors orders the metadata map at random; the saved file is the same bytes every time
+    and reads back to the same tensors and metadata."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from text4vpr.utils.atomic import atomic_save_file
+
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(3, 2, dtype=torch.bfloat16), "c": torch.zeros(1, dtype=torch.int64)}
+    metadata = {"format": "pt", "aliases": "{}", "z": "1", "config": "x" * 7}
+    saved = set()
+    for i in range(12):
+        atomic_save_file(tensors, tmp_path / f"{i}.safetensors", metadata)
+        saved.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(saved) == 1
+    back = load_file(tmp_path / "0.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata
+
+
+def test_an_os_error_names_the_file_as_the_user_named_it(tmp_path, monkeypatch):
+    """A full disk (no path in the error) or a folder where the file goes (the temp file's
+    rename): the error names the target, and no temp file is left."""
+    import errno
+
+    import pytest
+
+    from text4vpr.utils import atomic
+
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic.atomic_write_text(tmp_path / "report.html", "<html>")
+    assert e.value.filename == str(tmp_path / "report.html") and e.value.filename2 is None
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic.atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert e.value.filename == str(tmp_path / "metrics.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from text4vpr.utils.distributed import _buckets, average_grad, average_gradients, gather_rows, gather_sizes
-from text4vpr.utils.testing import run_torchrun
+from tests.helpers import run_torchrun
 
 
 def test_buckets_keep_order_split_on_size_and_dtype():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from text4vpr.utils.launch_check import LaunchMismatch, check_world_size, requested_processes
-from text4vpr.utils.testing import HANG_GUARD_S
+from text4vpr.utils.launch_check import LaunchMismatch, check_world_size, requested_processes, resolve_deepspeed_config
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 ACC = ["/usr/bin/python3", "/venv/bin/accelerate", "launch"]
@@ -61,3 +61,29 @@ def test_cpu_flag_with_two_processes_stops_with_the_fix(tmp_path, entry):
     assert r.stderr.count("Traceback") <= 1 and lines[0] in ours
     assert r.stderr.count("Traceback") == 0 or "CalledProcessError" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_json_is_found_from_outside_the_checkout(tmp_path, monkeypatch):
+    """launch/accelerate_deepspeed_zero2.yaml names launch/deepspeed_zero2.json relative to the
+    checkout; launched from another folder, the JSON is found beside the launch config."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    (checkout / "launch").mkdir(parents=True)
+    for name in ("accelerate_deepspeed_zero2.yaml", "deepspeed_zero2.json"):
+        shutil.copy(REPO / "launch" / name, checkout / "launch" / name)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    named = "launch/deepspeed_zero2.json"
+    for config_file in (str(checkout / "launch" / "accelerate_deepspeed_zero2.yaml"),
+                        "../checkout/launch/accelerate_deepspeed_zero2.yaml"):
+        env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": named}
+        resolve_deepspeed_config(ACC + ["--config_file", config_file, "train.py"], env)
+        assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(checkout / named)
+    (checkout / named).unlink()
+    with pytest.raises(LaunchMismatch, match=r"DeepSpeed config launch/deepspeed_zero2.json \(deepspeed_config_file of"):
+        resolve_deepspeed_config(ACC + ["--config_file", config_file, "train.py"], {"ACCELERATE_DEEPSPEED_CONFIG_FILE": named})
+    monkeypatch.chdir(REPO)  # in the checkout the relative path works as written: left alone
+    env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": named}
+    resolve_deepspeed_config(["python", "train.py"], env)
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == named

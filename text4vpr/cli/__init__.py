@@ -1,8 +1,5 @@
-"""`text4vpr` console command: one module per subcommand, imported lazily.
-
-Each module under `text4vpr.cli` defines `add_arguments(parser)` and `run(args) -> int`.
-Subcommand modules turn parsed arguments into plain keyword arguments for library code.
-"""
+"""`text4vpr` console command: one module per subcommand, each with `add_arguments(parser)`
+and `run(args) -> int`; building the parser imports no torch (`--help` is instant)."""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("text4vpr.cli.evaluate", "evaluate a model on shards: top-k within r metres"),
     "eval-embeddings": ("text4vpr.cli.eval_embeddings", "evaluate precomputed query/database vectors"),
     "localize": ("text4vpr.cli.localize", "locate a place from up to four descriptions"),
-    "train": ("text4vpr.cli.train", "train a model (same as `accelerate launch train.py`)"),
+    "train": ("text4vpr.cli.train", "train a model; with no arguments the demo (same as `accelerate launch train.py`)"),
     "config": ("text4vpr.cli.config", "show the resolved run config with every key"),
 }
 
@@ -40,21 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from text4vpr.cli.errors import run_guarded
-    from text4vpr.utils.launch_check import check_world_size
+    from text4vpr.cli.errors import run_entry
 
     args = build_parser().parse_args(argv)
-
-    def command() -> int:
-        check_world_size()
-        return importlib.import_module(args._module).run(args)
-
-    rc = run_guarded(command, args.debug)
-    from text4vpr.utils.distributed import exit_process, shutdown_distributed
-
-    if rc == 0 and shutdown_distributed():  # under accelerate launch / torchrun: every rank leaves together
-        exit_process(rc)
-    return rc
+    return run_entry(lambda: importlib.import_module(args._module).run(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from text4vpr.kernels.common import MODES
+from text4vpr.kernels import MODES
 
 
 def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +86,24 @@ def check_loader_args(args: argparse.Namespace) -> None:
 
     check_text_normalization(args.text_normalization, "--text-normalization")
     check_shards(args.shards)
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """UsageError unless `name` is a device torch can use on this machine."""
+    import torch
+
+    from text4vpr.cli.errors import UsageError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise UsageError(f"{flag} {name}: {why} on this machine; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def check_shards(path: str, flag: str = "--shards") -> None:

@@ -16,6 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from text4vpr.train import print_config
+    from text4vpr.cli.train import print_config
 
     return print_config(args.config, args.overrides)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", nargs="+",
@@ -16,13 +14,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from text4vpr.models.upstream import UpstreamConversionError, convert_upstream
+    from text4vpr.models.upstream import convert_upstream
 
-    try:
-        model, report = convert_upstream(args.checkpoint, args.dinov2, args.t5, args.out, args.trainable_blocks)
-    except (UpstreamConversionError, FileNotFoundError) as e:
-        print(f"convert-upstream: {e}", file=sys.stderr)
-        return 1
+    model, report = convert_upstream(args.checkpoint, args.dinov2, args.t5, args.out, args.trainable_blocks)
     n = sum(p.numel() for p in model.parameters())
     dropped = report["dropped_unused"]
     if dropped:

@@ -1,16 +1,14 @@
-"""`text4vpr eval-embeddings --queries Q.safetensors --database DB.safetensors --out DIR`.
-
-Both files hold `embeddings` (n, V, D), `view_mask` (n, V), `coords` (n, 3) float64 and
-`index` (n,) (the index part layout); a database may also be an index folder.
-"""
+"""`text4vpr eval-embeddings --queries Q.safetensors --database DB --out DIR`: the metrics of
+precomputed vectors; each file holds `embeddings` (n, V, D), `view_mask` (n, V), `coords` (n, 3)
+and `index` (n,), and a database may be an index folder."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from text4vpr.cli._retrieval_common import add_chance, add_index_risk_args, add_mode_arg
-from text4vpr.cli.errors import fail
+from text4vpr.cli._retrieval_common import add_chance, add_index_risk_args, add_mode_arg, check_device
+from text4vpr.cli.errors import UsageError
 from text4vpr.cli.evaluate import add_ks_radii
 
 _NAMES = ("embeddings", "view_mask", "coords", "index")
@@ -30,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(path: str) -> tuple[dict, dict]:
     """(tensors, provenance): the digests the file or index recorded ({} for a plain file)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from text4vpr.retrieval.index import load_index
@@ -41,11 +39,14 @@ def _load(path: str) -> tuple[dict, dict]:
         tensors = {"embeddings": idx.embeddings, "view_mask": idx.view_mask, "coords": idx.coords, "index": idx.index}
         return tensors, idx.header
     if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist")
-    tensors = load_file(str(p))
+        raise UsageError(f"{p}: no such file or index folder")
+    try:
+        tensors = load_file(str(p))
+    except SafetensorError as e:
+        raise UsageError(f"{p}: not a safetensors file ({e}); pass one written by `text4vpr index queries`") from None
     missing = [n for n in _NAMES if n not in tensors]
     if missing:
-        raise ValueError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
+        raise UsageError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
     with safe_open(str(p), framework="pt") as f:
         return tensors, f.metadata() or {}
 
@@ -62,18 +63,16 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import check_queries_in_database, search_metrics
     from text4vpr.retrieval.report import markdown_table, write_report
 
-    try:
-        (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
-        _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
-        if not args.allow_disjoint:
-            check_queries_in_database(q["index"].long(), db["index"].long())
-        result = search_metrics(
-            q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
-            db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,
-            ids=(q["index"].long(), db["index"].long()),
-        )
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    check_device(args.device)
+    (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
+    _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
+    if not args.allow_disjoint:
+        check_queries_in_database(q["index"].long(), db["index"].long())
+    result = search_metrics(
+        q["embeddings"], q["view_mask"].bool(), q["coords"].double(), db["embeddings"], db["view_mask"].bool(),
+        db["coords"].double(), args.ks, args.radii, args.mode, backend=args.backend, device=args.device,
+        ids=(q["index"].long(), db["index"].long()),
+    )
     metrics = result.metrics
     add_chance(metrics, result.ranking.query_coords, result.ranking.db_coords)  # as `text4vpr eval` has it
     paths = write_report(args.out, metrics)

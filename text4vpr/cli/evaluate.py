@@ -1,9 +1,6 @@
-"""`text4vpr eval --model DIR --shards DIR [--index INDEX] [--mode M] --out DIR`.
-
-Top-k accuracy within r metres on a split (docs/method.md), written as metrics.json, report.md
-and accuracy_vs_radius.png; `--html` adds report.html (charts, map, gallery of the worst queries). Runs single-process or under `accelerate launch` (ranks share the
-encoding; rank 0 writes the report).
-"""
+"""`text4vpr eval --model DIR --shards DIR [--index INDEX] --out DIR`: top-k accuracy within r
+metres on a split (metrics.json, report.md, a plot; `--html` report.html), single-process or
+under `accelerate launch` (docs/retrieval.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ from text4vpr.cli._retrieval_common import (
     add_chance, add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
-from text4vpr.cli.errors import fail
+from text4vpr.cli.errors import UsageError
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII, gallery_successes
 
 
@@ -52,23 +49,20 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.provenance import evaluation_identity
 
     if args.gallery < 0:
-        return fail(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
+        raise UsageError(f"--gallery must be >= 0 (worst queries shown in report.html), got {args.gallery}")
     check_loader_args(args)  # before any model is loaded
     device = init_distributed()
-    try:
-        model = load_model_on(args.model, device)
-        identity = evaluation_identity(model, args.model, args.shards, args.index)
-        index = None
-        if args.index:
-            index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
-                               weights_digest=identity["weights_digest"], shards_digest=identity["shards_digest"] or None,
-                               allow_mismatch=args.allow_index_mismatch)
-        with precision_context(args.precision, device):
-            result = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
-                              backend=args.backend, device=device, show_progress=show_progress(args),
-                              allow_disjoint=args.allow_disjoint)
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    model = load_model_on(args.model, device)
+    identity = evaluation_identity(model, args.model, args.shards, args.index)
+    index = None
+    if args.index:
+        index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
+                           weights_digest=identity["weights_digest"], shards_digest=identity["shards_digest"] or None,
+                           allow_mismatch=args.allow_index_mismatch)
+    with precision_context(args.precision, device):
+        result = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
+                          backend=args.backend, device=device, show_progress=show_progress(args),
+                          allow_disjoint=args.allow_disjoint)
     if is_main_rank():
         result.metrics["identity"] = identity
         _write_outputs(args, model, result)

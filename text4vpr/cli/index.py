@@ -1,9 +1,6 @@
-"""`text4vpr index build --model DIR --shards DIR --out INDEX`: database image vectors of a split;
-`text4vpr index queries ... --out Q.safetensors`: its descriptions' vectors, for `eval-embeddings`.
-
-Launch with `accelerate launch -m text4vpr index build ...` to encode on several GPUs; each
-rank writes its own part.
-"""
+"""`text4vpr index build|queries --model DIR --shards DIR --out PATH`: a split's database image
+vectors (an index folder, one part per rank under `accelerate launch -m text4vpr`) or its
+descriptions' vectors (a query file for `eval-embeddings`)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ from text4vpr.cli._retrieval_common import (
     add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on, precision_context,
     show_progress,
 )
-from text4vpr.cli.errors import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +39,9 @@ def _encode(args: argparse.Namespace, write) -> int:
     """Load the model on this rank's device, then `write(args, model, loader, device)` -> the line to print."""
     check_loader_args(args)  # before any model is loaded
     device = init_distributed()
-    try:
-        model = load_model_on(args.model, device)
-        with precision_context(args.precision, device):
-            line = write(args, model, eval_loader(args, model), device)
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    model = load_model_on(args.model, device)
+    with precision_context(args.precision, device):
+        line = write(args, model, eval_loader(args, model), device)
     if is_main_rank():
         print(line)
     return 0

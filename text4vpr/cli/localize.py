@@ -1,9 +1,6 @@
-"""`text4vpr localize --model DIR --index INDEX --text "..." [--text "..." up to 4] [--top-k 5] [--mode M] [--json]
-[--html out.html --shards DIR]`.
-
-Descriptions are taken in pos order (the first faces pos 1, ...); use `--mode any-heading`
-when the heading of the first description is unknown.
-"""
+"""`text4vpr localize --model DIR --index INDEX --text "..." (up to 4, in pos order)`: the best
+matching locations as a table, JSON or an HTML page (`--mode any-heading` when the first
+description's heading is unknown)."""
 
 from __future__ import annotations
 
@@ -11,8 +8,8 @@ import argparse
 import json
 import sys
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg
-from text4vpr.cli.errors import fail
+from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, check_device
+from text4vpr.cli.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,36 +44,30 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.localize import MAX_DESCRIPTIONS, encode_descriptions, rank_locations
 
     if not args.text:
-        return fail('no description given: pass --text "..." (up to 4 times)')
+        raise UsageError('no description given: pass --text "..." (up to 4 times)')
     if len(args.text) > MAX_DESCRIPTIONS:
-        return fail(f"{len(args.text)} descriptions given; at most {MAX_DESCRIPTIONS} (one per view)")
+        raise UsageError(f"{len(args.text)} descriptions given; at most {MAX_DESCRIPTIONS} (one per view)")
     if args.top_k < 1:
-        return fail("--top-k must be at least 1")
-    try:
-        check_text_normalization(args.text_normalization, "--text-normalization")  # before loading the model
-        model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
-        index = load_index(args.index, model.config_hash(), model.embed_dim)
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-        query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"],
-                                          text_normalization=args.text_normalization)
-        # after encoding: a model with non-finite weights is named as such, not as "another model"
-        check_digests(index.header, {"weights_digest": weights_digest(model)}, args.index, args.allow_index_mismatch)
-        results = rank_locations(query, mask, index, args.top_k, args.mode)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        return fail(str(e))
+        raise UsageError("--top-k must be at least 1")
+    check_text_normalization(args.text_normalization, "--text-normalization")  # before loading the model
+    check_device(args.device)
+    model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
+    index = load_index(args.index, model.config_hash(), model.embed_dim)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"],
+                                      text_normalization=args.text_normalization)
+    # after encoding: a model with non-finite weights is named as such, not as "another model"
+    check_digests(index.header, {"weights_digest": weights_digest(model)}, args.index, args.allow_index_mismatch)
+    results = rank_locations(query, mask, index, args.top_k, args.mode)
     if args.json:
         print(json.dumps({"mode": args.mode, "descriptions": args.text, "results": results}, indent=2))
     else:
         _print_table(results)
     if args.html:
-        from text4vpr.data.shards import ShardError
         from text4vpr.retrieval.html_localize import write_localize_html
         from text4vpr.retrieval.html_report import run_identity
 
         identity = run_identity(args.model, ", ".join(args.shards) or "(none: no thumbnails)", args.mode, index=args.index)
-        try:
-            write_localize_html(args.html, args.text, results, args.shards, identity)
-        except (ShardError, ValueError, OSError) as e:
-            return fail(str(e))
+        write_localize_html(args.html, args.text, results, args.shards, identity)
         print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
@@ -61,17 +60,15 @@ def _index_offsets(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from text4vpr.data.shard_pack import ShardWriteError
-    from text4vpr.data.shard_reader import ShardError
+    from text4vpr.cli.errors import UsageError
     from text4vpr.data.shards import BuildOptions, build_shards
-    from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions, Street360LocError
+    from text4vpr.data.street360loc import DEFAULT_REFUSAL_PATTERNS, ReadOptions
     from text4vpr.utils.atomic import atomic_write_json
 
     images = Path(args.images)
     if not images.is_dir() or next(images.glob("*_[0-9].jpg"), None) is None:
         why = "no such folder" if not images.is_dir() else "no {index:06d}_{pos}.jpg views in this folder"
-        print(f"error: --images {args.images}: {why}; pass the folder that holds 000001_1.jpg, ...", file=sys.stderr)
-        return 2
+        raise UsageError(f"--images {args.images}: {why}; pass the folder that holds 000001_1.jpg, ...")
     opts = BuildOptions(
         resize=args.resize, jpeg_quality=args.jpeg_quality, max_count=args.max_count, max_size=args.max_size,
         workers=args.workers, prefix=args.prefix, overwrite=args.overwrite,
@@ -82,14 +79,7 @@ def _build(args: argparse.Namespace) -> int:
         refusal_patterns=tuple(args.refusal_pattern) if args.refusal_pattern else DEFAULT_REFUSAL_PATTERNS,
         short_chars=args.short_chars, max_pixels=args.max_pixels,
     )
-    try:
-        manifest = build_shards(xlsx, args.images, args.out, opts, read, progress=not args.no_progress)
-    except ShardWriteError as e:  # a full disk, permissions: the path and the reason, one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (Street360LocError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    manifest = build_shards(xlsx, args.images, args.out, opts, read, progress=not args.no_progress)
     report_path = Path(args.report) if args.report else Path(args.out) / "report.json"
     atomic_write_json(report_path, manifest["report"])
     print(f"report: {report_path} ({_report_line(manifest['report']['counts'])})")
@@ -116,14 +106,11 @@ def _report_line(c: dict) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from text4vpr.data.shard_reader import ShardError, find_location, verify_shards
+    from text4vpr.cli.errors import UsageError
+    from text4vpr.data.shard_reader import find_location, verify_shards
     from text4vpr.utils.atomic import atomic_write_bytes
 
-    try:
-        result = verify_shards(args.dir)
-    except ShardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = verify_shards(args.dir)
     t = result["totals"]
     status = "all checksums OK" if result["ok"] else f"{len(result['problems'])} problem(s)"
     print(f"inspect: {t['shards']} shards, {t['locations']} locations, {t['views']} views, {t['bytes'] / 1e6:.1f} MB: {status}")
@@ -133,8 +120,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.index is not None:
         found = find_location(args.dir, args.index)
         if not found:
-            print(f"index {args.index}: not in these shards", file=sys.stderr)
-            return 1
+            raise UsageError(f"--index {args.index}: no such location in {args.dir}")
         for shard, meta, images in found:
             print(json.dumps({"shard": shard, "index": meta["index"], "split": meta["split"], "xyz": meta["xyz"],
                               "view_mask": meta["view_mask"]}))

@@ -68,4 +68,5 @@ def run(args: argparse.Namespace) -> int:
     print("next: build the shards, then train on them:")
     for cmd in next_commands(args.out):
         print(f"  {cmd}")
+    print("the demo itself (its own synthetic data; the same run as `accelerate launch train.py`): text4vpr train")
     return 0

@@ -1,10 +1,4 @@
-"""Search kernels: group-similarity top-k over a database of view groups.
+"""Search kernels: group-similarity top-k over a database of view groups; `topk.group_topk` runs
+the torch path on CPU and the fused Triton kernel (`group_topk_triton.py`) on CUDA tensors."""
 
-`group_topk` (in `topk.py`) is the entry point; it runs the torch reference path on CPU
-and the fused Triton kernel (`group_topk_triton.py`) on CUDA tensors.
-"""
-
-from text4vpr.kernels.common import MODES, merge_topk
-from text4vpr.kernels.topk import group_topk, group_topk_torch
-
-__all__ = ["MODES", "group_topk", "group_topk_torch", "merge_topk"]
+MODES = ("upstream", "cosine", "any-heading")  # defined in common.py; here to be read without torch

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("upstream", "cosine", "any-heading")
+from text4vpr.kernels import MODES
+from text4vpr.utils.errors import InputError
+
 MAX_TRITON_K = 128
 ID_LIMIT = 2**31 - 1 - 2 * MAX_TRITON_K  # ids must fit the 32-bit key field (and kernel sentinels)
 _LOW32 = 0xFFFFFFFF
@@ -69,41 +71,45 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
 # ----------------------------------------------------------------------------- input checks
 
 
+class SearchInputError(InputError, ValueError):
+    """Vectors, masks, k or mode a search cannot take (from the user's files or flags)."""
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {', '.join(MODES)}")
+        raise SearchInputError(f"unknown similarity mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
 def check_finite(x: torch.Tensor, name: str, rows_per_chunk: int = 4096) -> None:
-    """Raise ValueError if `x` holds NaN or inf. One fp32 sum per row chunk: NaN and inf always
+    """Raise SearchInputError if `x` holds NaN or inf. One fp32 sum per row chunk: NaN and inf always
     reach the sum (a false alarm needs sums beyond 3e38, i.e. broken vectors anyway)."""
     for start in range(0, x.shape[0], rows_per_chunk):
         if not bool(torch.isfinite(x[start : start + rows_per_chunk].sum(dtype=torch.float32))):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+            raise SearchInputError(f"{name} contains non-finite values (NaN or inf)")
 
 
 def check_inputs(queries, query_mask, database, db_mask, k) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate shapes; return boolean masks (all-True where None was given)."""
     if queries.dim() != 3 or database.dim() != 3:
-        raise ValueError(
+        raise SearchInputError(
             f"queries and database must be (Q, V, D) and (N, V, D), got {tuple(queries.shape)} "
             f"and {tuple(database.shape)}"
         )
     if queries.shape[1:] != database.shape[1:]:
-        raise ValueError(
+        raise SearchInputError(
             f"query groups {tuple(queries.shape[1:])} and database groups "
             f"{tuple(database.shape[1:])} differ in (V, D)"
         )
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+        raise SearchInputError(f"k must be a positive int, got {k!r}")
     if database.shape[0] > ID_LIMIT:
-        raise ValueError(f"database has {database.shape[0]} rows; at most {ID_LIMIT} supported")
+        raise SearchInputError(f"database has {database.shape[0]} rows; at most {ID_LIMIT} supported")
     masks = []
     for name, x, m in (("query_mask", queries, query_mask), ("db_mask", database, db_mask)):
         if m is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if tuple(m.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"{name} must be {tuple(x.shape[:2])}, got {tuple(m.shape)}")
+            raise SearchInputError(f"{name} must be {tuple(x.shape[:2])}, got {tuple(m.shape)}")
         masks.append(m.to(device=x.device, dtype=torch.bool))
     return masks[0], masks[1]
 

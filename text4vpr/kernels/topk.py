@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from text4vpr.kernels.common import (
-    MAX_TRITON_K, check_inputs, check_mode, decode_keys, encode_keys, merge_keys, rotated_views, view_scales,
+    MAX_TRITON_K, SearchInputError, check_inputs, check_mode, decode_keys, encode_keys, merge_keys, rotated_views,
+    view_scales,
 )
 
 # ----------------------------------------------------------------------------- torch path
@@ -52,13 +53,13 @@ def _chunk_topk_keys(scores: torch.Tensor, start: int, k: int) -> torch.Tensor:
     if k < c:
         vals, idx = torch.topk(scores, k + 1, dim=1, sorted=False)  # (Q, k+1)
         if not bool(torch.isfinite(vals).all()):
-            raise ValueError("queries or database contain non-finite values (NaN or inf)")
+            raise SearchInputError("queries or database contain non-finite values (NaN or inf)")
         low, pos = vals.min(dim=1, keepdim=True)  # the (k+1)-th score
         if bool(((vals == low).sum(dim=1) == 1).all()):  # strictly below the k-th: no boundary tie
             keep = torch.ones_like(vals, dtype=torch.bool).scatter_(1, pos, False)
             return encode_keys(vals[keep].view(num_q, k), idx[keep].view(num_q, k) + start)
     elif not bool(torch.isfinite(scores).all()):
-        raise ValueError("queries or database contain non-finite values (NaN or inf)")
+        raise SearchInputError("queries or database contain non-finite values (NaN or inf)")
     ids = torch.arange(start, start + c, device=scores.device).expand(num_q, -1)
     return torch.topk(encode_keys(scores, ids), min(k, c), dim=1, sorted=False).values
 

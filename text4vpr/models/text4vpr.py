@@ -21,6 +21,7 @@ from text4vpr.models.config import ModelConfig, config_hash
 from text4vpr.models.image_encoder import ImageEncoder
 from text4vpr.models.text_encoder import TextEncoder
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
+from text4vpr.utils.errors import InputValueError, MissingInputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -196,10 +197,10 @@ class Text4VPR(nn.Module):
         directory = Path(directory)
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found: not a text4vpr model folder")
+            raise MissingInputError(f"{cfg_path} not found: not a text4vpr model folder")
         meta = json.loads(cfg_path.read_text())
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path}: not a text4vpr config (format={meta.get('format')!r})")
+            raise InputValueError(f"{cfg_path}: not a text4vpr config (format={meta.get('format')!r})")
         model = cls(from_dict(ModelConfig, meta["config"]))
         weights = directory / WEIGHTS_NAME
         state = load_file(str(weights), device=str(map_location))

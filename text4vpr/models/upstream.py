@@ -39,13 +39,14 @@ of our keys left missing, or a shape mismatch is an error that lists them.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from text4vpr.models.config import AggregationConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
-from text4vpr.utils.errors import InputError
+from text4vpr.utils.errors import InputError, weights_only_reason
 
 IMAGE_KEY = "image_encoder_state_dict"
 TEXT_KEY = "text_encoder_state_dict"
@@ -192,7 +193,13 @@ def _side_of(state: dict) -> str | None:
 
 
 def _load(path) -> dict:
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UpstreamConversionError(f"{path}: refused to unpickle ({weights_only_reason(e)}): only tensors and "
+                                      "plain containers are read from a checkpoint (torch.load weights_only)") from None
+    except (RuntimeError, EOFError) as e:  # OSError (missing, unreadable) names its path itself
+        raise UpstreamConversionError(f"{path}: not a readable torch file ({weights_only_reason(e)})") from None
     if not isinstance(ckpt, dict):
         raise UpstreamConversionError(f"{path}: not an upstream Text4VPR checkpoint (a {type(ckpt).__name__}, not a dict)")
     return ckpt

@@ -24,7 +24,7 @@ from text4vpr.retrieval.ranking import Evaluation, Ranking
 from text4vpr.retrieval.search import sharded_topk_by_location
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.progress import progress
-from text4vpr.utils.errors import InputError
+from text4vpr.utils.errors import InputError, InputValueError
 
 
 class DisjointQueriesError(InputError, ValueError):
@@ -73,7 +73,7 @@ def _rank_slice(index) -> tuple[torch.Tensor, torch.Tensor, int]:
     if (held_lo, held_hi) == (0, len(index)):
         return index.embeddings[lo:hi], index.view_mask[lo:hi], lo
     if (held_lo, held_hi) != (lo, hi):
-        raise ValueError(f"the index holds rows {held_lo}..{held_hi}; rank {rank} of {world} searches rows {lo}..{hi}")
+        raise InputValueError(f"the index holds rows {held_lo}..{held_hi}; rank {rank} of {world} searches rows {lo}..{hi}")
     return index.embeddings, index.view_mask, lo
 
 
@@ -88,7 +88,7 @@ def _check_finite_everywhere(database: torch.Tensor) -> None:
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     if int(ok.item()) == 0:
         check_finite(database, "database vectors")  # names this rank's problem when it is here
-        raise ValueError("database vectors contain non-finite values (NaN or inf) on another rank")
+        raise InputValueError("database vectors contain non-finite values (NaN or inf) on another rank")
 
 
 def check_queries_in_database(query_ids: torch.Tensor, db_ids: torch.Tensor) -> None:
@@ -182,7 +182,7 @@ def evaluate(
     local = encode_split(model, loader, device, images=index is None, show_progress=show_progress)
     everyone, offset = gather_queries(local)
     if everyone["queries"].shape[0] == 0:
-        raise ValueError("the evaluation loader yielded no locations")
+        raise InputValueError("the evaluation loader yielded no locations")
     if index is None:
         database, db_mask, db_coords, db_ids = local["database"], local["db_mask"], everyone["coords"], everyone["index"]
     else:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from text4vpr.retrieval.defaults import KS, RADII
+from text4vpr.utils.errors import InputValueError
 
 
 def key(x: float) -> str:
@@ -42,11 +43,11 @@ def topk_within_radius(
     if ids.ndim != 2 or ids.shape[0] != q_xyz.shape[0]:
         raise ValueError(f"topk_ids must be (Q, K) with Q = {q_xyz.shape[0]} queries, got {ids.shape}")
     if ids.shape[0] == 0:
-        raise ValueError("no queries to evaluate")
+        raise InputValueError("no queries to evaluate")
     if not ks or not radii or min(ks) < 1:
-        raise ValueError(f"ks must be positive ints and radii non-empty, got ks={ks}, radii={radii}")
+        raise InputValueError(f"ks must be positive ints and radii non-empty, got ks={ks}, radii={radii}")
     if ids.shape[1] < min(max(ks), db_xyz.shape[0]):
-        raise ValueError(f"{ids.shape[1]} ranked ids per query, but k up to {max(ks)} requested")
+        raise InputValueError(f"{ids.shape[1]} ranked ids per query, but k up to {max(ks)} requested")
     dist = np.linalg.norm(db_xyz[ids] - q_xyz[:, None, :], axis=-1)  # (Q, K)
     accuracy: dict[str, dict[str, float]] = {}
     for k in ks:

@@ -16,6 +16,7 @@ from text4vpr.retrieval.evaluate import gather_queries, encode_split
 from text4vpr.retrieval.provenance import shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file
 from text4vpr.utils.distributed import distributed_world
+from text4vpr.utils.errors import InputValueError
 
 
 def encode_queries(model, loader, out: str | Path, device=None, show_progress: bool = False, shards: str = "") -> dict:
@@ -27,7 +28,7 @@ def encode_queries(model, loader, out: str | Path, device=None, show_progress: b
     tensors = {"embeddings": enc["queries"][order].contiguous(), "view_mask": enc["query_mask"][order].contiguous(),
                "coords": enc["coords"][order].contiguous(), "index": enc["index"][order].contiguous()}
     if len(tensors["index"]) == 0:
-        raise ValueError("no location was encoded: the shards hold no locations")
+        raise InputValueError("no location was encoded: the shards hold no locations")
     if distributed_world()[0] == 0:
         meta = {"config_hash": model.config_hash(), "weights_digest": weights_digest(model),
                 "shards_digest": shards_digest(shards) if shards else ""}

@@ -1,27 +1,13 @@
-"""The training application (`accelerate launch train.py`, `text4vpr train`).
-
-Sits on top of the library (data, models, losses, retrieval); the library never imports it.
-"""
+"""The training application on top of the library: `resolve_config` builds a run config and
+`run(cfg)` trains it; the command line (`text4vpr train`, `train.py`) is `text4vpr.cli.train`."""
 
 from __future__ import annotations
 
-import argparse
-
-DEFAULT_CONFIG = "demo"  # text4vpr/configs/demo.yaml, shipped in the package (configs/demo.yaml in a checkout)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="run config YAML, or a packaged config's name (demo | street360loc | tiny_test); "
-                             "default: demo")
-    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (every key, as YAML) and exit without training")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+DEFAULT_CONFIG = "demo"  # text4vpr/configs/demo.yaml, shipped in the package
 
 
 def resolve_config(config: str | None, overrides: list[str], resume: str | None = None):
-    """Load the run config: file (or the embedded demo default) + overrides (+ --resume)."""
+    """The run config: file (default: the packaged demo) + dotted overrides (+ a resume path)."""
     from text4vpr.config import find_config, load_config
     from text4vpr.train.config import RunConfig
 
@@ -30,16 +16,8 @@ def resolve_config(config: str | None, overrides: list[str], resume: str | None 
     return load_config(RunConfig, path, list(overrides) + extra)
 
 
-def print_config(config: str | None, overrides: list[str], resume: str | None = None) -> int:
-    """The resolved run config, every key, as YAML a `--config` file accepts."""
-    from text4vpr.config import dump_yaml
-
-    print(dump_yaml(resolve_config(config, list(overrides), resume)), end="")
-    return 0
-
-
-def run(config: str | None = None, overrides: list[str] = (), resume: str | None = None) -> dict:
-    cfg = resolve_config(config, list(overrides), resume)  # config errors before heavy imports
+def run(cfg) -> dict:
+    """Train the resolved run config `cfg`; returns the final metrics."""
     from text4vpr.train.trainer import Trainer
 
     _print_threads()
@@ -47,8 +25,7 @@ def run(config: str | None = None, overrides: list[str] = (), resume: str | None
 
 
 def _print_threads() -> None:
-    """CPU threads per process change both speed and the float summation order (the result):
-    say how many this run has (`accelerate launch` sets OMP_NUM_THREADS=1 when it is unset)."""
+    """Say how many CPU threads each process has: they change the float summation order, so the result."""
     import os
 
     import torch
@@ -56,43 +33,3 @@ def _print_threads() -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"CPU threads per process: {torch.get_num_threads()} "
               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
-
-
-def _quiet_cpu_only_warnings() -> None:
-    """DeepSpeed, imported by Accelerate, warns on every CPU-only start; name the CPU instead."""
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from text4vpr.cli.errors import add_debug_flag, run_guarded
-    from text4vpr.cli.help import finish_help
-    from text4vpr.utils.launch_check import check_world_size
-
-    _quiet_cpu_only_warnings()
-    parser = argparse.ArgumentParser(prog="train.py", description="Train Text4VPR (launch with `accelerate launch`).")
-    add_arguments(parser)
-    add_debug_flag(parser)
-    finish_help(parser)
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"not a dotted override (key.sub=value): {' '.join(bad)}")
-
-    def train() -> int:
-        if args.print_config:
-            return print_config(args.config, args.overrides, args.resume)
-        check_world_size()
-        run(args.config, args.overrides, args.resume)
-        return 0
-
-    rc = run_guarded(train, args.debug)
-    from text4vpr.utils.distributed import exit_process, shutdown_distributed
-
-    if rc == 0 and shutdown_distributed():  # ranks leave together (rank 0 wrote the report last)
-        exit_process(0)
-    return rc

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from text4vpr.data.shard_reader import file_sha256  # the project's one streaming sha256 of a file
 from text4vpr.utils.atomic import atomic_write_json
-from text4vpr.utils.errors import InputError
+from text4vpr.utils.errors import InputError, MissingInputError
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 STATE = "state.json"
@@ -272,7 +272,7 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike, report: Callable[[s
         return _newest_verified(ckpt_dir, report)
     p = Path(resume)
     if not (p / STATE).exists():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no state.json)")
+        raise MissingInputError(f"--resume {resume}: not a complete checkpoint (no state.json)")
     problems = verify_checkpoint(p)
     if problems:
         raise CheckpointError(f"--resume {resume}: does not verify: {'; '.join(problems)}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from text4vpr.config import ConfigError, check_choice
 from text4vpr.data.loader import LoaderConfig
-from text4vpr.kernels.common import MODES
+from text4vpr.kernels import MODES
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII
 from text4vpr.train.optim import OptimConfig
 

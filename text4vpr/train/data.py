@@ -18,7 +18,8 @@ from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
 from text4vpr.data.tokenizer import train_tokenizer
 from text4vpr.utils.atomic import atomic_write_json
-from text4vpr.utils.errors import InputError
+from text4vpr.config import ConfigError
+from text4vpr.utils.errors import InputError, InputValueError
 
 SPLITS = ("train", "val", "test")
 
@@ -64,9 +65,9 @@ def prepare_data(cfg, acc) -> DataPaths:
         return DataPaths(str(shards / "train"), str(shards / "val"), str(shards / "test"),
                          cfg.loader.tokenizer or str(root / "tokenizer"))
     if not cfg.train_shards or not cfg.val_shards:
-        raise ValueError("data.train_shards and data.val_shards are required (or data.synthetic.locations > 0)")
+        raise ConfigError("data.train_shards and data.val_shards are required (or data.synthetic.locations > 0)")
     if not cfg.loader.tokenizer:
-        raise ValueError("data.loader.tokenizer: give the local tokenizer folder (e.g. your T5 folder)")
+        raise ConfigError("data.loader.tokenizer: give the local tokenizer folder (e.g. your T5 folder)")
     return DataPaths(cfg.train_shards, cfg.val_shards, cfg.test_shards or cfg.val_shards, cfg.loader.tokenizer)
 
 
@@ -162,7 +163,7 @@ def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_bat
 def steps_per_epoch(paths: DataPaths, cfg: LoaderConfig, world_size: int) -> int:
     n = batches_per_epoch(_loader_cfg(cfg, paths.train, paths.tokenizer), world_size)
     if n < 1:
-        raise ValueError(f"{paths.train}: too few locations for one batch of {cfg.batch_size} per rank × {world_size} ranks")
+        raise InputValueError(f"{paths.train}: too few locations for one batch of {cfg.batch_size} per rank × {world_size} ranks")
     return n
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from text4vpr.train.checkpoint import CheckpointError, deepspeed_checkpoint_types, read_verified_state, swap_in, write_state
+from text4vpr.utils.errors import weights_only_reason
 
 
 def save_accelerate_checkpoint(acc, ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
@@ -46,13 +47,7 @@ def safe_torch_load(path: str | os.PathLike, allowed: list, map_location=None) -
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read weights-only ({_reason(e)})") from None
-
-
-def _reason(e: Exception) -> str:
-    """The informative line of torch's long weights-only message (the type it refused)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    return next((line for line in lines if "but got" in line or "Unsupported global" in line), lines[0])[:300]
+        raise CheckpointError(f"{path}: cannot be read weights-only ({weights_only_reason(e)})") from None
 
 
 class _WeightsOnlyCheckpointEngine:

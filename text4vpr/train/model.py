@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from text4vpr.config import from_dict, to_dict
+from text4vpr.config import ConfigError, from_dict, to_dict
 from text4vpr.data.tokenizer import load_tokenizer
 from text4vpr.models import ModelConfig, Text4VPR, paper_config, tiny_config
 from text4vpr.models.sync_batchnorm import convert_global_batchnorm
@@ -23,7 +23,7 @@ def model_config(section, vocab_size: int, image_size: int, gradient_checkpointi
         "custom": ModelConfig,
     }
     if section.preset not in presets:
-        raise ValueError(f"model.preset: unknown preset {section.preset!r} (tiny | paper | custom)")
+        raise ConfigError(f"model.preset: unknown preset {section.preset!r} (tiny | paper | custom)")
     merged = _deep_merge(to_dict(presets[section.preset]()), section.config)
     if gradient_checkpointing:
         merged["image"]["gradient_checkpointing"] = True

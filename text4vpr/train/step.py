@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from text4vpr.config import ConfigError
+
 
 @dataclasses.dataclass
 class StepContext:
@@ -54,7 +56,7 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     """Split every tensor of the batch along dim 0 into `n` nearly equal micro-batches."""
     size = batch["view_mask"].shape[0]
     if n > size:
-        raise ValueError(f"train.micro_batches={n} exceeds the per-rank batch of {size} locations")
+        raise ConfigError(f"train.micro_batches={n} exceeds the per-rank batch of {size} locations")
     bounds = torch.linspace(0, size, n + 1).round().long().tolist()
     return [{k: v[a:b] if torch.is_tensor(v) else v for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 

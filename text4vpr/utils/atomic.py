@@ -1,9 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename.
-
-A reader never sees a half-written file, and a killed writer leaves only a `.tmp-*` file
-that the next run ignores or overwrites. The file gets the mode a plain `open` would give
-(0666 less the umask), not the temp file's private 0600.
-"""
+"""Atomic file writes: a temporary name in the same folder, then a rename, so a reader never sees
+a half-written file and a killed writer leaves only a `.tmp-*` file (docs/cli.md#files)."""
 
 from __future__ import annotations
 
@@ -39,9 +35,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename, e.filename2 = str(path), None  # a full disk or a folder in the way: named as the user named it
         raise
 
 
@@ -60,7 +58,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write a safetensors file atomically."""
+    """Write a safetensors file atomically; the same tensors and metadata give the same bytes."""
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, sorted_header(save(tensors, metadata=metadata)))
+
+
+def sorted_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: safetensors writes the metadata map
+    in a random order (a Rust HashMap), so two saves of one model differ in bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), separators=(",", ":"), sort_keys=True).encode()
+    header += b" " * (-len(header) % 8)  # the data section stays 8-byte aligned, as safetensors pads it
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]

@@ -11,6 +11,14 @@ class InputError(Exception):
     """Bad or mismatched input; subclasses keep their builtin base (ValueError, RuntimeError)."""
 
 
+class InputValueError(InputError, ValueError):
+    """A value from the user's files or settings that the computation cannot take."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the user named is not there (or not complete)."""
+
+
 def one_line(error: BaseException | str) -> str:
     """The error's message on one line. An error re-raised from a DataLoader worker carries the
     worker's whole traceback in its message: its last line (less the type name) is the message."""
@@ -20,6 +28,14 @@ def one_line(error: BaseException | str) -> str:
         name, sep, rest = last.partition(": ")
         text = rest if sep and " " not in name else last
     return " ".join(text.split())
+
+
+def weights_only_reason(error: BaseException) -> str:
+    """Why `torch.load(weights_only=True)` refused a file: the line of torch's long message
+    that names the type it would not unpickle."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = next((line for line in lines if "but got" in line or "Unsupported global" in line), lines[0])
+    return line.split(" was not an allowed global")[0][:300]  # not torch's advice to allow-list it
 
 
 def file_records_problem(records, what: str) -> str | None:

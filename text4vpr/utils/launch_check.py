@@ -1,22 +1,19 @@
-"""Did the launcher start as many processes as were asked for?
-
-`accelerate launch --cpu --num_processes 2 train.py` takes Accelerate's single-process path
-(any `--cpu` does) and starts ONE process without a word. The launcher exports nothing that
-says how many were requested, so we read its command line (our parent process) and config
-file, and compare with the world size that torchrun/Accelerate actually set up.
-"""
+"""Does the launch match what its command line asked for: the number of processes, and the
+DeepSpeed config its launch config names (docs/cli.md)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from text4vpr.utils.errors import InputError
+
 CPU_FIX = ("on CPU use `accelerate launch --config_file launch/accelerate_cpu_2proc.yaml` (edit num_processes), "
            "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`, "
            "with train.cpu=true")
 
 
-class LaunchMismatch(RuntimeError):
+class LaunchMismatch(InputError, RuntimeError):
     """The launcher started fewer (or more) processes than its command line asked for."""
 
 
@@ -40,17 +37,24 @@ def _launch_args(argv: list[str]) -> list[str] | None:
     return None
 
 
-def requested_processes(argv: list[str]) -> int | None:
-    """How many processes the `accelerate launch` command line `argv` asks for (flag, else its
-    config file, else Accelerate's default config file, else 1); None when `argv` is not one."""
+def _parsed_launch(argv: list[str]):
+    """The `accelerate launch` arguments of `argv`, parsed; None when it is no (parsable) launch."""
     args = _launch_args(argv)
     if args is None:
         return None
     from accelerate.commands.launch import launch_command_parser
 
     try:
-        parsed = launch_command_parser().parse_known_args(args)[0]
+        return launch_command_parser().parse_known_args(args)[0]
     except (SystemExit, Exception):  # an unparsable line: nothing to compare
+        return None
+
+
+def requested_processes(argv: list[str]) -> int | None:
+    """How many processes the `accelerate launch` command line `argv` asks for (flag, else its
+    config file, else Accelerate's default config file, else 1); None when `argv` is not one."""
+    parsed = _parsed_launch(argv)
+    if parsed is None:
         return None
     if parsed.num_processes is not None:
         return int(parsed.num_processes)
@@ -86,3 +90,24 @@ def check_world_size(argv: list[str] | None = None, env: dict | None = None) -> 
         return
     why = " (`--cpu` always takes Accelerate's single-process path)" if world == 1 and "--cpu" in argv else ""
     raise LaunchMismatch(f"accelerate launch asked for {asked} processes but started {world}{why}; {CPU_FIX}")
+
+
+def resolve_deepspeed_config(argv: list[str] | None = None, env: dict | None = None) -> None:
+    """Point Accelerate at the DeepSpeed JSON a launch config names relative to the checkout
+    (launch/accelerate_deepspeed_zero2.yaml: launch/deepspeed_zero2.json) when the launch runs
+    elsewhere: found beside that launch config or one folder up, else one line saying so."""
+    env = os.environ if env is None else env
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not path or path == "none" or os.path.isabs(path) or os.path.isfile(path):
+        return
+    parsed = _parsed_launch(parent_argv() if argv is None else argv)
+    launch_config = getattr(parsed, "config_file", None)
+    if launch_config:
+        here = Path(launch_config).resolve().parent
+        for folder in (here, here.parent):
+            if (folder / path).is_file():
+                env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(folder / path)
+                return
+    named = f" (deepspeed_config_file of {launch_config})" if launch_config else ""
+    raise LaunchMismatch(f"DeepSpeed config {path}{named}: no such file from {os.getcwd()} or beside the launch "
+                         "config; launch from the folder it is relative to, or give its absolute path")

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: tensor equality up to summation order, torchrun workers."""
+"""Test-only helpers (also used by benchmarks): tensor equality up to summation order, torchrun workers."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def assert_close_by_norm(actual: torch.Tensor, expected: torch.Tensor, rel: floa
 def run_torchrun(worker: Path, out_dir: Path, nproc: int = 2, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone` of `worker out_dir` on `nproc` CPU ranks
     (one thread each), with this checkout first on PYTHONPATH; run in `out_dir`."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
