@@ -147,7 +147,7 @@ def test_a_changed_sample_is_refused_by_its_digest_and_skipped_alone(shards, tok
 def test_torchrun_gloo_ranks_make_the_same_global_batches(shards, tokenizer_dir, tmp_path):
     """Real gloo worlds of 2 and 4 processes (rank and world from torch.distributed), workers
     0, 1 and 3: epochs 0 and 1 hold the one-process global batches."""
-    from text4vpr.utils.testing import HANG_GUARD_S, free_port
+    from tests.helpers import HANG_GUARD_S, free_port
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     want = {e: global_batches(shards, tokenizer_dir, 1, 0, e) for e in (0, 1)}

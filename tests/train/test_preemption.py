@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from text4vpr.train.logs import read_metrics
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]

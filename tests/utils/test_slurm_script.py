@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from text4vpr.utils.testing import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "slurm_train.sbatch"
