@@ -14,8 +14,8 @@ import pytest
 
 from text4vpr.data.loader import LoaderConfig, LoaderError, batches_per_epoch, build_loader
 from text4vpr.data.order import epoch_order, per_rank_batch
-from text4vpr.data.sample_index import index_offsets, parse_sample, sample_ranges
-from text4vpr.data.shard_reader import iter_tar_samples
+from text4vpr.data.sample_index import index_offsets, parse_sample
+from text4vpr.data.shard_reader import iter_tar_samples, sample_ranges
 
 G = 4  # global batch in locations: 1 x 4, 2 x 2, 4 x 1
 

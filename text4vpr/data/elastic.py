@@ -10,7 +10,8 @@ from __future__ import annotations
 from text4vpr.data.decode import BatchMaker, Stats
 from text4vpr.data.loader_config import LoaderError
 from text4vpr.data.order import epoch_order, rank_share
-from text4vpr.data.sample_index import RangeReader, missing_offsets_message, read_sample, sample_ranges, samples_problem
+from text4vpr.data.sample_index import RangeReader, missing_offsets_message, read_sample, samples_problem
+from text4vpr.data.shard_reader import sample_ranges
 
 
 def check_offsets(shards, folder: str) -> None:

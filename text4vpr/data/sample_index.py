@@ -1,4 +1,4 @@
-"""Per-sample byte ranges of a shard: where each sample's tar members sit, read by offset.
+"""Reading a shard sample by sample: the byte ranges (`shard_reader.sample_ranges`) fetched and parsed.
 
 A sample's members (`KEY.json`, `KEY.1.jpg`, ...) are contiguous in a tar, so one byte range
 (first header to the end of the last member's padded data) holds all of them. The manifest
@@ -16,28 +16,10 @@ import tarfile
 from pathlib import Path
 from typing import Callable
 
-from text4vpr.data.shard_reader import MANIFEST, ShardError, file_sha256, load_manifest
+from text4vpr.data.shard_reader import BLOCK, MANIFEST, ShardError, file_sha256, load_manifest, sample_ranges
 from text4vpr.utils.atomic import atomic_write_json
 
-BLOCK = 512  # tar block: every header, and every member's data padded to a multiple of it
 INDEX_COMMAND = "text4vpr shards index-offsets"
-
-
-def sample_ranges(path: str | os.PathLike) -> list[tuple[str, int, int, str]]:
-    """(key, offset, size, sha256) of every sample of a tar file, in order."""
-    out: list[list] = []
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for info in tar:
-            key = os.path.basename(info.name).partition(".")[0]
-            end = info.offset_data + -(-info.size // BLOCK) * BLOCK
-            if out and out[-1][0] == key:
-                out[-1][2] = end - out[-1][1]
-            else:
-                out.append([key, info.offset, end - info.offset])
-        for rec in out:
-            f.seek(rec[1])
-            rec.append(hashlib.sha256(f.read(rec[2])).hexdigest())
-    return [tuple(r) for r in out]
 
 
 def parse_sample(data: bytes, key: str) -> dict[str, bytes]:

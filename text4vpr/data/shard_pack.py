@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from text4vpr.data.image_checks import pixel_problem
-from text4vpr.data.sample_index import sample_ranges
-from text4vpr.data.shard_reader import ShardError
+from text4vpr.data.shard_reader import ShardError, sample_ranges
 from text4vpr.data.street360loc import Location, Street360LocError
 from text4vpr.utils.atomic import atomic_open, atomic_write_json
 

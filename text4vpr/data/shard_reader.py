@@ -12,6 +12,7 @@ from text4vpr.data.street360loc import ReadOptions, read_street360loc
 from text4vpr.utils.errors import InputError, file_records_problem
 
 MANIFEST = "manifest.json"
+BLOCK = 512  # tar block: every header, and every member's data padded to a multiple of it
 
 
 class ShardError(InputError, RuntimeError):
@@ -67,6 +68,23 @@ def iter_tar_samples(source):
             yield key, sample
 
 
+def sample_ranges(path: str | os.PathLike) -> list[tuple[str, int, int, str]]:
+    """(key, offset, size, sha256) of every sample of a tar file, in order."""
+    out: list[list] = []
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for info in tar:
+            key = os.path.basename(info.name).partition(".")[0]
+            end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+            if out and out[-1][0] == key:
+                out[-1][2] = end - out[-1][1]
+            else:
+                out.append([key, info.offset, end - info.offset])
+        for rec in out:
+            f.seek(rec[1])
+            rec.append(hashlib.sha256(f.read(rec[2])).hexdigest())
+    return [tuple(r) for r in out]
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -91,15 +109,9 @@ def verify_shards(shard_dir: str | Path) -> dict:
         count = sum(1 for _ in iter_tar_samples(path))
         if count != s["count"]:
             problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
-        elif "samples" in s and _byte_ranges(path) != s["samples"]:
+        elif "samples" in s and [[o, n, d] for _, o, n, d in sample_ranges(path)] != s["samples"]:
             problems.append(f"{s['name']}: per-sample byte offsets differ from the manifest's")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
-
-
-def _byte_ranges(path: Path) -> list[list]:
-    from text4vpr.data.sample_index import sample_ranges  # it reads manifests with this module
-
-    return [[o, n, d] for _, o, n, d in sample_ranges(path)]
 
 
 def find_location(shard_dir: str | Path, index: int) -> list[tuple[str, dict, dict]]:

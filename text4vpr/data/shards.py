@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from text4vpr.data.shard_pack import PARTS, BuildOptions, sample_json, write_shard, writing
-from text4vpr.data.sample_index import sample_ranges
-from text4vpr.data.shard_reader import MANIFEST, ShardError, file_sha256
+from text4vpr.data.shard_reader import MANIFEST, ShardError, file_sha256, sample_ranges
 from text4vpr.data.street360loc import Location, ReadOptions, ValidationReport, read_street360loc
 from text4vpr.utils.atomic import atomic_write_json
 
