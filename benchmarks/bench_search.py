@@ -5,13 +5,14 @@ One run measures, per size (Q queries x N locations x V*D dims) and k: seconds, 
 effective TFLOP/s (2*Q*N*V*D / time, i.e. counting the GEMM a search implies) and peak
 extra memory of each path. Upstream = per-query numpy dot + argsort over the whole
 database (test/test.py). faiss = IndexFlatIP on the flattened V*D vectors (CPU, if
-installed: `pip install faiss-cpu`, the `benchmark` extra). Triton runs on CUDA only.
+installed: `pip install faiss-cpu`, the `approx` extra). Triton runs on CUDA only.
 
 Memory: CUDA, torch.cuda.max_memory_allocated beyond the inputs; CPU, the peak resident set
 (VmHWM after resetting it via /proc/self/clear_refs) beyond the resident set before the call.
 
     python benchmarks/bench_search.py                      # CPU, 1000 x 1000 x 8192
     python benchmarks/bench_search.py --device cuda --sizes 16384x1048576 --skip upstream faiss
+    python benchmarks/bench_search.py --approximate --locations 100000 1000000   # benchmarks/bench_approx.py
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--approximate" in argv:  # exact vs approximate (FAISS + re-rank) at 10^5-10^6 locations
+        from benchmarks.bench_approx import main as approx_main
+
+        return approx_main(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
     sizes = args.sizes or (["1000x1000"] if device.type == "cpu" else ["1024x65536", "4096x262144", "16384x1048576"])

@@ -61,3 +61,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def rewrite_first_shard(folder, edit_member) -> list[str]:
+    """Tests: rewrite the first shard of a shard folder with each member of sample i replaced
+    by `edit_member(i, suffix, raw_bytes) -> bytes`, and re-hash the manifest (a crafted folder
+    whose checksums all agree). Returns the shard's sample keys."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+    from pathlib import Path
+
+    from text4vpr.data.shard_reader import iter_tar_samples, load_manifest
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    entry = manifest["shards"][0]
+    samples = list(iter_tar_samples(folder / entry["name"]))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (key, sample) in enumerate(samples):
+            for suffix, data in sample.items():
+                data = edit_member(i, suffix, data)
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / entry["name"]).write_bytes(buf.getvalue())
+    entry.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return [key for key, _ in samples]

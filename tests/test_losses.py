@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from text4vpr.losses import ContrastiveLoss, info_nce, info_nce_and_grads
+from text4vpr.losses import MAX_SCALE, ContrastiveLoss, info_nce
 from tests.helpers import run_torchrun
 
 
@@ -25,6 +26,11 @@ def reference_loss(img, txt, temperature=0.1, groups=None):
             row[other], col[other] = float("-inf"), float("-inf")
         total = total + (torch.logsumexp(row, 0) - row[a]) + (torch.logsumexp(col, 0) - col[a])
     return total / n
+
+
+def info_nce_and_grads(image_emb, text_emb, temperature=0.1):
+    """The gradient cache with a fixed temperature: (loss, d/d image_emb, d/d text_emb)."""
+    return ContrastiveLoss(temperature).loss_and_grads(image_emb, text_emb)
 
 
 def rel_err(a, b):
@@ -120,3 +126,33 @@ def test_learnable_temperature_gradient_matches_reference(tiled):
     ref.backward()
     assert rel_err(loss, ref) <= 1e-5 and rel_err(fn.log_scale.grad, log_scale.grad) <= 1e-5
     assert fn.temperature == pytest.approx(0.2)
+
+
+def test_learnable_scale_keeps_its_gradient_above_the_cap_and_is_clamped_after_the_step():
+    """open_clip's rule: no clamp in the forward (past the cap its gradient would be 0 for
+    good); the parameter is clamped in place after each optimizer step."""
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+    fn = ContrastiveLoss(0.05, learnable=True)
+    with torch.no_grad():
+        fn.log_scale.fill_(math.log(MAX_SCALE) + 0.1)
+    fn(img, txt).backward()
+    log_scale = fn.log_scale.detach().double().requires_grad_()
+    reference_loss(img, txt, torch.exp(-log_scale)).backward()
+    assert float(log_scale.grad) != 0 and rel_err(fn.log_scale.grad, log_scale.grad) <= 1e-5
+    torch.optim.SGD(fn.parameters(), lr=1e-6).step()
+    assert float(fn.log_scale.detach()) > math.log(MAX_SCALE)  # still above the cap
+    fn.clamp_scale_()
+    assert float(fn.log_scale.detach()) == pytest.approx(math.log(MAX_SCALE))
+    assert fn.temperature >= (1 - 1e-6) / MAX_SCALE
+
+
+def test_a_fixed_temperature_is_used_as_given_and_a_learnable_one_starts_under_the_cap():
+    g = torch.Generator().manual_seed(6)
+    img, txt = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)
+    fn = ContrastiveLoss(0.005)  # scale 200: beyond the learnable cap, not clamped
+    assert rel_err(fn(img, txt), reference_loss(img, txt, 0.005)) <= 1e-5
+    fn.clamp_scale_()
+    assert fn.temperature == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="learnable"):
+        ContrastiveLoss(0.005, learnable=True)

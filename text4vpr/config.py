@@ -7,6 +7,7 @@ keys and values of the wrong type are errors that name the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -34,6 +35,22 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _mapping_without_duplicates(loader, node, deep=False):
+    """A YAML mapping; a key given twice is an error (PyYAML keeps the last one silently)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {mark.line + 1})", mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _mapping_without_duplicates
+
+
 def _load_yaml(stream) -> Any:
     return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -47,6 +64,24 @@ def check_choice(key: str, value, options) -> None:
     not when the value is first used, perhaps an epoch into a run)."""
     if value not in options:
         raise ConfigError(f"{key}: unknown value {value!r} (expected one of: {' | '.join(map(str, options))})")
+
+
+def check_range(key: str, value, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
+    """ConfigError naming `key` unless low <= value <= high (`*_open`: strict); None bounds are open-ended."""
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ConfigError(f"{key}: {value!r} is out of range (must be {' and '.join(x for x in (lo, hi) if x)})")
+
+
+def check_each(key: str, values, low=None, high=None, low_open: bool = False) -> None:
+    """`check_range` on every item of a non-empty list (`key[i]` in the message)."""
+    if not values:
+        raise ConfigError(f"{key}: must not be empty")
+    for i, v in enumerate(values):
+        check_range(f"{key}[{i}]", v, low, high, low_open)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -99,11 +134,13 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if not math.isfinite(value):  # no setting of this package means anything at nan or inf
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an int, got {value!r}")

@@ -1,26 +1,6 @@
-"""Symmetric InfoNCE (docs/method.md): one routine for one process, many ranks, plain or tiled.
+"""Symmetric InfoNCE (docs/method.md#training-loss): one routine for one process or many ranks, plain or tiled.
 
-The loss for N pairs: i, t L2-normalised, logits = s * i @ t.T with s = 1/temperature,
-loss = (1/N) * sum_n [CE(row n, n) + CE(column n, n)] (the SUM of both directions).
-
-`contrastive_loss` computes it in one path, whatever the world size:
-1. normalise this rank's (n, D) image and text embeddings (fp32, autocast off; tile by tile);
-2. gather every rank's embeddings (never logits) with gradients flowing back to their
-   owners (`utils.distributed.gather_rows`; the embeddings themselves in one process);
-3. log-sum-exp of this rank's rows (its images vs all texts) and columns (its texts vs all
-   images) of the global logits, by tiles whose backward recomputes them (`_Strips`, which
-   folds the normalisation into the tiles): `tiled=True` uses block_size tiles, memory
-   O(N * D) (little beyond the inputs and their gradients); plain uses one tile.
-The value returned is the global loss on every rank; its gradient is scaled so that DDP's
-usual gradient *averaging* yields exactly the single-process gradient (a gathered-with-grad
-full loss, or a local loss without the x world_size factor, is off by a factor of world_size).
-
-- `exclude_same_location=True` with `group_ids` (n,): the other views of the same location
-  are removed from the negatives (upstream keeps them as negatives; so does our default).
-- `ContrastiveLoss.loss_and_grads(...)` / `info_nce_and_grads(...)`: gradient caching.
-  Given detached embeddings of the whole (local) batch it returns (loss, d/d image_emb,
-  d/d text_emb); the trainer re-encodes each micro-batch and calls
-  `torch.autograd.backward(emb, grad)`, so accumulation never shrinks the negatives.
+How it is computed (plain vs tiled, the ranks, the gradient scaling): docs/models.md#the-loss.
 """
 
 from __future__ import annotations
@@ -30,125 +10,165 @@ import math
 import torch
 from torch import nn
 
+from text4vpr.loss_defaults import DEFAULT_BLOCK, MAX_SCALE
 from text4vpr.utils.distributed import all_reduce_sum, average_grad, distributed_world, gather_rows, gather_sizes
 
-DEFAULT_BLOCK = 4096
-MAX_SCALE = 100.0
 
+# ---------------------------------------------------------------------- the sum, by tiles
+class _InfoNCESum(torch.autograd.Function):
+    """This rank's sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n] from raw fp32 embeddings.
 
-# ---------------------------------------------------------------------- the two strips, by tiles
-class _Strips(torch.autograd.Function):
-    """This rank's local sum, sum_n [lse_row_n + lse_col_n - 2 s i_n.t_n], from raw fp32
-    embeddings: rows are its images vs all texts, columns its texts vs all images. Vectors
-    are normalised tile by tile (never stored normalised) and the logits exist one
-    (block x block) tile at a time; the backward recomputes the tiles, and turns gradients
-    with respect to the normalised vectors into gradients of the raw ones in place. In one
-    process the gathered tensors are the local ones and share their gradient buffers, so
-    beyond the inputs and their gradients only O(N) vectors and one tile are alive. (There,
-    rows and columns are still two passes: one pass over shared tiles halves the matmuls but
-    rounds differently from the multi-rank strips, enough to miss the 2-rank test's 1e-5 on
-    the noise-dominated aggregation.tau gradient.)"""
+    One process: rows and columns come from one logits matrix (one pass). Many ranks: rows are
+    this rank's images vs all texts, columns its texts vs all images (two strips). `keep`:
+    the normalised vectors and the logits are kept for the backward (plain); otherwise tiles
+    of `block` x `block` exist one at a time and the backward recomputes them (tiled).
+    """
 
     @staticmethod
-    def forward(ctx, img, txt, img_all, txt_all, scale, pos, groups, groups_all, block: int):
-        s = scale.detach()
-        inv = [_inv_norms(x, block) for x in (img, txt)]  # (n,) each
-        inv_all = inv if img_all is img else [_inv_norms(x, block) for x in (img_all, txt_all)]  # (N,) each
-        strips = ((img, inv[0], txt_all, inv_all[1]), (txt, inv[1], img_all, inv_all[0]))  # rows, columns
-        lse = [_strip_lse(q, qi, k, ki, s, pos, groups, groups_all, block) for q, qi, k, ki in strips]
+    def forward(ctx, img, txt, img_all, txt_all, scale, pos, groups, groups_all, block: int, keep: bool):
+        s, shared = scale.detach(), img_all is img
+        ui, ut = _Unit(img, block, keep), _Unit(txt, block, keep)
+        uia, uta = (ui, ut) if shared else (_Unit(img_all, block, keep), _Unit(txt_all, block, keep))
+        mask = None if groups is None else (pos, groups, groups_all)
+        passes = [(ui, ut, True)] if shared else [(ui, uta, False), (ut, uia, False)]  # (q, k, columns too)
+        outs = [_lse_pass(q, k, columns, s, mask, block, keep) for q, k, columns in passes]  # (lse_r, lse_c, kept)
         positive = img.new_zeros(())  # sum_n i_hat_n . t_hat_n
         for a in range(0, img.shape[0], block):
-            positive += torch.linalg.vecdot(_unit(img, inv[0], a, block), _unit(txt, inv[1], a, block)).sum()
-        ctx.save_for_backward(img, txt, img_all, txt_all, s, pos, *inv, *inv_all, *lse, positive,
-                              *(() if groups is None else (groups, groups_all)))
-        ctx.block, ctx.shared = block, img_all is img
-        return lse[0].sum() + lse[1].sum() - 2 * s * positive
+            positive += torch.linalg.vecdot(ui.rows(a, block), ut.rows(a, block)).sum()
+        total = (sum(lse.sum() for out in outs for lse in out[:2] if lse is not None) - 2 * s * positive).to(img.dtype)
+        ctx.save_for_backward(img, txt, img_all, txt_all, pos, groups, groups_all)
+        ctx.parts = (s, positive, [u.parts() for u in (ui, ut, uia, uta)], outs)  # intermediates
+        ctx.block, ctx.shared = block, shared
+        return total
 
     @staticmethod
     def backward(ctx, g):
-        img, txt, img_all, txt_all, s, pos, inv_i, inv_t, inv_ia, inv_ta, lse_r, lse_c, positive, *groups = ctx.saved_tensors
-        groups, groups_all = groups if groups else (None, None)
-        block, want_ds = ctx.block, ctx.needs_input_grad[4]
+        img, txt, img_all, txt_all, pos, groups, groups_all = ctx.saved_tensors
+        (s, positive, units, outs), block, shared = ctx.parts, ctx.block, ctx.shared
+        del ctx.parts  # one backward (it overwrites the kept logits); they go when it ends
+        ui, ut, uia, uta = (_Unit(x, block, False, *p) for x, p in zip((img, txt, img_all, txt_all), units))
+        mask = None if groups is None else (pos, groups, groups_all)
         di, dt = torch.zeros_like(img), torch.zeros_like(txt)  # d/d normalised local vectors
-        di_all, dt_all = (di, dt) if ctx.shared else (torch.zeros_like(img_all), torch.zeros_like(txt_all))
-        tiles = (s, g, pos, groups, groups_all, block, want_ds)
-        ds = _strip_backward(img, inv_i, txt_all, inv_ta, lse_r, di, dt_all, *tiles)  # rows
-        ds = ds + _strip_backward(txt, inv_t, img_all, inv_ia, lse_c, dt, di_all, *tiles)  # columns
+        di_all, dt_all = (di, dt) if shared else (torch.zeros_like(img_all), torch.zeros_like(txt_all))
+        passes = [(ui, ut, di, dt)] if shared else [(ui, uta, di, dt_all), (ut, uia, dt, di_all)]
+        want_ds = ctx.needs_input_grad[4]
+        ds = torch.zeros((), dtype=img.dtype, device=img.device)
+        for (q, k, dq, dk), (lse_r, lse_c, kept) in zip(passes, outs):
+            _grad_pass(q, k, dq, dk, lse_r, lse_c, kept, s, g, mask, block)
+            for a in range(0, q.x.shape[0], block) if want_ds else ():  # d/ds sum w * dots = sum q_hat . dq / s
+                ds += torch.linalg.vecdot(q.rows(a, block), dq[a : a + block]).sum() / s
+        gs2 = 2 * g * s
         for a in range(0, img.shape[0], block):  # the positives
-            di[a : a + block] -= (2 * g * s) * _unit(txt, inv_t, a, block)
-            dt[a : a + block] -= (2 * g * s) * _unit(img, inv_i, a, block)
-        grads = [(di, img, inv_i), (dt, txt, inv_t)]
-        if not ctx.shared:
-            grads += [(di_all, img_all, inv_ia), (dt_all, txt_all, inv_ta)]
-        for grad, x, inv in grads:
-            _normalize_backward_(grad, x, inv, block)
-        ds = ds - 2 * g * positive
-        d_all = (None, None) if ctx.shared else (di_all, dt_all)
-        return di, dt, *d_all, (ds if want_ds else None), None, None, None, None
+            di[a : a + block].addcmul_(ut.rows(a, block), gs2, value=-1)
+            dt[a : a + block].addcmul_(ui.rows(a, block), gs2, value=-1)
+        for grad, u in [(di, ui), (dt, ut)] + ([] if shared else [(di_all, uia), (dt_all, uta)]):
+            u.normalize_backward_(grad)
+        ds = ds - 2 * g * positive if want_ds else None
+        d_all = (None, None) if shared else (di_all, dt_all)
+        return di, dt, *d_all, ds, None, None, None, None, None
 
 
-def _strip_lse(q, q_inv, k, k_inv, s, pos, q_groups, k_groups, block: int) -> torch.Tensor:
-    """(n,) log-sum-exp of each row of s * q_hat @ k_hat.T, by tiles (streaming, -inf-safe)."""
-    lse = q.new_empty(q.shape[0])
-    for a in range(0, q.shape[0], block):
-        qa = _unit(q, q_inv, a, block)  # (bq, D)
-        m = q.new_full((qa.shape[0],), float("-inf"))  # running max
-        acc = torch.zeros_like(m)  # running sum of exp(logit - max)
-        for b in range(0, k.shape[0], block):
-            logits = _tile(qa, _unit(k, k_inv, b, block), s, a, b, pos, q_groups, k_groups)[1]  # (bq, bk)
-            m_new = torch.maximum(m, logits.amax(dim=1))
-            shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            acc = acc * torch.exp(m - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
-            m = m_new
-        lse[a : a + block] = m + torch.log(acc)
-    return lse
+class _Unit:
+    """Rows of x / max(||x||, 1e-12) (F.normalize): all at once when `whole` (the plain loss),
+    else computed block by block when asked (no (N, D) copy: the tiled loss's memory)."""
 
+    def __init__(self, x: torch.Tensor, block: int, whole: bool, inv=None, hat=None):
+        self.x, self.block = x, block
+        self.inv = _inv_norms(x, block) if inv is None else inv  # (N,)
+        self.hat = x * self.inv[:, None] if whole else hat  # (N, D) or None
 
-def _strip_backward(q, q_inv, k, k_inv, lse, dq, dk, s, g, pos, q_groups, k_groups, block: int,
-                    want_ds: bool) -> torch.Tensor:
-    """Add g * d(sum lse)/d q_hat and /d k_hat into dq, dk; return the part of d/d s (0 unless wanted)."""
-    ds = torch.zeros((), dtype=q.dtype, device=q.device)
-    for a in range(0, q.shape[0], block):
-        qa = _unit(q, q_inv, a, block)  # (bq, D)
-        for b in range(0, k.shape[0], block):
-            kb = _unit(k, k_inv, b, block)  # (bk, D)
-            dots, logits = _tile(qa, kb, s, a, b, pos, q_groups, k_groups)  # (bq, bk)
-            w = torch.exp(logits - lse[a : a + block, None]) * g  # d/d logits, 0 where masked
-            dq[a : a + block] += (w @ kb) * s
-            dk[b : b + block] += (w.T @ qa) * s
-            if want_ds:
-                ds += (w * dots).sum()
-    return ds
+    def parts(self) -> tuple:
+        return self.inv, self.hat
 
+    def rows(self, a: int, n: int, scale=None) -> torch.Tensor:
+        """Rows a .. a + n, normalised (and times `scale`): (n, D)."""
+        if self.hat is not None:
+            return self.hat[a : a + n] if scale is None else self.hat[a : a + n] * scale
+        inv = self.inv[a : a + n, None]
+        return self.x[a : a + n] * (inv if scale is None else inv * scale)
 
-def _tile(qa, kb, s, a: int, b: int, pos, q_groups, k_groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile (a, b): dot products (bq, bk) and logits s * dots, with the excluded same-location
-    keys at -inf (a key is never excluded from its own query's row)."""
-    dots = qa @ kb.T  # (bq, bk)
-    logits = dots * s
-    if q_groups is None:
-        return dots, logits
-    cols = torch.arange(b, b + kb.shape[0], device=qa.device)
-    same = q_groups[a : a + qa.shape[0], None] == k_groups[None, b : b + kb.shape[0]]  # (bq, bk)
-    return dots, logits.masked_fill(same & (pos[a : a + qa.shape[0], None] != cols[None, :]), float("-inf"))
-
-
-def _unit(x: torch.Tensor, inv: torch.Tensor, a: int, block: int) -> torch.Tensor:
-    """Rows a .. a + block of x, normalised: (b, D)."""
-    return x[a : a + block] * inv[a : a + block, None]
+    def normalize_backward_(self, grad: torch.Tensor) -> None:
+        """In place: gradient w.r.t. x_hat -> gradient w.r.t. x (blockwise)."""
+        for a in range(0, self.x.shape[0], self.block):
+            ga, xa = grad[a : a + self.block], self.rows(a, self.block)  # (b, D)
+            ga.addcmul_(xa, torch.linalg.vecdot(xa, ga)[:, None], value=-1).mul_(self.inv[a : a + self.block, None])
 
 
 def _inv_norms(x: torch.Tensor, block: int) -> torch.Tensor:
-    """1 / max(||x_n||, 1e-12) per row without an (N, D) temporary (F.normalize's eps): (N,)."""
+    """1 / max(||x_n||, 1e-12) per row without an (N, D) temporary: (N,)."""
     norms = torch.cat([x[a : a + block].norm(dim=1) for a in range(0, x.shape[0], block)] or [x.new_zeros(0)])
     return norms.clamp_min(1e-12).reciprocal()
 
 
-def _normalize_backward_(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, block: int) -> None:
-    """In place: gradient w.r.t. x_hat = x / ||x|| -> gradient w.r.t. x (blockwise)."""
-    for a in range(0, x.shape[0], block):
-        ga, xa = grad[a : a + block], _unit(x, inv, a, block)  # (b, D)
-        ga.sub_(xa * torch.linalg.vecdot(xa, ga)[:, None]).mul_(inv[a : a + block, None])
+def _lse_pass(q: _Unit, k: _Unit, columns: bool, s, mask, block: int, keep: bool):
+    """Row log-sum-exps (nq,) of s * q_hat @ k_hat.T, its column ones (nk,) when `columns`
+    (float64), and the logits (nq, nk) when `keep`; by tiles (`keep`: rows against all of k)."""
+    nq, nk = q.x.shape[0], k.x.shape[0]
+    lse_r = q.x.new_full((nq,), float("-inf"), dtype=torch.float64)
+    lse_c = q.x.new_full((nk,), float("-inf"), dtype=torch.float64) if columns else None
+    kept = q.x.new_empty((nq, nk)) if keep else None
+    for a in range(0, nq, block):
+        qa_s = q.rows(a, block, s)  # (bq, D), s on this side: no (bq, bk) pass for it
+        rows = slice(a, a + qa_s.shape[0])
+        for b in range(0, nk, nk if keep else block):
+            kb = k.rows(b, nk if keep else block)  # (bk, D)
+            logits = _logits(qa_s, kb, a, b, mask, None if kept is None else kept[rows])  # (bq, bk)
+            lse_r[rows] = torch.logaddexp(lse_r[rows], _lse64(logits, 1))
+            if columns:
+                cols = slice(b, b + kb.shape[0])
+                lse_c[cols] = torch.logaddexp(lse_c[cols], _lse64(logits, 0))
+    return lse_r, lse_c, kept
+
+
+def _lse64(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp along `dim`, returned in float64: max + log(sum) without rounding their sum
+    to float32 (whose ulp at |lse| ~ 10 would shift every softmax weight of the row)."""
+    m = logits.amax(dim)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # a wholly masked line: exp(-inf) = 0
+    total = (logits - m.unsqueeze(dim)).exp_().sum(dim)
+    return m.double() + total.double().log()
+
+
+def _split(lse: torch.Tensor | None, gs: torch.Tensor):
+    """float64 lse -> (lse_hi, gs * exp(hi - lse)) in the logits' dtype: g * s * exp(l - lse)
+    as exp(l - lse_hi) times a per-line factor, in float32 yet as exact as the lse."""
+    if lse is None:
+        return None, None
+    hi = lse.to(gs.dtype)
+    return hi, (hi.double() - lse).exp_().to(gs.dtype) * gs
+
+
+def _grad_pass(q: _Unit, k: _Unit, dq, dk, lse_r, lse_c, kept, s, g, mask, block: int) -> None:
+    """Add g * d(sum of the lses)/d q_hat into dq and /d k_hat into dk; the logits are `kept`
+    or recomputed tile by tile."""
+    nq, nk = q.x.shape[0], k.x.shape[0]
+    kblock = nk if kept is not None else block
+    (hi_r, f_r), (hi_c, f_c) = _split(lse_r, g * s), _split(lse_c, g * s)
+    for a in range(0, nq, block):
+        qa = q.rows(a, block)  # (bq, D)
+        qa_s = q.rows(a, block, s) if kept is None else None
+        rows = slice(a, a + qa.shape[0])
+        for b in range(0, nk, kblock):
+            kb = k.rows(b, kblock)  # (bk, D)
+            cols = slice(b, b + kb.shape[0])
+            logits = kept[rows] if kept is not None else _logits(qa_s, kb, a, b, mask)  # (bq, bk)
+            w = (logits - hi_r[rows, None]).exp_().mul_(f_r[rows, None])  # g s softmax over the row; 0 where masked
+            if lse_c is not None:  # and over the column, in the logits' place (used once: one backward)
+                w.addcmul_(logits.sub_(hi_c[None, cols]).exp_(), f_c[None, cols])
+            dq[rows].addmm_(w, kb)
+            dk[cols].addmm_(w.T, qa)
+
+
+def _logits(qa_s, kb, a: int, b: int, mask, out=None) -> torch.Tensor:
+    """Tile (a, b): qa_s @ kb.T (bq, bk) (qa_s = s * q_hat rows), the excluded same-location
+    keys at -inf (a key is never excluded from its own query's row); written into `out` when given."""
+    logits = torch.matmul(qa_s, kb.T, out=out)
+    if mask is None:
+        return logits
+    pos, q_groups, k_groups = mask
+    cols = torch.arange(b, b + kb.shape[0], device=qa_s.device)
+    same = q_groups[a : a + qa_s.shape[0], None] == k_groups[None, b : b + kb.shape[0]]  # (bq, bk)
+    return logits.masked_fill_(same & (pos[a : a + qa_s.shape[0], None] != cols[None, :]), float("-inf"))
 
 
 # ---------------------------------------------------------------------- the loss
@@ -161,27 +181,29 @@ def contrastive_loss(
     block_size: int = DEFAULT_BLOCK,
     distributed: bool = True,
 ) -> torch.Tensor:
-    """The loss (docs/method.md#across-ranks) of this rank's pairs against all ranks' pairs (see module docstring).
+    """The loss (docs/method.md#across-ranks) of this rank's (n, D) pairs against all ranks' pairs.
 
     `scale` = 1/temperature (0-dim tensor, may require grad). `group_ids` (n,) enables the
-    same-location exclusion. With one process this is exactly `info_nce`.
+    same-location exclusion. The value is the global loss on every rank; the gradient is
+    scaled so that DDP's averaging yields the single-process gradient.
     """
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(f"expected two (N, D) tensors of equal shape, got {tuple(image_emb.shape)} "
                          f"and {tuple(text_emb.shape)}")
     rank, world = distributed_world() if distributed else (0, 1)
     with torch.autocast(device_type=image_emb.device.type, enabled=False):
-        img, txt = image_emb.float(), text_emb.float()  # (n, D) each; normalised inside the tiles
+        dtype = torch.promote_types(image_emb.dtype, torch.float32)  # fp32 math (fp64 when given fp64)
+        img, txt = image_emb.to(dtype), text_emb.to(dtype)  # (n, D) each; normalised inside the tiles
         n = img.shape[0]
         sizes = gather_sizes(n, img.device, world)  # [n] in one process
         start, total = sum(sizes[:rank]), sum(sizes)
         img_all, txt_all = gather_rows(img, sizes, rank), gather_rows(txt, sizes, rank)  # (N, D); img, txt in one process
         groups = None if group_ids is None else group_ids.to(img.device)
         groups_all = None if groups is None else gather_rows(groups, sizes, rank)
-        scale = average_grad(scale.float(), world)  # shared by every rank: their mean gradient
-        block = block_size if tiled else max(total, 1)  # plain: one tile
+        scale = average_grad(scale.to(dtype), world)  # shared by every rank: their mean gradient
+        keep = not tiled or total <= block_size  # one tile: keep the logits, never recompute them
         pos = torch.arange(start, start + n, device=img.device)  # my pairs' global indices
-        local_sum = _Strips.apply(img, txt, img_all, txt_all, scale, pos, groups, groups_all, block)
+        local_sum = _InfoNCESum.apply(img, txt, img_all, txt_all, scale, pos, groups, groups_all, block_size, keep)
         # gradient: world/N * local sum (DDP averages it back to d(global loss));
         # value: the global loss, identical on every rank.
         for_grad = local_sum * (world / total)
@@ -205,18 +227,16 @@ def info_nce(
 class ContrastiveLoss(nn.Module):
     """The trainer's loss: local (n, D) embeddings in, global loss out (docs/method.md#across-ranks) (any world size).
 
-    learnable=True trains log(1/temperature) (clamped to scale <= 100); its gradient is the
-    global one on every rank. Keep this module's parameters in the optimizer and checkpoint.
-    Gradients assume the trainer averages parameter gradients over ranks (DDP, Accelerate,
-    DeepSpeed do); the returned value is the global loss on every rank.
+    learnable=True trains log(1/temperature); call `clamp_scale_()` after each optimizer step
+    (scale <= MAX_SCALE, open_clip's rule: a clamp in the forward would zero its gradient).
     """
 
     def __init__(self, temperature: float = 0.1, learnable: bool = False, tiled: bool = False,
                  exclude_same_location: bool = False, block_size: int = DEFAULT_BLOCK,
                  distributed: bool = True):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if temperature <= 0 or (learnable and 1.0 / temperature > MAX_SCALE):
+            raise ValueError(f"temperature must be > 0 (>= {1 / MAX_SCALE} when learnable), got {temperature}")
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
@@ -227,11 +247,17 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=MAX_SCALE)
+        return self.log_scale.exp()
 
     @property
     def temperature(self) -> float:
         return float(1.0 / self.scale.detach())
+
+    @torch.no_grad()
+    def clamp_scale_(self) -> None:
+        """After an optimizer step: a learnable scale back to <= MAX_SCALE (a fixed one is left as given)."""
+        if isinstance(self.log_scale, nn.Parameter):
+            self.log_scale.clamp_(max=math.log(MAX_SCALE))
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
                 group_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,11 +278,3 @@ class ContrastiveLoss(nn.Module):
             loss = self(i, t, group_ids)
             loss.backward()
         return loss.detach(), i.grad, t.grad
-
-
-def info_nce_and_grads(image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: float = 0.1,
-                       group_ids: torch.Tensor | None = None, tiled: bool = False,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional gradient cache with a fixed temperature (distributed-aware like ContrastiveLoss)."""
-    loss_fn = ContrastiveLoss(temperature, tiled=tiled, exclude_same_location=group_ids is not None)
-    return loss_fn.to(image_emb.device).loss_and_grads(image_emb, text_emb, group_ids)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from text4vpr.data.loader import LoaderConfig, LoaderError, build_loader
 from text4vpr.data.shard_reader import ShardError, iter_tar_samples, load_manifest, verify_shards
 from text4vpr.data.shards import BuildOptions, build_lock, build_shards
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
-from tests.helpers import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S, rewrite_first_shard
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,20 +94,8 @@ def test_drop_overlap_with_two_files_writes_the_last_minus_the_first(overlapping
 # ---- 3: inspect --write-images -------------------------------------------------------------
 def _rewrite_shard(folder: Path, edit) -> None:
     """Rewrite the first shard's JSON members with `edit(meta)`, fixing the manifest (a crafted folder)."""
-    manifest = load_manifest(folder)
-    entry = manifest["shards"][0]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, sample in iter_tar_samples(folder / entry["name"]):
-            for suffix, data in sample.items():
-                if suffix == "json":
-                    data = json.dumps(edit(json.loads(data))).encode()
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / entry["name"]).write_bytes(buf.getvalue())
-    entry.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_first_shard(folder, lambda i, suffix, raw: (json.dumps(edit(json.loads(raw))).encode()
+                                                        if suffix == "json" else raw))
 
 
 @pytest.mark.parametrize("split", ["../../escaped", "ABS/escaped", "a/b"])

@@ -22,7 +22,8 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _rows(index, xyz=(1.0, 2.0, 3.0), positions=(1, 2, 3, 4), text=TEXT):
+# ECEF metres of a point in Paris (coordinates off the Earth's surface are flagged)
+def _rows(index, xyz=(4200000.0, 170000.0, 4780000.0), positions=(1, 2, 3, 4), text=TEXT):
     return [{"index": index, "pos": p, "x": xyz[0], "y": xyz[1], "z": xyz[2], "text_description": text} for p in positions]
 
 
@@ -46,10 +47,10 @@ def _read(path, img_dir, **kw):
 
 
 def test_clean_file_reads_everything(tmp_path):
-    path, imgs = _write(tmp_path, _rows(1) + _rows(2, xyz=(4.0, 5.0, 6.0)))
+    path, imgs = _write(tmp_path, _rows(1) + _rows(2, xyz=(4200010.0, 170000.0, 4780000.0)))
     locs, rep = _read(path, imgs)
     assert [loc.index for loc in locs] == [1, 2]
-    assert locs[1].xyz == (4.0, 5.0, 6.0) and [v.pos for v in locs[1].views] == [1, 2, 3, 4]
+    assert locs[1].xyz == (4200010.0, 170000.0, 4780000.0) and [v.pos for v in locs[1].views] == [1, 2, 3, 4]
     assert locs[0].split == "train" and rep.counts()["rows_in"] == 8 and not rep.flags
 
 

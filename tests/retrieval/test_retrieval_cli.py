@@ -135,6 +135,16 @@ def _err(capsys, argv) -> str:
     return capsys.readouterr().err
 
 
+def _rehash_parts(index) -> None:
+    """Record each part's current sha256 in header.json (what a crafted index would do)."""
+    import hashlib
+
+    header = json.loads((index / "header.json").read_text())
+    for part in header["parts"]:
+        part["sha256"] = hashlib.sha256((index / part["name"]).read_bytes()).hexdigest()
+    (index / "header.json").write_text(json.dumps(header))
+
+
 def test_localize_errors(model_dir, index_dir, tmp_path, tokenizer_dir, capsys):
     base = ["localize", "--model", str(model_dir), "--index", str(index_dir)]
     assert "no description" in _err(capsys, base)
@@ -161,6 +171,7 @@ def test_localize_errors(model_dir, index_dir, tmp_path, tokenizer_dir, capsys):
     part = load_file(str(nan_index / "part-00000.safetensors"))
     part["embeddings"][2, 1, 5] = float("nan")
     save_file(part, str(nan_index / "part-00000.safetensors"))
+    _rehash_parts(nan_index)  # a crafted index whose checksums agree: the finiteness check still refuses it
     assert "non-finite" in _err(capsys, ["localize", "--model", str(model_dir), "--index", str(nan_index), "--text", "a"])
 
     nan_model = tmp_path / "nan_model"
@@ -351,6 +362,7 @@ def test_non_finite_coordinates_name_the_part(model_dir, index_dir, tmp_path, ca
     part = load_file(str(part_file))
     part["coords"][4, 1] = bad
     save_file(part, str(part_file), metadata=meta)
+    _rehash_parts(damaged)  # a crafted index whose checksums agree: the finiteness check still refuses it
     line = _one_line(_err(capsys, ["localize", "--model", str(model_dir), "--index", str(damaged), "--text", "a"]))
     assert "part-00000.safetensors" in line and "non-finite coordinates" in line and "row 4" in line
 

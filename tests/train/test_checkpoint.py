@@ -247,3 +247,33 @@ def test_malformed_file_list_does_not_verify(tmp_path, text):
     (tmp_path / "state.json").write_text(text)
     problems = ckpt.verify_checkpoint(tmp_path)
     assert len(problems) == 1 and "state.json" in problems[0]
+
+
+def test_a_state_json_of_another_step_than_its_folder_is_refused(tmp_path):
+    """state.json says step 1 in folder step-00000003 (files all verify): resuming it would
+    mislabel every later step (and cut metrics.jsonl); auto falls back and says why."""
+    import json
+
+    _three_checkpoints(tmp_path)
+    state_file = tmp_path / "step-00000003" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": 1}))
+    said = []
+    assert ckpt.resolve_resume("auto", tmp_path, report=said.append).name == "step-00000002"
+    assert len(said) == 1 and "step 1, but the folder is step-00000003" in said[0]
+    with pytest.raises(ckpt.CheckpointError, match="step 1, but the folder is step-00000003"):
+        ckpt.resolve_resume(str(tmp_path / "step-00000003"), tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoint_files_follow_the_umask(tmp_path, umask):
+    import os
+
+    model, opt = _model_and_opt()
+    old = os.umask(umask)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, [ckpt.rng_state()])
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes == {name: 0o666 & ~umask for name in modes} and len(modes) == 4, {k: oct(v) for k, v in modes.items()}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
+from text4vpr.losses import ContrastiveLoss
 from text4vpr.train.config import RunConfig
 from text4vpr.train.strategy import DDPStrategy, DeepSpeedStrategy, make_strategy
 
@@ -54,3 +55,18 @@ def test_ddp_clips_to_optim_grad_clip(grad_clip):
     torch.testing.assert_close(norm, before)  # the norm before clipping, for the finiteness check
     torch.testing.assert_close(after, before if grad_clip == 0 else torch.tensor(grad_clip), rtol=1e-5, atol=0)
     assert make_strategy(_acc(DistributedType.DEEPSPEED), _cfg()).clip(model) is None  # the engine clips
+
+
+def test_ddp_clip_and_its_norm_cover_the_loss_parameters():
+    """A learnable temperature is clipped with the model and a non-finite gradient of it shows in the norm."""
+    model, loss_fn = torch.nn.Linear(3, 2), ContrastiveLoss(learnable=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    loss_fn.log_scale.grad = torch.tensor(3.0)
+    cfg = _cfg()
+    cfg.optim.grad_clip = 1.0
+    strategy = make_strategy(_acc(DistributedType.NO), cfg)
+    torch.testing.assert_close(strategy.clip(model, loss_fn.parameters()), torch.tensor(3.0))
+    torch.testing.assert_close(loss_fn.log_scale.grad, torch.tensor(1.0), rtol=1e-5, atol=0)
+    loss_fn.log_scale.grad = torch.tensor(float("nan"))
+    assert not torch.isfinite(strategy.clip(model, loss_fn.parameters()))

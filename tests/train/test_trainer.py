@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -44,6 +45,15 @@ def test_run_directory_contents(train_cache, tmp_path):
     assert metrics["num_queries"] == final["num_queries"] > 0
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["step-00000002", "step-00000004"]
+
+
+def test_learnable_temperature_is_clamped_after_the_step(train_cache, tmp_path):
+    trainer = Trainer(_cfg(train_cache, tmp_path / "run", "train.max_steps=1", "loss.learnable=true"))
+    with torch.no_grad():
+        trainer.loss_fn.log_scale.fill_(math.log(150.0))  # above the cap of 100
+    trainer.train()
+    assert trainer.state.nonfinite_total == 0
+    assert float(trainer.loss_fn.log_scale.detach()) <= math.log(100.0) + 1e-6
 
 
 def _nan_at_steps(trainer, steps, monkeypatch):

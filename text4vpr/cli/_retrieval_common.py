@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from text4vpr.cli.arg_types import non_negative_int, positive_int
 from text4vpr.kernels import MODES
 
 
@@ -11,8 +12,8 @@ def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (save_pretrained output)")
     parser.add_argument("--shards", required=True, help="shard folder of the split to encode")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    parser.add_argument("--batch-size", type=int, default=32, help="locations per batch")
-    parser.add_argument("--num-workers", type=int, default=2, help="loader workers per rank")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="locations per batch")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="loader workers per rank")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="encoders' precision: auto = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -29,6 +30,11 @@ def add_index_risk_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-index-mismatch", action="store_true",
                         help="rank with an index built by other weights or from other shards than those given "
                              "(a warning, not an error; the results are then meaningless)")
+
+
+def add_exact_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exact", action="store_true",
+                        help="search the exact parts even when the index has an approximate (FAISS) part")
 
 
 def precision_context(precision: str, device):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from text4vpr.cli.arg_types import out_folder
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", nargs="+",
@@ -9,7 +11,7 @@ def add_arguments(parser) -> None:
                              "the image encoder's and the text encoder's bare state_dict")
     parser.add_argument("--dinov2", required=True, help="local Hugging Face DINOv2 folder (config)")
     parser.add_argument("--t5", required=True, help="local Hugging Face T5 folder (config, tokenizer)")
-    parser.add_argument("--out", required=True, help="output folder (config.json + model.safetensors + conversion.json)")
+    parser.add_argument("--out", required=True, type=out_folder, help="output folder (config.json + model.safetensors + conversion.json)")
     parser.add_argument("--trainable-blocks", type=int, default=2, help="DINOv2 blocks trained on fine-tuning")
 
 

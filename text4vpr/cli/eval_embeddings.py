@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from text4vpr.cli._retrieval_common import add_chance, add_index_risk_args, add_mode_arg, check_device
+from text4vpr.cli.arg_types import out_folder
 from text4vpr.cli.errors import UsageError
 from text4vpr.cli.evaluate import add_ks_radii
 
@@ -23,15 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score queries whose locations are not in the database (by default an error)")
     add_index_risk_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the search (cpu, cuda)")
-    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--out", required=True, type=out_folder, help="report folder")
 
 
-def _load(path: str) -> tuple[dict, dict]:
-    """(tensors, provenance): the digests the file or index recorded ({} for a plain file)."""
+def _load(path: str, role: str) -> tuple[dict, dict]:
+    """(tensors, provenance): the digests the file or index recorded ({} for a plain file);
+    `role` "--queries" or "--database": a file written for the other role is refused."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.index import FORMAT as INDEX_FORMAT, load_index
+    from text4vpr.retrieval.queries import QUERIES_FORMAT
 
     p = Path(path)
     if p.is_dir():
@@ -48,7 +51,14 @@ def _load(path: str) -> tuple[dict, dict]:
     if missing:
         raise UsageError(f"{p}: missing tensor(s) {', '.join(missing)} (needs {', '.join(_NAMES)})")
     with safe_open(str(p), framework="pt") as f:
-        return tensors, f.metadata() or {}
+        meta = f.metadata() or {}
+    if role == "--database" and meta.get("format") == QUERIES_FORMAT:
+        raise UsageError(f"--database {p}: a query file (written by `text4vpr index queries`), not database vectors; "
+                         "pass the index folder of `text4vpr index build`")
+    if role == "--queries" and meta.get("format") == INDEX_FORMAT:
+        raise UsageError(f"--queries {p}: an index part (database image vectors), not query vectors; "
+                         "pass the file of `text4vpr index queries`")
+    return tensors, meta
 
 
 def _check_same_model(queries: dict, database: dict, where: str, allow: bool) -> None:
@@ -64,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.report import markdown_table, write_report
 
     check_device(args.device)
-    (q, q_meta), (db, db_meta) = _load(args.queries), _load(args.database)
+    (q, q_meta), (db, db_meta) = _load(args.queries, "--queries"), _load(args.database, "--database")
     _check_same_model(q_meta, db_meta, f"{args.database} (with {args.queries})", args.allow_index_mismatch)
     if not args.allow_disjoint:
         check_queries_in_database(q["index"].long(), db["index"].long())

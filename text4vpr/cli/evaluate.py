@@ -7,16 +7,17 @@ from __future__ import annotations
 import argparse
 
 from text4vpr.cli._retrieval_common import (
-    add_chance, add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
+    add_chance, add_exact_arg, add_index_risk_args, add_mode_arg, add_model_loader_args, check_loader_args, eval_loader, init_distributed, is_main_rank, load_model_on,
     precision_context, show_progress,
 )
+from text4vpr.cli.arg_types import non_negative_int, out_folder, positive_float, positive_int
 from text4vpr.cli.errors import UsageError
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII, gallery_successes
 
 
 def add_ks_radii(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k values")
-    parser.add_argument("--radii", type=float, nargs="+", default=list(RADII), help="radii in metres")
+    parser.add_argument("--ks", type=positive_int, nargs="+", default=list(KS), help="k values")
+    parser.add_argument("--radii", type=positive_float, nargs="+", default=list(RADII), help="radii in metres")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="search kernel")
 
 
@@ -24,14 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_loader_args(parser)
     parser.add_argument("--index", default=None, help="prebuilt index of the database (default: encode the images)")
     add_index_risk_args(parser)
+    add_exact_arg(parser)
     parser.add_argument("--allow-disjoint", action="store_true",
                         help="score queries whose locations are not in the index's database (they can only "
                              "match by distance; by default an error)")
     add_mode_arg(parser)
     add_ks_radii(parser)
-    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--out", required=True, type=out_folder, help="report folder")
     parser.add_argument("--html", action="store_true", help="also write report.html: map, charts, failure gallery")
-    parser.add_argument("--gallery", type=int, default=GALLERY, help=f"worst queries shown in report.html (default {GALLERY})")
+    parser.add_argument("--gallery", type=non_negative_int, default=GALLERY,
+                        help=f"worst queries shown in report.html (default {GALLERY})")
 
 
 def _this_rank_rows(path: str) -> tuple[int, int]:
@@ -45,7 +48,7 @@ def _this_rank_rows(path: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from text4vpr.retrieval.evaluate import evaluate
-    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.approx_load import load_search_index
     from text4vpr.retrieval.provenance import evaluation_identity
 
     if args.gallery < 0:
@@ -56,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
     identity = evaluation_identity(model, args.model, args.shards, args.index)
     index = None
     if args.index:
-        index = load_index(args.index, model.config_hash(), model.embed_dim, rows=_this_rank_rows(args.index),
-                           weights_digest=identity["weights_digest"], shards_digest=identity["shards_digest"] or None,
-                           allow_mismatch=args.allow_index_mismatch)
+        index = load_search_index(args.index, model.config_hash(), model.embed_dim, exact=args.exact,
+                                  rows=_this_rank_rows(args.index), weights_digest=identity["weights_digest"],
+                                  shards_digest=identity["shards_digest"] or None,
+                                  allow_mismatch=args.allow_index_mismatch)
     with precision_context(args.precision, device):
         result = evaluate(model, eval_loader(args, model), args.ks, args.radii, args.mode, index=index,
                           backend=args.backend, device=device, show_progress=show_progress(args),

@@ -8,7 +8,8 @@ import argparse
 import json
 import sys
 
-from text4vpr.cli._retrieval_common import add_index_risk_args, add_mode_arg, add_text_normalization_arg, check_device
+from text4vpr.cli._retrieval_common import add_exact_arg, add_index_risk_args, add_mode_arg, add_text_normalization_arg, check_device
+from text4vpr.cli.arg_types import positive_int
 from text4vpr.cli.errors import UsageError
 
 
@@ -16,9 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder")
     parser.add_argument("--index", required=True, help="index folder built by `text4vpr index build` with this model")
     add_index_risk_args(parser)
+    add_exact_arg(parser)
     parser.add_argument("--text", action="append", default=[], help="a description (repeat up to 4 times, pos order)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    parser.add_argument("--top-k", type=int, default=5, help="number of locations to list")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="number of locations to list")
     add_mode_arg(parser)
     add_text_normalization_arg(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -39,7 +41,7 @@ def _print_table(results: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     from text4vpr.data.tokenizer import check_text_normalization, load_tokenizer
     from text4vpr.models import Text4VPR
-    from text4vpr.retrieval.index import load_index
+    from text4vpr.retrieval.approx_load import load_search_index
     from text4vpr.retrieval.provenance import check_digests, weights_digest
     from text4vpr.retrieval.localize import MAX_DESCRIPTIONS, encode_descriptions, rank_locations
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_text_normalization(args.text_normalization, "--text-normalization")  # before loading the model
     check_device(args.device)
     model = Text4VPR.from_pretrained(args.model, map_location=args.device).eval()
-    index = load_index(args.index, model.config_hash(), model.embed_dim)
+    index = load_search_index(args.index, model.config_hash(), model.embed_dim, exact=args.exact)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     query, mask = encode_descriptions(model, tokenizer, args.text, views=index.header["views"],
                                       text_normalization=args.text_normalization)

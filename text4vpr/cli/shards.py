@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from text4vpr.cli.arg_types import fraction, int_between, non_negative_int, out_folder, positive_int
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS
 
 
@@ -16,14 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b = sub.add_parser("build", help="validate annotation files and write shards + manifest.json")
     b.add_argument("--xlsx", required=True, nargs="+", help="*_description.xlsx file(s), read in order")
     b.add_argument("--images", required=True, help="folder of {index:06d}_{pos}.jpg")
-    b.add_argument("--out", required=True, help="shard folder")
-    b.add_argument("--resize", type=int, default=None, help="resize views to this square size (default: keep bytes)")
-    b.add_argument("--jpeg-quality", type=int, default=90, help="quality when re-encoding with --resize")
-    b.add_argument("--workers", type=int, default=1, help="processes writing shards")
-    b.add_argument("--max-count", type=int, default=64, help="locations per shard")
-    b.add_argument("--max-size", type=int, default=None, help="bytes per shard (estimated from source sizes)")
+    b.add_argument("--out", required=True, type=out_folder, help="shard folder")
+    b.add_argument("--resize", type=int_between(8, 16384), default=None, help="resize views to this square size (default: keep bytes)")
+    b.add_argument("--jpeg-quality", type=int_between(1, 95), default=90, help="quality when re-encoding with --resize")
+    b.add_argument("--workers", type=positive_int, default=1, help="processes writing shards")
+    b.add_argument("--max-count", type=positive_int, default=64, help="locations per shard")
+    b.add_argument("--max-size", type=positive_int, default=None, help="bytes per shard (estimated from source sizes)")
     b.add_argument("--prefix", default="shard", help="shard file name prefix")
-    b.add_argument("--min-views", type=int, default=1, help="skip locations with fewer valid views")
+    b.add_argument("--min-views", type=int_between(1, 4), default=1, help="skip locations with fewer valid views")
     b.add_argument("--strict", action="store_true", help="any dropped view or skipped location is an error")
     b.add_argument("--exclude-from", nargs="+", default=[], metavar="XLSX",
                    help="skip (and report) locations whose index is in these files, e.g. val minus train")
@@ -31,11 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with several --xlsx: write only the LAST file, minus indices in the earlier ones "
                         "(same as --xlsx LAST --exclude-from EARLIER...)")
     b.add_argument("--refusal-pattern", action="append", default=None, help="regex for refusal-like text (repeatable; replaces defaults)")
-    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    b.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"drop (and report) views with more pixels (default {DEFAULT_MAX_PIXELS} = 4096x4096)")
-    b.add_argument("--short-chars", type=int, default=50, help="flag descriptions shorter than this")
+    b.add_argument("--short-chars", type=non_negative_int, default=50, help="flag descriptions shorter than this")
     b.add_argument("--report", default=None, help="also write the validation report here (default OUT/report.json)")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier, different build in --out")
+    b.add_argument("--max-skipped-share", type=fraction, default=0.05,
+                   help="refuse the build when more than this share of the locations is skipped (missing images, "
+                        "...); 1 allows any (default 0.05)")
     b.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="verify checksums and counts; show a location")
     i.add_argument("dir", help="shard folder")
@@ -71,7 +75,7 @@ def _build(args: argparse.Namespace) -> int:
         raise UsageError(f"--images {args.images}: {why}; pass the folder that holds 000001_1.jpg, ...")
     opts = BuildOptions(
         resize=args.resize, jpeg_quality=args.jpeg_quality, max_count=args.max_count, max_size=args.max_size,
-        workers=args.workers, prefix=args.prefix, overwrite=args.overwrite,
+        workers=args.workers, prefix=args.prefix, overwrite=args.overwrite, max_skipped_share=args.max_skipped_share,
     )
     xlsx, exclude = _split_inputs(args)
     read = ReadOptions(

@@ -7,28 +7,14 @@ import argparse
 import shlex
 from pathlib import Path
 
+from text4vpr.cli.arg_types import fraction, out_folder, positive_int
+
 SPLITS = ("train", "val", "test")
 TOKENIZER_VOCAB = 1000  # as the trainer's embedded demo
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a count of locations, images, workers)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=out_folder, help="output folder")
     p.add_argument("--locations", type=positive_int, default=300, help="number of locations (all splits)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the scenes and descriptions")
     p.add_argument("--image-size", type=positive_int, default=640, help="square image side in px")

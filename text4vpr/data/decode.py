@@ -9,14 +9,15 @@ naming shard and key (`on_error="raise"`) or a counted, logged skip.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
 
 import numpy as np
 import torch
 
+from text4vpr.data.image_checks import format_problem
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
+from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.tokenizer import normalize_text
 from text4vpr.data.transforms import empty_cpu, normalize_images
 
@@ -70,7 +71,7 @@ class BatchMaker:
         """Raw sample -> (uint8 views [(H,W,3) or None], texts, mask, coords, index); None if skipped."""
         v = self.cfg.views
         try:
-            meta = json.loads(sample["json"])
+            meta = read_sample_json(sample)  # the check `shards inspect` runs too
             if self.splits is not None and meta.get("split") not in self.splits:
                 raise ValueError(f"split {meta.get('split')!r}, manifest says {sorted(self.splits)}")
             mask = [bool(m) for m in meta["view_mask"]][:v]
@@ -102,6 +103,9 @@ class BatchMaker:
             im = Image.open(io.BytesIO(data))
         with im:
             self.check_size(im.size)
+            problem = format_problem(im)  # a shard of an older build may hold one
+            if problem is not None:
+                raise ValueError(problem)
             if self.cfg.fast_decode and im.size != (size, size):
                 im.draft("RGB", (size, size))  # DCT-domain downscale to >= size (JPEG only)
             im.load()

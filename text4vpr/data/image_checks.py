@@ -47,3 +47,14 @@ def pixel_problem(source, max_pixels: int) -> str | None:
     if w * h > max_pixels:
         return f"image of {w}x{h} = {w * h} pixels over the limit of {max_pixels} pixels (max_pixels)"
     return None
+
+
+EIGHT_BIT_MODES = ("L", "RGB", "CMYK", "YCbCr")  # what a JPEG decodes to
+
+
+def format_problem(im) -> str | None:
+    """Why an opened view is not the 8-bit JPEG it is named as (a 16-bit PNG named .jpg would
+    reach the model all white), or None. Header only: cheap enough for every loader read."""
+    if im.format != "JPEG" or im.mode not in EIGHT_BIT_MODES:
+        return f"degenerate image: a {im.format} of mode {im.mode} named .jpg (8-bit JPEG expected)"
+    return None

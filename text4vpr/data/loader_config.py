@@ -61,12 +61,19 @@ class LoaderConfig:
         # fail at config time: the decoder catches per-sample errors, and under on_error=skip a
         # missing package would otherwise skip every sample
         check_text_normalization(self.text_normalization)
+        from text4vpr.config import check_range
+
+        for key, low in (("batch_size", 1), ("image_size", 1), ("num_workers", 0), ("max_text_length", 2),
+                         ("shuffle_buffer", 0), ("shuffle_window", 1), ("prefetch_factor", 1), ("max_pixels", 1),
+                         ("views", 1)):
+            check_range(f"data.loader.{key}", getattr(self, key), low)
+        check_range("data.loader.views", self.views, high=4)  # Street360Loc has four views per location
+        if self.batches_per_epoch is not None:
+            check_range("data.loader.batches_per_epoch", self.batches_per_epoch, 1)
 
     def check(self) -> None:
         """Refuse values the loader cannot act on (one line naming the field)."""
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
-        if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be >= 1 shard, got {self.shuffle_window}")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")

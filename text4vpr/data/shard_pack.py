@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from text4vpr.data.image_checks import pixel_problem
+from text4vpr.data.image_checks import format_problem, pixel_problem
 from text4vpr.data.shard_reader import ShardError, sample_ranges
 from text4vpr.data.street360loc import Location, Street360LocError
 from text4vpr.utils.atomic import atomic_open, atomic_write_json
@@ -58,6 +58,7 @@ class BuildOptions:
     workers: int = 1
     prefix: str = "shard"
     overwrite: bool = False  # discard an earlier, different build in the same folder
+    max_skipped_share: float = 1.0  # refuse when more of the locations (or views) are skipped; the CLI says 0.05
 
 
 def sample_key(loc: Location) -> str:
@@ -85,12 +86,27 @@ def _image_bytes(path: Path, resize: int | None, quality: int, max_pixels: int) 
     with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size checked above
         im.load()  # raises on truncated/corrupt data
+        problem = degenerate_problem(im)
+        if problem is not None:
+            raise BadImage(problem)
         if resize is None:
             return data
         rgb = im.convert("RGB").resize((resize, resize), Image.BILINEAR)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def degenerate_problem(im) -> str | None:
+    """Why a decoded view would reach the model as something else than the photo, or None: not
+    an 8-bit JPEG (`format_problem`), or one flat value."""
+    problem = format_problem(im)
+    if problem is not None:
+        return problem
+    low, high = im.convert("L").getextrema()
+    if low == high:
+        return f"degenerate image: every pixel has the value {low}"
+    return None
 
 
 def sample_json(loc: Location, views) -> bytes:

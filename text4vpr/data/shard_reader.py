@@ -8,6 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
 from text4vpr.utils.errors import InputError, file_records_problem
 
@@ -94,10 +95,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def verify_shards(shard_dir: str | Path) -> dict:
-    """Check every shard's sha256, bytes and sample count against the manifest."""
+    """Check every shard's sha256, bytes and sample count against the manifest, and what the
+    loader checks besides: each sample's JSON member, the manifest's key list, no key twice."""
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    problems = []
+    problems, owner = [], {}
     for s in manifest["shards"]:
         path = shard_dir / s["name"]
         if not path.exists():
@@ -106,9 +108,20 @@ def verify_shards(shard_dir: str | Path) -> dict:
         if path.stat().st_size != s["bytes"] or file_sha256(path) != s["sha256"]:
             problems.append(f"{s['name']}: checksum mismatch")
             continue
-        count = sum(1 for _ in iter_tar_samples(path))
-        if count != s["count"]:
-            problems.append(f"{s['name']}: {count} samples, manifest says {s['count']}")
+        keys = []
+        for key, sample in iter_tar_samples(path):
+            keys.append(key)
+            if key in owner:
+                problems.append(f"{s['name']}: duplicate location key {key} (also in {owner[key]})")
+            owner.setdefault(key, s["name"])
+            try:
+                read_sample_json(sample)  # the loader's own check of each sample
+            except ValueError as e:
+                problems.append(f"{s['name']}: sample {key}: {e}")
+        if len(keys) != s["count"]:
+            problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['count']}")
+        elif "keys" in s and keys != list(s["keys"]):
+            problems.append(f"{s['name']}: its location keys differ from its manifest entry's list")
         elif "samples" in s and [[o, n, d] for _, o, n, d in sample_ranges(path)] != s["samples"]:
             problems.append(f"{s['name']}: per-sample byte offsets differ from the manifest's")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
+from text4vpr.data.build_checks import skipped_share_problem
 from text4vpr.data.shard_pack import PARTS, BuildOptions, sample_json, write_shard, writing
 from text4vpr.data.shard_reader import MANIFEST, ShardError, file_sha256, sample_ranges
 from text4vpr.data.street360loc import Location, ReadOptions, ValidationReport, read_street360loc
@@ -30,6 +31,7 @@ from text4vpr.utils.atomic import atomic_write_json
 PLAN = "build_plan.json"
 LOCK = ".lock"
 FORMAT_VERSION = 1
+NOT_CONTENT = ("workers", "overwrite", "max_skipped_share")  # options that never change what is written
 
 
 def plan_shards(locations: Sequence[Location], opts: BuildOptions) -> list[list[Location]]:
@@ -62,7 +64,7 @@ def _estimate_view_bytes(path: Path, resize: int | None) -> int:
 def _plan_hash(shards: list[list[Location]], opts: BuildOptions, read_opts: ReadOptions) -> str:
     """Hash of everything that determines shard contents; resume requires it to match."""
     h = hashlib.sha256()
-    content = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite")}
+    content = {k: v for k, v in asdict(opts).items() if k not in NOT_CONTENT}
     h.update(json.dumps([FORMAT_VERSION, content, asdict(read_opts)], sort_keys=True, default=str).encode())
     for shard in shards:
         h.update(b"|shard|")
@@ -102,6 +104,15 @@ def _own_shard_names(out: Path) -> set[str]:
     if (out / MANIFEST).exists():
         names |= {s["name"] for s in json.loads((out / MANIFEST).read_text()).get("shards", [])}
     return {n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")}
+
+
+def _remove_orphans(out: Path) -> None:
+    """Temp files of a build killed mid-way (`.tmp-shard-*.tar.*`, ...); run under the build lock,
+    so no other builder is writing them."""
+    for folder in (out, out / PARTS):
+        for tmp in folder.glob(".tmp-*"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
 
 
 def _finished(out: Path, name: str, plan: str) -> dict | None:
@@ -168,7 +179,11 @@ def _build_locked(xlsx, images_dir, out: Path, options: BuildOptions, read_optio
     t0 = time.perf_counter()
     with writing(out / PARTS):
         (out / PARTS).mkdir(parents=True, exist_ok=True)
+        _remove_orphans(out)
     locations, report = read_street360loc(xlsx, images_dir, read_options)
+    problem = skipped_share_problem(report, options.max_skipped_share, images_dir)
+    if problem:
+        raise ShardError(f"shards build: {problem}")
     shards = plan_shards(locations, options)
     plan = _plan_hash(shards, options, read_options)
     _check_previous_build(out, plan, options.overwrite)
@@ -237,7 +252,7 @@ def _manifest(names, records, report: ValidationReport, opts, read_opts, xlsx, i
             "views": sum(s["views"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
         },
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite")},
+        "options": {k: v for k, v in asdict(opts).items() if k not in NOT_CONTENT},
         "read_options": asdict(read_opts),
         "inputs": {"xlsx": xlsx_list, "images": str(images_dir)},
         "report": report.to_dict(),
@@ -258,8 +273,11 @@ def _apply_worker_drops(report: ValidationReport, records: list[dict]) -> Valida
 def _summary_line(manifest: dict, reused: int, elapsed: float) -> str:
     t, c = manifest["totals"], manifest["report"]["counts"]
     mb = t["bytes"] / 1e6
+    off = c["flags"].get("off_earth", 0)
+    warn = (f"\nWARNING: {off} locations have coordinates that are not on the Earth's surface (flag off_earth in "
+            "report.json); the loader refuses them: check the x, y, z columns (ECEF metres)") if off else ""
     return (
         f"shards: {t['locations']} locations, {t['views']} views in {t['shards']} shards ({reused} reused); "
         f"skipped {c['locations_skipped']} locations, {c['rows_dropped']} views; "
-        f"{mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s)"
+        f"{mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s)" + warn
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from text4vpr.data.image_checks import DEFAULT_MAX_PIXELS, image_header_problem
+from text4vpr.data.sample_check import coordinates_problem
 from text4vpr.utils.errors import InputError
 
 REQUIRED_COLUMNS = ("index", "pos", "x", "y", "z", "text_description")
@@ -220,6 +221,9 @@ class _Reader:
         self.report.rows_written += len(views)
         self.report.locations_written += 1
         xyz = (float(rec["x"]), float(rec["y"]), float(rec["z"]))
+        off = coordinates_problem(list(xyz))
+        if off:  # e.g. every coordinate 0,0,0: distances would all be 0 and every query "correct"
+            self.report.flags.append({"file": name, "index": index, "flag": "off_earth", "detail": off})
         return Location(index, xyz, tuple(sorted(views, key=lambda v: v.pos)), split_name(path), name)
 
     def valid_views(self, name: str, index: int, rows) -> tuple[list[View], list[tuple[int, dict]]]:

@@ -78,8 +78,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None = No
     return fast
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """Load a tokenizer from a local folder (never the hub)."""
+def load_tokenizer(path: str | os.PathLike, key: str = "tokenizer"):
+    """Load a tokenizer from a local folder (never the hub); a missing or empty folder is a
+    LocalFolderError naming `key`."""
     from transformers import AutoTokenizer
 
+    from text4vpr.utils.local_folder import TOKENIZER_FILES, require_local_folder
+
+    require_local_folder(key, path, TOKENIZER_FILES)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

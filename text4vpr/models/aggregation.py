@@ -48,6 +48,7 @@ class SinkhornAggregation(nn.Module):
         s = self.score(fmap).flatten(2)  # (B, K, N)
         with torch.autocast(device_type=fmap.device.type, enabled=False):
             log_p = log_sinkhorn(s.float(), self.iters)  # (B, K, N)
-            w = torch.exp(log_p / self.tau.float()) + torch.exp(log_p)
+            # tau's gradient sums B*K*N terms that largely cancel: reduce it in float64 (cheap, (B, K, N))
+            w = torch.exp(log_p / self.tau.double()).float() + torch.exp(log_p)
             g = torch.einsum("bdn,bkn->bdk", f.float(), w)  # (B, D, K)
             return F.normalize(g.flatten(1), dim=-1)  # (B, D*K), d-major

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from text4vpr.models.config import ImageEncoderConfig
 from text4vpr.models.position_embedding import HubPositionEmbedding
+from text4vpr.utils.local_folder import MODEL_FILES, require_local_folder
 
 
 def build_dinov2(cfg: ImageEncoderConfig) -> nn.Module:
@@ -23,6 +24,7 @@ def build_dinov2(cfg: ImageEncoderConfig) -> nn.Module:
     if cfg.backbone_config is not None:
         return Dinov2Model(Dinov2Config.from_dict(dict(cfg.backbone_config)))
     if cfg.pretrained is not None:
+        require_local_folder("model.config.image.pretrained", cfg.pretrained, MODEL_FILES)
         return Dinov2Model.from_pretrained(cfg.pretrained, local_files_only=True)
     config = Dinov2Config(
         hidden_size=cfg.hidden_size,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from text4vpr.models.config import TextEncoderConfig
+from text4vpr.utils.local_folder import MODEL_FILES, require_local_folder
 
 
 DROPOUT_KEYS = ("dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
@@ -51,6 +52,7 @@ def _build_text_backbone(cfg: TextEncoderConfig) -> nn.Module:
             return T5EncoderModel(T5Config.from_dict(d))
         return AutoModel.from_config(AutoConfig.for_model(**d))
     if cfg.pretrained is not None:
+        require_local_folder("model.config.text.pretrained", cfg.pretrained, MODEL_FILES)
         hf_cfg = AutoConfig.from_pretrained(cfg.pretrained, local_files_only=True)
         cls = T5EncoderModel if hf_cfg.model_type == "t5" else AutoModel
         return cls.from_pretrained(cfg.pretrained, local_files_only=True)

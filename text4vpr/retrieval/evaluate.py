@@ -130,18 +130,20 @@ def search_metrics(
     backend: str = "auto",
     device: torch.device | str | None = None,
     ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    search=None,
 ) -> Evaluation:
     """Metrics and `Ranking` for precomputed vectors. `database`/`db_mask` are this rank's slice
     (rows from `id_offset`); `db_coords` covers the whole database; queries are the same on every
     rank. `ids` = (query location ids (Q,), database location ids (N,)); None: row numbers.
-    Equal scores rank the lower location index first (the lower row when ids repeat)."""
+    Equal scores rank the lower location index first (the lower row when ids repeat).
+    `search`: a replacement of `sharded_topk_by_location` (same arguments; the approximate index's)."""
     check_mode(mode)
     check_finite(queries, "query vectors")
     _check_finite_everywhere(database)
     device = torch.device(device) if device is not None else database.device
     k = max(ks)
     total = db_coords.shape[0]
-    scores, top = sharded_topk_by_location(
+    scores, top = (search or sharded_topk_by_location)(
         queries.to(device), None if query_mask is None else query_mask.to(device),
         database.to(device), None if db_mask is None else db_mask.to(device),
         k, mode, db_ids=None if ids is None else ids[1], id_offset=id_offset, total=total, backend=backend,
@@ -183,15 +185,26 @@ def evaluate(
     everyone, offset = gather_queries(local)
     if everyone["queries"].shape[0] == 0:
         raise InputValueError("the evaluation loader yielded no locations")
+    search = None
+    if getattr(index, "approximate", False):  # FAISS candidates, exact re-rank (retrieval/approx_search.py)
+        from text4vpr.retrieval.approx_search import searcher
+
+        search = searcher(index)
     if index is None:
         database, db_mask, db_coords, db_ids = local["database"], local["db_mask"], everyone["coords"], everyone["index"]
     else:
         if not allow_disjoint:
             check_queries_in_database(everyone["index"], index.index)
-        database, db_mask, offset = _rank_slice(index)
+        database, db_mask, offset = _rank_slice(index) if search is None else _no_rows(index)
         db_coords, db_ids = index.coords, index.index
     return search_metrics(
         everyone["queries"], everyone["query_mask"], everyone["coords"], database, db_mask, db_coords,
         ks, radii, mode, id_offset=offset, backend=backend, device=device,
-        ids=(everyone["index"], db_ids),
+        ids=(everyone["index"], db_ids), search=search,
     )
+
+
+def _no_rows(index) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """An empty slice: the approximate index reads its rows itself."""
+    v, d = index.header["views"], index.header["embed_dim"]
+    return torch.zeros(0, v, d), torch.zeros(0, v, dtype=torch.bool), 0

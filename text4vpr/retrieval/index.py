@@ -3,7 +3,7 @@
 Layout of an index folder:
 - `header.json`: format, model config hash, the model's weights digest and the shards
   manifest digest it was built from, D (embed dim), V (views), dtype, total count and the
-  parts with their counts;
+  parts with their counts and sha256 (checked on load);
 - `part-XXXXX.safetensors` (one per rank that built it): `embeddings` (n, V, D),
   `view_mask` (n, V) bool, `coords` (n, 3) float64 ECEF metres, `index` (n,) int64 location
   index; its metadata repeats the config hash and both digests. Global row ids run through
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from text4vpr.data.shard_reader import file_sha256
 from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite
 from text4vpr.retrieval.provenance import check_digests, shards_digest, weights_digest
@@ -34,7 +35,7 @@ from text4vpr.utils.errors import InputError, file_records_problem
 from text4vpr.utils.progress import progress
 
 FORMAT = "text4vpr-index"
-FORMAT_VERSION = 2  # 2: weights and shards digests recorded
+FORMAT_VERSION = 3  # 2: weights and shards digests recorded; 3: each part's sha256
 HEADER = "header.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,7 +120,9 @@ def write_header(out_dir: str | Path, config_hash: str, dim: int, views: int, dt
         "views": views,
         "dtype": dtype,
         "count": int(sum(counts)),
-        "parts": [{"name": part_name(r), "count": int(c)} for r, c in enumerate(counts)],
+        # each part's sha256, checked on load: a flipped bit in coordinates would change the metrics
+        "parts": [{"name": part_name(r), "count": int(c), "sha256": file_sha256(Path(out_dir) / part_name(r))}
+                  for r, c in enumerate(counts)],
     }
     atomic_write_json(Path(out_dir) / HEADER, header)
     return header
@@ -239,6 +242,9 @@ def _read_part(path: Path, part: dict, header: dict, a: int, b: int, device) -> 
     file = path / part["name"]
     if not file.is_file():
         raise RetrievalIndexError(f"{path}: index part {part['name']} is missing ({len(header['parts'])} parts expected)")
+    if file_sha256(file) != part.get("sha256"):
+        why = "sha256 differs from header.json's (damaged or edited)" if part.get("sha256") else "no sha256 in header.json"
+        raise RetrievalIndexError(f"{file}: {why}; rebuild the index with `text4vpr index build`")
     try:
         out = _read_part_file(file, part, header, a, b, device)
     except (SafetensorError, OSError, KeyError) as e:  # truncated, damaged, or without a tensor

@@ -50,11 +50,17 @@ def rank_locations(query: torch.Tensor, query_mask: torch.Tensor, index, top_k: 
     scores: the lower location index first)."""
     from text4vpr.data.geo import ecef_to_geodetic
 
-    db = index.embeddings.to(query.device)
-    scores, rows = sharded_topk_by_location(query, query_mask, db, index.view_mask.to(query.device), top_k, mode,
-                                            db_ids=index.index, id_offset=index.rows[0], total=db.shape[0],
-                                            backend=backend, gather=False)  # the rows this index holds
-    rows = rows[0].cpu().numpy()  # global rows (an index may hold a slice of them)
+    if getattr(index, "approximate", False):  # FAISS candidates, exact re-rank: global rows
+        from text4vpr.retrieval.approx_search import approx_topk
+
+        scores, rows = (t[:, : min(top_k, len(index))] for t in approx_topk(index, query, query_mask, top_k, mode))
+        rows = rows[0].numpy()
+    else:
+        db = index.embeddings.to(query.device)
+        scores, rows = sharded_topk_by_location(query, query_mask, db, index.view_mask.to(query.device), top_k, mode,
+                                                db_ids=index.index, id_offset=index.rows[0], total=db.shape[0],
+                                                backend=backend, gather=False)  # the rows this index holds
+        rows = rows[0].cpu().numpy()  # global rows (an index may hold a slice of them)
     xyz = index.coords[rows].numpy().astype(np.float64)  # (k, 3)
     llh = ecef_to_geodetic(xyz)  # (k, 3) lat, lon, height
     return [

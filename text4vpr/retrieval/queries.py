@@ -19,6 +19,9 @@ from text4vpr.utils.distributed import distributed_world
 from text4vpr.utils.errors import InputValueError
 
 
+QUERIES_FORMAT = "text4vpr-queries"  # told apart from an index part ("text4vpr-index"): never used as a database
+
+
 def encode_queries(model, loader, out: str | Path, device=None, show_progress: bool = False, shards: str = "") -> dict:
     """Encode every location's descriptions and write them to `out` (.safetensors), with the
     model's weights digest and the `shards` manifest digest (as an index records them, so
@@ -30,7 +33,7 @@ def encode_queries(model, loader, out: str | Path, device=None, show_progress: b
     if len(tensors["index"]) == 0:
         raise InputValueError("no location was encoded: the shards hold no locations")
     if distributed_world()[0] == 0:
-        meta = {"config_hash": model.config_hash(), "weights_digest": weights_digest(model),
+        meta = {"format": QUERIES_FORMAT, "config_hash": model.config_hash(), "weights_digest": weights_digest(model),
                 "shards_digest": shards_digest(shards) if shards else ""}
         atomic_save_file(tensors, out, metadata=meta)
     return {"count": len(tensors["index"]), "embed_dim": int(tensors["embeddings"].shape[-1])}

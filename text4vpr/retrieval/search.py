@@ -64,6 +64,12 @@ def sharded_group_topk(
     """
     scores, ids = group_topk(queries, query_mask, database, db_mask, k, mode, backend=backend)
     ids = ids + id_offset if key_ids is None else key_ids.to(ids.device)[ids]  # local rows -> ids
+    return merge_across_ranks(scores, ids, k, total, group, gather)
+
+
+def merge_across_ranks(scores: torch.Tensor, ids: torch.Tensor, k: int, total: int, group=None, gather: bool = True):
+    """Every rank's (Q, <=k) top-k with global ids -> the global top min(k, total), on all ranks
+    (`gather=False`: this rank's alone)."""
     scores, ids = pad_topk(scores, ids, k)
     keys = encode_keys(scores, ids)  # (Q, k) int64: one word per entry
     if not gather or not (dist.is_available() and dist.is_initialized()):

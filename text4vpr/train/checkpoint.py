@@ -31,10 +31,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from text4vpr.data.shard_reader import file_sha256  # the project's one streaming sha256 of a file
-from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.utils.atomic import atomic_write_json, save_tensors
 from text4vpr.utils.errors import InputError, MissingInputError
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -58,14 +58,18 @@ def write_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> list[str]:
-    """What is wrong with a checkpoint folder (empty: it verifies): state.json unreadable or
-    without a file list, a listed file missing, of another size, or of another sha256."""
+    """What is wrong with a checkpoint folder (empty: it verifies): state.json unreadable, without
+    a file list or of another step than the folder's name, a listed file missing, of another
+    size, or of another sha256."""
     path = Path(path)
     try:
-        files = json.loads((path / STATE).read_text())["files"]
+        state = json.loads((path / STATE).read_text())
+        files, step = state["files"], state.get("step")
         records = [(path / name, int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{path / STATE}: unreadable or without a file list ({type(e).__name__}: {e})"]
+    if CKPT_RE.match(path.name) and step != _step_of(path):  # resuming would mislabel every later step
+        return [f"{path / STATE}: step {step!r}, but the folder is {path.name}"]
     problems = []
     for f, size, digest in records:
         if not f.is_file():
@@ -168,12 +172,12 @@ def save_checkpoint(
     tmp = Path(ckpt_dir) / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_tensors({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     rng_meta = []
     for r, (tensors, meta) in enumerate(rank_rng):
-        save_file(tensors, tmp / f"rng-rank{r}.safetensors")
+        save_tensors(tensors, tmp / f"rng-rank{r}.safetensors")
         rng_meta.append(meta)
     write_state(tmp, {**state, "optimizer": opt_meta, "rng": rng_meta})
     swap_in(tmp, final, ckpt_dir, keep_last)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from text4vpr.config import ConfigError, check_choice
+from text4vpr.config import ConfigError, check_choice, check_each, check_range
 from text4vpr.data.loader import LoaderConfig
 from text4vpr.kernels import MODES
+from text4vpr.loss_defaults import DEFAULT_BLOCK
 from text4vpr.retrieval.defaults import GALLERY, KS, RADII
 from text4vpr.train.optim import OptimConfig
 
@@ -24,7 +25,11 @@ class LossConfig:
     learnable: bool = False
     tiled: bool = False  # blockwise loss, never materialises the N x N logits
     exclude_same_location: bool = False  # upstream keeps the other views as negatives
-    block_size: int = 4096
+    block_size: int = DEFAULT_BLOCK  # tile side (tiled) / rows per backward chunk (plain)
+
+    def __post_init__(self) -> None:
+        check_range("loss.temperature", self.temperature, 0, low_open=True)  # logits are divided by it
+        check_range("loss.block_size", self.block_size, 1)
 
 
 @dataclass
@@ -36,6 +41,11 @@ class SyntheticConfig:
     seed: int = 0
     shard_size: int = 32  # locations per shard
     cache_dir: str = ".cache/text4vpr"
+
+    def __post_init__(self) -> None:
+        check_range("data.synthetic.locations", self.locations, 0)
+        check_range("data.synthetic.image_size", self.image_size, 8)
+        check_range("data.synthetic.shard_size", self.shard_size, 1)
 
 
 @dataclass
@@ -104,6 +114,11 @@ class TrainConfig:
             raise ConfigError("train.frozen_cache_device=cuda with train.cpu=true: the run has no GPU; use auto or cpu")
         if self.micro_batches < 1:
             raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
+        for key in ("epochs", "max_steps", "save_every_steps", "keep_last", "log_every_steps"):
+            check_range(f"train.{key}", getattr(self, key), 0)
+        check_range("train.max_nonfinite_in_row", self.max_nonfinite_in_row, 1)
+        if self.epochs == 0 and self.max_steps == 0:  # a run of no steps would report an untrained model
+            raise ConfigError("train.epochs=0 with train.max_steps=0: the run would train nothing; set one of them >= 1")
         if self.compile and self.micro_batches > 1 and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"train.compile_mode={self.compile_mode} (CUDA graphs) with train.micro_batches > 1: "
                               "each graph replay overwrites the previous micro-batch's outputs that gradient caching "
@@ -124,6 +139,9 @@ class EvalConfig:
         check_choice("eval.mode", self.mode, MODES)
         if self.gallery < 0:
             raise ConfigError(f"eval.gallery must be >= 0 (worst queries shown in report.html), got {self.gallery}")
+        check_range("eval.every_steps", self.every_steps, 0)
+        check_each("eval.ks", self.ks, 1)
+        check_each("eval.radii", self.radii, 0, low_open=True)
 
 
 @dataclass

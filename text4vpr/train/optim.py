@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from text4vpr.config import check_choice
+from text4vpr.config import check_choice, check_range
 
 
 @dataclass
@@ -27,6 +27,13 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        check_range("optim.lr", self.lr, 0, low_open=True)
+        for key in ("weight_decay", "backbone_lr_mult", "warmup_steps", "grad_clip"):
+            check_range(f"optim.{key}", getattr(self, key), 0)
+        check_range("optim.eps", self.eps, 0, low_open=True)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        for i, b in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", b, 0, 1, high_open=True)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, extra: list | None = None) -> torch.optim.Optimizer:

@@ -30,10 +30,11 @@ class DDPStrategy:
     def autocast(self):
         return self.acc.autocast()
 
-    def clip(self, model) -> torch.Tensor | None:
-        """Clip to optim.grad_clip (no clipping at 0); the total norm, for the finiteness check."""
+    def clip(self, model, extra=()) -> torch.Tensor | None:
+        """Clip the model's and `extra` parameters (the loss's) to optim.grad_clip (no clipping
+        at 0); the total norm, for the finiteness check."""
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return self.acc.clip_grad_norm_(model.parameters(), max_norm)
+        return self.acc.clip_grad_norm_([*model.parameters(), *extra], max_norm)
 
     def save(self, ckpt_dir: Path, step: int, modules, optimizer, state: dict) -> None:
         """Model, loss, optimizer, every rank's RNG and `state`, written by the main process."""
@@ -69,7 +70,7 @@ class DeepSpeedStrategy(DDPStrategy):
             return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
         return self.acc.autocast()
 
-    def clip(self, model) -> None:
+    def clip(self, model, extra=()) -> None:
         return None  # DeepSpeed clips inside its own step (gradient_clipping in its config)
 
     def save(self, ckpt_dir: Path, step: int, modules, optimizer, state: dict) -> None:

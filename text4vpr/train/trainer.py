@@ -6,7 +6,6 @@ this package (data, step, optim, checkpoint, logs, report) or to the library.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -29,13 +28,14 @@ from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model
 from text4vpr.train.optim import build_optimizer, build_scheduler, drop_update
 from text4vpr.train.preempt import StopSignals
+from text4vpr.train.preflight import check_run_inputs
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.step import StepContext, cached_backward, plain_backward
 from text4vpr.train.strategy import make_strategy
 from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.progress import Progress
 from text4vpr.utils.atomic import atomic_write_text
-from text4vpr.utils.distributed import average_gradients, broadcast_buffers
+from text4vpr.utils.distributed import average_gradients, broadcast_buffers, main_value
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +62,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t = cfg.train
+        check_run_inputs(cfg)  # every path and key the run names, before anything is written
         self.trackers = tracker_names(t.log_with, t.tensorboard)
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu, log_with=self.trackers or None,
                                project_dir=str(Path(t.output_dir) / TRACKERS_DIR))
@@ -72,7 +73,8 @@ class Trainer:
         self.paths: DataPaths = prepare_data(cfg.data, self.acc)
         check_split_overlap_once(self.paths, cfg.data.allow_split_overlap, self.acc)
         # never mix runs; after every refusal above, so train.overwrite=true never clears a run for nothing
-        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone)
+        prepare_run_dir(self.run_dir, cfg, self.acc.is_main_process, self.acc.wait_for_everyone,
+                        share=main_value if self.acc.num_processes > 1 else None, report=self.acc.print)
         if self.acc.is_main_process:  # first: a folder with a run in it always names its config
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             if cfg.data.synthetic.locations > 0:  # the demo's shards where the README's next commands look
@@ -97,9 +99,7 @@ class Trainer:
     def train(self) -> dict:
         """Run to `total_steps`, validating and checkpointing on the way; return final metrics."""
         bar = Progress(self.total_steps, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
-        # SIGTERM/SIGINT: checkpoint at the next step boundary on every rank, then stop; the bar
-        # is closed first, so the stop line has a line of its own
-        with StopSignals() as stop, contextlib.closing(bar):
+        with StopSignals() as stop, bar:  # a signal: checkpoint at the next step on every rank, stop; bar closed first
             while not self.done and self.state.epoch < self.epochs_needed:
                 for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
                     lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
@@ -145,11 +145,12 @@ class Trainer:
             with self.autocast():
                 batch["frozen_tokens"] = self.frozen_cache.tokens(batch, index)
         loss = self._forward_backward(batch)
-        grad_norm = self.strategy.clip(self.model)
+        grad_norm = self.strategy.clip(self.model, self.loss_fn.parameters())
         if self._skip(loss, grad_norm):
             drop_update(self.optimizer, self.acc.scaler)
         else:
             self.optimizer.step()
+            self.loss_fn.clamp_scale_()  # a learnable temperature back under its cap (open_clip's rule)
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_in_row = 0
         self.scheduler.step()
@@ -260,8 +261,7 @@ class Trainer:
         self.strategy.save(self.ckpt_dir, self.state.step, self._modules(), self.optimizer, state)
 
     def _resume(self) -> None:
-        path = self.resume_path
-        if path is None:
+        if (path := self.resume_path) is None:
             return
         state = self.strategy.load(path, self._modules(), self.optimizer, engine=self.model)
         self.scheduler.load_state_dict(state.pop("scheduler"))

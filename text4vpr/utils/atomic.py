@@ -71,3 +71,12 @@ def sorted_header(data: bytes) -> bytes:
     header = json.dumps(json.loads(data[8:8 + n]), separators=(",", ":"), sort_keys=True).encode()
     header += b" " * (-len(header) % 8)  # the data section stays 8-byte aligned, as safetensors pads it
     return len(header).to_bytes(8, "little") + header + data[8 + n:]
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' streaming `save_file` (for files inside a folder renamed into place when
+    complete), with the mode a plain `open` gives instead of its 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())

@@ -170,3 +170,10 @@ class _AverageGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return all_reduce_sum(grad) / dist.get_world_size()
+
+
+def main_value(value):
+    """Rank 0's `value` (any picklable object) on every rank of the process group."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

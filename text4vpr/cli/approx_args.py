@@ -1,0 +1,69 @@
+"""`index build --approximate` options: the FAISS index beside the exact parts (docs/retrieval.md#approximate-index)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_approximate_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("approximate index (FAISS candidates + exact re-rank; pip install 'text4vpr[approx]')")
+    g.add_argument("--approximate", action="store_true", help="also build the approximate index (one FAISS file per part)")
+    g.add_argument("--target-recall", type=float, default=None,
+                   help="tune the probe count on held-out queries until this recall of the exact top-10 (e.g. 0.99)")
+    g.add_argument("--tune-queries", type=int, default=256, help="held-out locations whose descriptions tune it")
+    g.add_argument("--codes", choices=("sq8", "pq"), default="sq8", help="compressed codes: 8-bit scalar or PQ")
+    g.add_argument("--coarse-dim", type=int, default=256, help="projection of the V*D concatenation")
+    g.add_argument("--nlist", type=int, default=0, help="inverted lists per part (0: the rule)")
+    g.add_argument("--nprobe", type=int, default=0, help="lists probed per query without tuning (0: the rule)")
+    g.add_argument("--pq-m", type=int, default=0, help="PQ bytes per location (0: the rule, coarse-dim / 8)")
+    g.add_argument("--opq", action="store_true", help="learn an OPQ rotation before PQ")
+    g.add_argument("--rerank", type=int, default=32, help="candidates per query (and rotation) re-ranked exactly")
+
+
+def approx_config(args: argparse.Namespace):
+    """The ApproxConfig the flags describe (UsageError on impossible values)."""
+    from text4vpr.cli.errors import UsageError
+    from text4vpr.retrieval.approx_index import ApproxConfig
+
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise UsageError("--approximate needs FAISS: pip install 'text4vpr[approx]' (faiss-cpu)") from None
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    for flag in ("tune_queries", "coarse_dim", "rerank"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.pq_m and args.coarse_dim % args.pq_m:
+        raise UsageError(f"--pq-m {args.pq_m} must divide --coarse-dim {args.coarse_dim}")
+    return ApproxConfig(coarse_dim=args.coarse_dim, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m,
+                        codes=args.codes, opq=args.opq, rerank=args.rerank)
+
+
+def build_approximate_from_args(args: argparse.Namespace, model, loader, device) -> dict:
+    """Build the FAISS files of the index just written; tune on the first --tune-queries
+    locations' descriptions (rank 0) when --target-recall is given. Returns the header."""
+    import itertools
+    import math
+
+    from text4vpr.retrieval.approx_build import build_approximate
+    from text4vpr.retrieval.evaluate import encode_split
+    from text4vpr.utils.distributed import distributed_world
+
+    cfg = approx_config(args)
+    queries = mask = None
+    if args.target_recall is not None and distributed_world()[0] == 0:
+        batches = itertools.islice(loader, math.ceil(args.tune_queries / args.batch_size))
+        texts = encode_split(model, batches, device, images=False)
+        queries, mask = texts["queries"][: args.tune_queries], texts["query_mask"][: args.tune_queries]
+    return build_approximate(args.out, cfg, tune_queries=queries, tune_mask=mask, target_recall=args.target_recall)
+
+
+def approximate_summary(header: dict) -> str:
+    sec = header.get("approximate")
+    if not isinstance(sec, dict):
+        return ""
+    tuning = sec.get("tuning") or {}
+    recall = ", ".join(f"{m} {r:.4f}" for m, r in (tuning.get("recall") or {}).items())
+    return (f"; approximate {sec['kind']}: nprobe {sec['nprobe']}, re-rank {sec['rerank']}"
+            + (f", recall@{tuning['k']} {recall} on {tuning['queries']} held-out queries" if recall else ""))
