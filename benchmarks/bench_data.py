@@ -16,6 +16,7 @@ in machine load hits them all alike. Prints a table with ratios and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -93,20 +94,33 @@ class LoaderRun:
         if skip_images:
             self.options = {**options, "skip_images": f"{len(skip_images)} locations"}
 
+    server_pid: int | None = None  # a local server whose CPU time counts too (--nginx)
+    cpu_seconds = 0.0  # this process's CPU (all its threads) + the server's, in timed passes
+
     def once(self) -> None:
         t0 = None
         self.epoch += 1  # train: a new order each pass
         for batch in build_loader(self.cfg, self.mode, epoch=self.epoch, skip_images=self.skip_images):
             if t0 is None:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), self._cpu()
                 continue
             self.images += int(batch["view_mask"].sum())
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += self._cpu() - cpu0
+
+    def _cpu(self) -> float:
+        """CPU seconds of this process (every thread) and of the server (worker processes not counted)."""
+        cpu = time.process_time()
+        if self.server_pid is not None:
+            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return cpu
 
     def result(self) -> dict:
         ips = self.images / self.seconds
         return {"workers": self.workers, "options": self.options, "images": self.images, "seconds": self.seconds,
-                "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1)}
+                "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1),
+                "cpu_seconds": self.cpu_seconds, "images_per_cpu_s": self.images / max(self.cpu_seconds, 1e-9)}
 
 
 class UpstreamRun:
@@ -213,6 +227,52 @@ def bench_regroup(xlsx: str, items: int = 200) -> dict | None:
     return {"rows": len(df), "ms_per_location": 1e3 * per_item, "ms_per_image": 1e3 * per_item / 4}
 
 
+@contextlib.contextmanager
+def _stopping(server):
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int, server_pid: int | None) -> dict:
+    """The local uint8 252 px runs, from a URL: cold (no cache), and from a warmed local cache."""
+    warm = LoaderRun(url, tok, 0, bs, image_dtype="uint8", cache_dir=str(cache))
+    warm.once()  # fills the cache (not counted: its counters are reset)
+    warm.images, warm.seconds, warm.cpu_seconds = 0, 0.0, 0.0
+    cold = LoaderRun(url, tok, 0, bs, image_dtype="uint8")
+    cold.server_pid = server_pid
+    return {
+        "u8_252_1w_url": ("loader uint8, 252px shards from the URL (no cache), 1 in-process worker", cold),
+        "u8_252_1w_url_cached": ("loader uint8, 252px shards from the URL through a warm local cache, 1 in-process worker",
+                                 warm),
+        "u8_252_w_url": (f"loader uint8, 252px shards from the URL (no cache), {workers} DataLoader workers",
+                         LoaderRun(url, tok, workers, bs, image_dtype="uint8")),
+    }
+
+
+def _url_report(args, runs: dict, results: dict) -> int:
+    """`--url-only`: the local and URL runs side by side, URL / local per worker."""
+    pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w"}
+    print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'vs local':>8s} "
+          f"{'img/CPU-s':>9s} {'vs local':>8s}")
+    for key, (label, _) in runs.items():
+        r = results[key]
+        local = results.get(pairs.get(key, key))
+        ratio = r["images_per_s_per_worker"] / local["images_per_s_per_worker"]
+        per_cpu = (f"{r['images_per_cpu_s']:9.1f} {r['images_per_cpu_s'] / local['images_per_cpu_s']:7.2f}x"
+                   if r["workers"] == 0 else "")  # DataLoader worker processes' CPU is not counted
+        print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {ratio:7.2f}x {per_cpu}")
+    print("img/CPU-s: images per CPU second of the loading process (all its threads) and, for the cold URL run, nginx")
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min_at_end": os.getloadavg()[0]},
+           "args": vars(args), "loader": {key: {"label": runs[key][0], **results[key]} for key in runs},
+           "url_vs_local_per_worker": {k: results[k]["images_per_s_per_worker"] / results[v]["images_per_s_per_worker"]
+                                       for k, v in pairs.items() if k in results}}
+    atomic_write_json(args.out, out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--locations", type=int, default=120, help="synthetic locations (x4 images at 640x640)")
@@ -225,14 +285,17 @@ def main(argv=None) -> int:
                    help="only the train order: today's sequential reader (fixed_shard_assignment) against the elastic order")
     p.add_argument("--real-train-xlsx", default="../shared/street360loc/train_description.xlsx",
                    help="real annotation file for the upstream regroup cost (skipped if absent)")
+    p.add_argument("--url", default=None, help="URL prefix serving --workdir: also read its 252 px shards from there")
+    p.add_argument("--nginx", action="store_true", help="serve the work folder with Debian's nginx on loopback (--url)")
+    p.add_argument("--url-only", action="store_true", help="only the uint8 252 px loader runs, local and from the URL")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per-core figures: one thread per process
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(args.workdir or tmp)
         data = work / "synth"
         _, synth_s = _timed(lambda: write_synthetic(data, SynthConfig(locations=args.locations, seed=0, image_size=640,
                                                                       split_fractions=(1.0, 0.0, 0.0), workers=args.workers)))
-        build_orig = bench_build(data, work / "shards_orig", None, args.workers)
+        build_orig = bench_build(data, work / "shards_orig", None, args.workers) if not args.url_only else None
         build_252 = bench_build(data, work / "shards_252", 252, args.workers)
         tok = work / "tok"
         train_tokenizer(shard_descriptions(work / "shards_252"), tok, vocab_size=500)
@@ -268,6 +331,16 @@ def main(argv=None) -> int:
                          LoaderRun(s252, tok, args.workers, bs, image_dtype="uint8")),
             **train_runs,
         }
+        if args.nginx:
+            from tests.http_servers import Nginx
+
+            server = stack.enter_context(_stopping(Nginx(work / "nginx")))
+            args.url = server.serve(work, "bench")
+        if args.url:
+            pid = server.proc.pid if args.nginx else None
+            runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers, pid))
+        if args.url_only:
+            runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w") or "_url" in k}
         if args.train_only:
             runs = {"upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
                                  UpstreamRun(data)), **train_runs}
@@ -275,11 +348,13 @@ def main(argv=None) -> int:
             for _, run in runs.values():
                 run.once()
         results = {key: run.result() for key, (_, run) in runs.items()}
-        sha = None if args.train_only else bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"])
+        sha = bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"]) if not (args.url_only or args.train_only) else None
         amplification = read_amplification(s252, bs, LoaderConfig.shuffle_window)
         counts = [e["count"] for e in __import__("json").loads((s252 / "manifest.json").read_text())["shards"]]
         hits = cache_hits(counts, bs, LoaderConfig.shuffle_window)
     regroup = bench_regroup(args.real_train_xlsx)
+    if "upstream" not in results:
+        return _url_report(args, runs, results)
     base = results["upstream"]["images_per_s_per_worker"]
     print(f"synthetic data: {args.locations} locations x 4 views at 640x640 (written in {synth_s:.1f} s)")
     print(f"{'build':58s} {'loc/s':>8s} {'MB/s':>8s} {'MB':>7s}")
@@ -299,8 +374,11 @@ def main(argv=None) -> int:
         "upstream": results["upstream"],
         "ratio_per_worker_vs_upstream": {key: results[key]["images_per_s_per_worker"] / base for key in runs if key != "upstream"},
     }
-    ratio = results["u8_252_1w_train_elastic"]["images_per_s"] / results["u8_252_1w_train_sequential"]["images_per_s"]
-    print(f"train order: elastic / sequential images/s per core = {ratio:.3f}")
+    trained = "u8_252_1w_train_elastic" in results  # not in a --url-only run
+    ratio = (results["u8_252_1w_train_elastic"]["images_per_s"] / results["u8_252_1w_train_sequential"]["images_per_s"]
+             if trained else None)
+    if trained:
+        print(f"train order: elastic / sequential images/s per core = {ratio:.3f}")
     for world, a in amplification.items():
         print(f"read amplification, rank 0 of {world}: range reads {a['range_reads']:.4f}x, whole shards "
               f"{a['whole_shards']:.2f}x; {a['shards_per_batch']:.1f} shards per batch")

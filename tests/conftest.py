@@ -182,3 +182,38 @@ class ReportPage:
 @pytest.fixture
 def report_page():
     return ReportPage
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory):
+    """Debian's nginx on a free loopback port, config/pid/logs/temp under a tmp prefix:
+    `nginx.serve(folder, name)` -> `http://127.0.0.1:PORT/name` serving that folder."""
+    from tests.http_servers import Nginx
+
+    server = Nginx(tmp_path_factory.mktemp("nginx"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_proxy(nginx):
+    """`fault_proxy(schedule, stall_s)` -> a FaultProxy in front of `nginx` (stopped after the test)."""
+    from tests.http_servers import FaultProxy
+
+    proxies = []
+
+    def make(schedule, stall_s: float = 5.0):
+        proxies.append(FaultProxy(nginx.port, schedule, stall_s))
+        return proxies[-1]
+
+    yield make
+    for p in proxies:
+        p.stop()
+
+
+@pytest.fixture
+def http_faults():
+    """The fault schedules of tests/http_servers.py (FailEachOnce, fail_always, FAULTS)."""
+    import tests.http_servers
+
+    return tests.http_servers

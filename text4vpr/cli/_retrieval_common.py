@@ -10,7 +10,7 @@ from text4vpr.kernels import MODES
 
 def add_model_loader_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (save_pretrained output)")
-    parser.add_argument("--shards", required=True, help="shard folder of the split to encode")
+    parser.add_argument("--shards", required=True, help="shard folder of the split to encode, or its URL prefix")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="locations per batch")
     parser.add_argument("--num-workers", type=non_negative_int, default=2, help="loader workers per rank")
@@ -113,10 +113,17 @@ def check_device(name: str, flag: str = "--device") -> None:
 
 
 def check_shards(path: str, flag: str = "--shards") -> None:
-    """UsageError unless `path` is a folder holding shards (checked before any model is loaded)."""
+    """UsageError unless `path` is a folder holding shards, or a URL prefix with a readable
+    manifest (checked before any model is loaded)."""
     from pathlib import Path
 
     from text4vpr.cli.errors import UsageError
+    from text4vpr.data.remote import is_url
+    from text4vpr.data.shard_reader import load_manifest
+
+    if is_url(path):
+        load_manifest(path)  # one line naming the URL when it cannot be read
+        return
 
     p = Path(path)
     if not p.is_dir():

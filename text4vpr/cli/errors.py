@@ -83,11 +83,9 @@ def run_entry(command: Callable[[], int], debug: bool = False) -> int:
         return command()
 
     rc = run_guarded(checked, debug)
-    from text4vpr.utils.distributed import exit_process, shutdown_distributed
+    from text4vpr.utils.distributed import leave
 
-    if rc == 0 and shutdown_distributed():  # under accelerate launch / torchrun: every rank leaves together
-        exit_process(rc)
-    return rc
+    return leave(rc)  # under accelerate launch / torchrun: every rank leaves together
 
 
 def add_debug_flag(parser) -> None:

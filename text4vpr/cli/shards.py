@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "...); 1 allows any (default 0.05)")
     b.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="verify checksums and counts; show a location")
-    i.add_argument("dir", help="shard folder")
+    i.add_argument("dir", help="shard folder, or its URL prefix (http(s)://, s3://, gs://)")
     i.add_argument("--index", type=int, default=None, help="print this location's coordinates and descriptions")
     i.add_argument("--write-images", default=None, help="with --index: write its views to this folder")
     x = sub.add_parser("index-offsets", help="add per-sample byte offsets to a folder built before they were recorded "

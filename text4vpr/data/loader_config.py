@@ -56,6 +56,14 @@ class LoaderConfig:
     # "whitespace" or "punkt" (the published nltk sent_tokenize + " ".join; needs the
     # `upstream` extra): see text4vpr.data.tokenizer.normalize_text
     text_normalization: Literal["whitespace", "punkt"] = "whitespace"
+    # shards at a URL (http(s)://, s3://, gs://): a read is tried 1 + remote_retries times with
+    # exponential backoff, within remote_timeout_s in all; a try silent for remote_stall_s is cut
+    remote_retries: int = 4
+    remote_timeout_s: float = 120.0
+    remote_stall_s: float = 20.0
+    remote_in_flight: int = 4  # reads running ahead of the decoder, per loader worker
+    cache_dir: str | None = None  # local cache of fetched (verified) shard bytes: later epochs read it
+    cache_gb: float = 20.0  # the cache's size bound (least recently used evicted)
 
     def __post_init__(self) -> None:
         # fail at config time: the decoder catches per-sample errors, and under on_error=skip a
@@ -70,6 +78,10 @@ class LoaderConfig:
         check_range("data.loader.views", self.views, high=4)  # Street360Loc has four views per location
         if self.batches_per_epoch is not None:
             check_range("data.loader.batches_per_epoch", self.batches_per_epoch, 1)
+        check_range("data.loader.remote_retries", self.remote_retries, 0)
+        check_range("data.loader.remote_in_flight", self.remote_in_flight, 1)
+        for key in ("remote_timeout_s", "remote_stall_s", "cache_gb"):
+            check_range(f"data.loader.{key}", getattr(self, key), 0, low_open=True)
 
     def check(self) -> None:
         """Refuse values the loader cannot act on (one line naming the field)."""
@@ -77,3 +89,13 @@ class LoaderConfig:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")
+
+    def fetcher(self):
+        """The remote reader these settings describe (retries, cache, reads in flight)."""
+        from text4vpr.data.fetch import Fetcher
+        from text4vpr.data.fetch_cache import ByteCache
+        from text4vpr.data.remote import RemoteOptions
+
+        opts = RemoteOptions(self.remote_retries, self.remote_timeout_s, self.remote_stall_s)
+        cache = ByteCache(self.cache_dir, int(self.cache_gb * 2**30)) if self.cache_dir else None
+        return Fetcher(opts, cache, self.remote_in_flight)

@@ -16,7 +16,8 @@ import numpy as np
 
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
-from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest
+from text4vpr.data.remote import is_url, read_all
+from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest, member
 from text4vpr.data.street360loc import split_name
 
 
@@ -35,7 +36,7 @@ def resolve_shards(cfg: LoaderConfig) -> ShardSet:
     folder = bool(cfg.shards) and is_shard_dir(cfg.shards)
     if folder:
         manifest = load_manifest(cfg.shards)
-        urls = tuple(str(Path(cfg.shards) / s["name"]) for s in manifest["shards"])
+        urls = tuple(member(cfg.shards, s["name"]) for s in manifest["shards"])
     else:
         from webdataset.shardlists import expand_urls
 
@@ -47,7 +48,7 @@ def resolve_shards(cfg: LoaderConfig) -> ShardSet:
                 raise LoaderError(f"{cfg.shards}: cannot verify shards without a manifest: give LoaderConfig.manifest, "
                                   "or verify=False to read them unchecked")
             return ShardSet(urls, None)
-        manifest = json.loads(Path(cfg.manifest).read_text())
+        manifest = json.loads(read_all(cfg.manifest) if is_url(cfg.manifest) else Path(cfg.manifest).read_text())
     by_name = {s["name"]: s for s in manifest["shards"]}
     missing = [u for u in urls if os.path.basename(u) not in by_name]
     if missing:

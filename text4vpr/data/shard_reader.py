@@ -1,13 +1,17 @@
-"""Reading built shard folders: manifest, tar samples, checksum verification, lookups."""
+"""Reading built shard folders: manifest, tar samples, checksum verification, lookups.
+
+A folder is a local path or a URL prefix (`remote.is_url`) holding `manifest.json` and the tars."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
+from text4vpr.data.remote import is_url, join_url, read_all, read_range
 from text4vpr.data.sample_check import read_sample_json
 from text4vpr.data.street360loc import ReadOptions, read_street360loc
 from text4vpr.utils.errors import InputError, file_records_problem
@@ -23,11 +27,12 @@ class ShardError(InputError, RuntimeError):
 def load_manifest(shard_dir: str | Path) -> dict:
     """The folder's manifest, checked: readable JSON whose shard records name plain files inside
     the folder (a crafted name never becomes a path elsewhere) and count their samples."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.exists():
+    path = member(shard_dir, MANIFEST)
+    raw = manifest_bytes(shard_dir)
+    if raw is None:
         raise ShardError(f"{path}: no manifest (was `text4vpr shards build` run to completion?)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: unreadable ({e}); rebuild the folder with `text4vpr shards build`") from None
     problem = manifest_problem(manifest)
@@ -43,8 +48,38 @@ def manifest_problem(manifest) -> str | None:
     return file_records_problem(manifest["shards"], "shard record")
 
 
+def manifest_bytes(shard_dir: str | Path) -> bytes | None:
+    """The raw manifest.json of a folder or URL prefix (None when a local folder has none)."""
+    if is_url(shard_dir):
+        return read_all(join_url(str(shard_dir), MANIFEST))
+    path = Path(shard_dir) / MANIFEST
+    return path.read_bytes() if path.is_file() else None
+
+
+def member(shard_dir: str | Path, name: str) -> str:
+    """Path or URL of the file `name` (a checked plain name) of a shard folder."""
+    return join_url(str(shard_dir), name) if is_url(shard_dir) else str(Path(shard_dir) / name)
+
+
 def is_shard_dir(path: str | os.PathLike) -> bool:
+    """A local folder with a manifest, or a URL prefix (not a .tar, brace pattern or '::' list)."""
+    if is_url(path):
+        return not str(path).endswith(".tar") and "{" not in str(path) and "::" not in str(path)
     return (Path(path) / MANIFEST).is_file()
+
+
+def open_shard(shard_dir: str | Path, record: dict):
+    """A shard of a folder: its local path, or its bytes (one ranged read) when at a URL."""
+    if is_url(shard_dir):
+        return io.BytesIO(read_range(member(shard_dir, record["name"]), 0, record["bytes"]))
+    return Path(shard_dir) / record["name"]
+
+
+def iter_shard_samples(shard_dir: str | Path):
+    """(shard name, key, {suffix: bytes}) of every sample of a folder, in manifest order."""
+    for s in load_manifest(shard_dir)["shards"]:
+        for key, sample in iter_tar_samples(open_shard(shard_dir, s)):
+            yield s["name"], key, sample
 
 
 def iter_tar_samples(source):
@@ -97,19 +132,15 @@ def file_sha256(path: str | Path) -> str:
 def verify_shards(shard_dir: str | Path) -> dict:
     """Check every shard's sha256, bytes and sample count against the manifest, and what the
     loader checks besides: each sample's JSON member, the manifest's key list, no key twice."""
-    shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
     problems, owner = [], {}
     for s in manifest["shards"]:
-        path = shard_dir / s["name"]
-        if not path.exists():
-            problems.append(f"{s['name']}: missing")
-            continue
-        if path.stat().st_size != s["bytes"] or file_sha256(path) != s["sha256"]:
-            problems.append(f"{s['name']}: checksum mismatch")
+        problem, source = _shard_problem(shard_dir, s)
+        if problem:
+            problems.append(f"{s['name']}: {problem}")
             continue
         keys = []
-        for key, sample in iter_tar_samples(path):
+        for key, sample in iter_tar_samples(source):
             keys.append(key)
             if key in owner:
                 problems.append(f"{s['name']}: duplicate location key {key} (also in {owner[key]})")
@@ -127,33 +158,41 @@ def verify_shards(shard_dir: str | Path) -> dict:
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
 
 
+def _shard_problem(shard_dir: str | Path, record: dict):
+    """(what is wrong with a shard's bytes or None, its path or bytes stream)."""
+    if is_url(shard_dir):
+        from text4vpr.data.remote import RemoteReadError
+
+        try:
+            data = read_range(member(shard_dir, record["name"]), 0, record["bytes"])
+        except RemoteReadError as e:
+            return f"unreadable ({e})", None
+        return (None if hashlib.sha256(data).hexdigest() == record["sha256"] else "checksum mismatch"), io.BytesIO(data)
+    path = Path(shard_dir) / record["name"]
+    if not path.exists():
+        return "missing", None
+    if path.stat().st_size != record["bytes"] or file_sha256(path) != record["sha256"]:
+        return "checksum mismatch", None
+    return None, path
+
+
 def find_location(shard_dir: str | Path, index: int) -> list[tuple[str, dict, dict]]:
     """All samples with this index: (shard name, json meta, {pos: jpeg bytes})."""
-    shard_dir = Path(shard_dir)
     found = []
-    for s in load_manifest(shard_dir)["shards"]:
-        for key, sample in iter_tar_samples(shard_dir / s["name"]):
-            if key.endswith(f"-{index:06d}"):
-                meta = json.loads(sample["json"])
-                images = {int(k.split(".")[0]): v for k, v in sample.items() if k.endswith(".jpg")}
-                found.append((s["name"], meta, images))
+    for name, key, sample in iter_shard_samples(shard_dir):
+        if key.endswith(f"-{index:06d}"):
+            meta = json.loads(sample["json"])
+            images = {int(k.split(".")[0]): v for k, v in sample.items() if k.endswith(".jpg")}
+            found.append((name, meta, images))
     return found
 
 
 def shard_descriptions(source: str | Path) -> list[str]:
     """All descriptions in a shard folder or an xlsx file (e.g. to train a tokenizer)."""
-    source = Path(source)
-    if source.suffix == ".xlsx":
-        locations, _ = read_street360loc(source, None, ReadOptions(check_images=False))
+    if str(source).endswith(".xlsx") and not is_url(source):
+        locations, _ = read_street360loc(Path(source), None, ReadOptions(check_images=False))
         return [v.description for loc in locations for v in loc.views]
     texts = []
-    for s in load_manifest(source)["shards"]:
-        for _, sample in iter_tar_samples(source / s["name"]):
-            texts += json.loads(sample["json"])["descriptions"]
+    for _, _, sample in iter_shard_samples(source):
+        texts += json.loads(sample["json"])["descriptions"]
     return texts
-
-
-def shard_paths(shard_dir: str | Path) -> list[str]:
-    """Shard file paths of a built folder, in manifest order."""
-    shard_dir = Path(shard_dir)
-    return [str(shard_dir / s["name"]) for s in load_manifest(shard_dir)["shards"]]

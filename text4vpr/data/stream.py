@@ -19,6 +19,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from text4vpr.data.decode import BatchMaker, Stats, log
@@ -33,6 +34,8 @@ from text4vpr.data.partition import (
     slot_shards,
     worker_batch_range,
 )
+from text4vpr.data.fetch import DigestMismatch
+from text4vpr.data.remote import RemoteReadError, is_url
 from text4vpr.data.shard_reader import iter_tar_samples
 
 
@@ -58,6 +61,7 @@ class ShardStream(IterableDataset):
         self.stats = Stats(cfg.on_error)
         expect = {"resize": self.shards.resize, "splits": self.shards.splits} if cfg.verify else {}
         self.maker = BatchMaker(cfg, self.stats, skip_images, **expect)
+        self.fetcher = cfg.fetcher()  # shards at URLs: verified, cached, read ahead
         self.elastic = None  # train: the elastic order, unless each rank keeps its own shards
         if mode == "train" and not cfg.fixed_shard_assignment:
             check_offsets(self.shards, cfg.shards)
@@ -75,23 +79,39 @@ class ShardStream(IterableDataset):
         return sum(-(-slot_count(self.shards.counts, self.rank * w + p, slots) // self.cfg.batch_size) for p in range(w))
 
     # ---- raw samples -------------------------------------------------------------------
-    def _open(self, url: str, entry: dict | None):
-        """The shard as a stream; with `verify`, read whole and checked against its sha256 first."""
+    def _open(self, url: str, entry: dict | None, fetched=None):
+        """The shard as a stream; with `verify`, read whole and checked against its sha256 first.
+        `fetched`: the future of its bytes from a URL (`_fetch_ahead`), checked there."""
         from webdataset import gopen
 
-        if not self.cfg.verify or entry is None:
+        if fetched is not None:
+            try:
+                data = fetched.result()
+            except DigestMismatch as e:
+                raise _Unverified(str(e)) from None
+        elif not self.cfg.verify or entry is None:
             return gopen(url, "rb")
-        with gopen(url, "rb") as stream:
-            data = stream.read()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        else:
+            with gopen(url, "rb") as stream:
+                data = stream.read()
+        if fetched is None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise _Unverified(f"{url}: sha256 does not match its manifest entry (a changed, damaged or replaced shard; "
                               "rebuild it, or verify=False to read it unchecked)")
-        if "keys" in entry and _member_keys(data) != list(entry["keys"]):
+        if self.cfg.verify and "keys" in entry and _member_keys(data) != list(entry["keys"]):
             raise _Unverified(f"{url}: its location keys differ from its manifest entry's list (a crafted or "
                               "mismatched manifest; rebuild the folder)")
         return io.BytesIO(data)
 
-    def _read_shard(self, s: int, report: bool = True) -> Iterator[tuple[str, str, dict]]:
+    def _fetch_ahead(self, shards: list[int]) -> Iterator:
+        """Futures of the bytes of these shards when they are at URLs with manifest records
+        (up to `remote_in_flight` reads running ahead of the decoder), else Nones."""
+        if not (self.shards.entries and shards and is_url(self.shards.urls[shards[0]])):
+            return iter([None] * len(shards))
+        # whole shards today; per-sample byte ranges (manifest offsets) are reads of the same kind
+        return self.fetcher.ahead((self.shards.urls[s], 0, self.shards.entries[s]["bytes"],
+                                   self.shards.entries[s]["sha256"] if self.cfg.verify else None) for s in shards)
+
+    def _read_shard(self, s: int, report: bool = True, fetched=None) -> Iterator[tuple[str, str, dict]]:
         """(shard, key, {suffix: bytes}) per sample of shard s; a checksum mismatch or truncation
         is an error or a counted skip. `report=False`: another slot reads this shard too and
         counts its loss (skip mode)."""
@@ -99,11 +119,11 @@ class ShardStream(IterableDataset):
         expected = self.shards.counts[s] if self.shards.counts else None
         key, n = None, 0
         try:
-            with self._open(url, self.shards.entries[s] if self.shards.entries else None) as stream:
+            with self._open(url, self.shards.entries[s] if self.shards.entries else None, fetched) as stream:
                 for key, sample in iter_tar_samples(stream):
                     yield url, key, sample
                     n += 1
-        except _Unverified as e:
+        except (_Unverified, RemoteReadError) as e:  # the message names the URL
             if report or self.cfg.on_error == "raise":
                 self.stats.fail(str(e), lost=expected if expected is not None else 1)
             return
@@ -119,9 +139,9 @@ class ShardStream(IterableDataset):
     def _slot_samples(self, order: list[int], slot: int, slots: int) -> Iterator[tuple[str, str, dict]]:
         mine, by_sample = slot_shards(order, slot, slots)
         i = 0
-        for s in mine:
+        for s, fetched in zip(mine, self._fetch_ahead(mine)):
             owner = not by_sample or s % slots == slot  # with fewer shards than slots, one slot counts a shard's loss
-            for item in self._read_shard(s, owner):
+            for item in self._read_shard(s, owner, fetched):
                 if not by_sample or i % slots == slot:
                     yield item
                 i += 1
@@ -144,7 +164,7 @@ class ShardStream(IterableDataset):
     # ---- batches -----------------------------------------------------------------------
     def _batches(self, raw: Iterator, limit: int | None) -> Iterator[dict]:
         """Decode raw samples into full batches (train: exactly `limit`); eval keeps the partial tail."""
-        items, made = [], 0
+        items, made, self._counted = [], 0, self.stats.samples_skipped
         for url, key, sample in raw:
             if limit is not None and made >= limit:
                 return
@@ -153,10 +173,17 @@ class ShardStream(IterableDataset):
                 continue
             items.append(item)
             if len(items) == self.cfg.batch_size:
-                yield self.maker.collate(items)
+                yield self._collate(items)
                 items, made = [], made + 1
         if items and self.mode == "eval":
-            yield self.maker.collate(items)
+            yield self._collate(items)
+
+    def _collate(self, items: list[dict]) -> dict:
+        """The batch, with the samples skipped since this worker's previous batch (`skipped`)."""
+        batch = self.maker.collate(items)
+        batch["skipped"] = torch.tensor(self.stats.samples_skipped - self._counted, dtype=torch.int64)
+        self._counted = self.stats.samples_skipped
+        return batch
 
     def _skip(self, raw: Iterator, batches: int) -> None:
         """Fast-forward `batches` batches. Raw samples need no decoding under on_error=raise

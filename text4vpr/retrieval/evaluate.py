@@ -22,7 +22,7 @@ from text4vpr.retrieval.defaults import KS, RADII
 from text4vpr.retrieval.metrics import topk_within_radius
 from text4vpr.retrieval.ranking import Evaluation, Ranking
 from text4vpr.retrieval.search import sharded_topk_by_location
-from text4vpr.utils.distributed import distributed_world
+from text4vpr.utils.distributed import Deferred, distributed_world
 from text4vpr.utils.progress import progress
 from text4vpr.utils.errors import InputError, InputValueError
 
@@ -40,8 +40,9 @@ def encode_split(model, loader, device=None, images: bool = True, show_progress:
     was_training = model.training
     model.eval()
     out: dict[str, list] = {k: [] for k in ("queries", "query_mask", "database", "db_mask", "coords", "index")}
+    batches = Deferred(progress(loader, "encode", show_progress))  # a read error: raised on every rank below
     try:
-        for batch in progress(loader, "encode", show_progress):
+        for batch in batches:
             view_mask = batch["view_mask"].bool()
             text = model.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, V, D)
             out["queries"].append(text.float().cpu())
@@ -54,6 +55,7 @@ def encode_split(model, loader, device=None, images: bool = True, show_progress:
             out["index"].append(batch["index"].to(torch.int64))
     finally:
         model.train(was_training)
+    batches.settle()
     if not out["queries"]:  # this rank saw no location: empty tensors of the right shapes
         d, v = model.embed_dim, NUM_VIEWS
         out = {"queries": [torch.zeros(0, v, d)], "query_mask": [torch.zeros(0, v, dtype=torch.bool)],

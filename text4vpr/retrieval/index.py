@@ -31,6 +31,7 @@ from text4vpr.data.street360loc import NUM_VIEWS
 from text4vpr.kernels.common import check_finite
 from text4vpr.retrieval.provenance import check_digests, shards_digest, weights_digest
 from text4vpr.utils.atomic import atomic_save_file, atomic_write_json
+from text4vpr.utils.distributed import Deferred
 from text4vpr.utils.errors import InputError, file_records_problem
 from text4vpr.utils.progress import progress
 
@@ -81,13 +82,15 @@ def encode_database(model, loader, dtype: torch.dtype = torch.float32, device=No
     device = device or next(model.parameters()).device
     model.eval()
     out = {"embeddings": [], "view_mask": [], "coords": [], "index": []}
-    for batch in progress(loader, "index", show_progress):
+    batches = Deferred(progress(loader, "index", show_progress))  # a read error: raised on every rank below
+    for batch in batches:
         mask = batch["view_mask"].to(device)
         emb = model.encode_images(batch["images"].to(device), mask)  # (B, V, D)
         out["embeddings"].append(emb.to(dtype).cpu())
         out["view_mask"].append(batch["view_mask"].bool().cpu())
         out["coords"].append(batch["coords"].to(torch.float64).cpu())
         out["index"].append(batch["index"].to(torch.int64).cpu())
+    batches.settle()
     if not out["embeddings"]:
         d, v = model.embed_dim, views  # this rank got no locations: an empty part
         return {"embeddings": torch.zeros(0, v, d, dtype=dtype), "view_mask": torch.zeros(0, v, dtype=torch.bool),

@@ -32,12 +32,11 @@ def weights_digest(model) -> str:
 
 
 def shards_digest(shard_dir: str | Path) -> str:
-    """sha256 of a shard folder's manifest.json ('' when there is none, e.g. a list of tar
-    paths: nothing to compare then, the query-location check remains)."""
-    from text4vpr.data.shard_reader import MANIFEST
+    """sha256 of a shard folder's (or URL prefix's) manifest.json ('' when there is none, e.g. a
+    list of tar paths: nothing to compare then, the query-location check remains)."""
+    from text4vpr.data.shard_reader import is_shard_dir, manifest_bytes
 
-    manifest = Path(shard_dir) / MANIFEST
-    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
+    return hashlib.sha256(manifest_bytes(shard_dir)).hexdigest() if is_shard_dir(shard_dir) else ""
 
 
 _WHAT = {

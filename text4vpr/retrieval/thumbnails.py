@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from text4vpr.data.shard_reader import is_shard_dir, iter_tar_samples, load_manifest
+from text4vpr.data.shard_reader import is_shard_dir, iter_tar_samples, load_manifest, open_shard
 
 THUMB_PX = 96
 THUMB_QUALITY = 70
@@ -44,7 +44,7 @@ def thumbnail_uri(jpeg: bytes, size: int = THUMB_PX, quality: int = THUMB_QUALIT
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _wanted_samples(path: Path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+def _wanted_samples(path, wanted: set[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
     """(location index, {suffix: bytes}) of the wanted samples of a shard (keys end in the
     zero-padded index, `sample_key`)."""
     for key, sample in iter_tar_samples(path):
@@ -86,7 +86,6 @@ def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: in
     todo = {int(i) for i in wanted}
     cards: dict[int, LocationCard] = {}
     for shard_dir in shard_dirs:
-        shard_dir = Path(shard_dir)
         manifest = load_manifest(shard_dir)
         flags = flags_by_index(manifest)
         for s in manifest["shards"]:
@@ -94,7 +93,7 @@ def load_cards(shard_dirs: Iterable[str | Path], wanted: Iterable[int], size: in
                 return cards
             if not _may_hold(s, todo):
                 continue
-            for index, sample in _wanted_samples(shard_dir / s["name"], set(todo)):
+            for index, sample in _wanted_samples(open_shard(shard_dir, s), set(todo)):
                 if index not in todo or "json" not in sample:
                     continue
                 meta = json.loads(sample["json"])

@@ -8,17 +8,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
 from text4vpr.data.sample_index import index_offsets
-from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, shard_descriptions, shard_paths
+from text4vpr.data.shard_reader import iter_shard_samples, load_manifest, shard_descriptions
 from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
 from text4vpr.data.tokenizer import train_tokenizer
 from text4vpr.utils.atomic import atomic_write_json
 from text4vpr.config import ConfigError
+from text4vpr.utils.distributed import raise_together
 from text4vpr.utils.errors import InputError, InputValueError
 
 SPLITS = ("train", "val", "test")
@@ -99,7 +101,7 @@ def location_ids(shards: str | Path) -> set[int]:
     entries = load_manifest(shards)["shards"]
     if all("keys" in e for e in entries):
         return {int(k.rsplit("-", 1)[1]) for e in entries for k in e["keys"]}
-    return {int(json.loads(sample["json"])["index"]) for path in shard_paths(shards) for _, sample in iter_tar_samples(path)}
+    return {int(json.loads(sample["json"])["index"]) for _, _, sample in iter_shard_samples(shards)}
 
 
 def check_split_overlap(paths: DataPaths, allow: bool = False) -> None:
@@ -153,11 +155,36 @@ def _loader_cfg(cfg: LoaderConfig, shards: str, tokenizer: str) -> LoaderConfig:
 
 def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_batch: int,
                  skip_images: frozenset[int] = frozenset()):
-    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume);
-    the locations in `skip_images` (already in the frozen-trunk cache) are not decoded."""
-    return build_loader(_loader_cfg(cfg, paths.train, paths.tokenizer), "train", epoch=epoch,
-                        start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes,
-                        skip_images=skip_images)
+    """This rank's batches of `epoch`, from batch `start_batch` on (exact mid-epoch resume), the
+    ranks agreeing at each step on read errors and skips (`agreed_batches`); the locations in
+    `skip_images` (already in the frozen-trunk cache) are not decoded."""
+    loader = build_loader(_loader_cfg(cfg, paths.train, paths.tokenizer), "train", epoch=epoch,
+                          start_batch=start_batch, rank=acc.process_index, world_size=acc.num_processes,
+                          skip_images=skip_images)
+    return agreed_batches(loader, f"rank {acc.process_index}: epoch {epoch}")
+
+
+def agreed_batches(loader, label: str) -> Iterator[dict]:
+    """The loader's batches, the ranks agreeing at every step (one small all-reduce): a rank
+    whose read failed makes every rank raise its one-line message (none is left waiting in a
+    collective), and every rank prints the samples skipped so far on all ranks after `label`."""
+    batches, total = iter(loader), 0
+    while True:
+        batch, error = None, None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            pass  # train loaders yield the same number of batches on every rank: all end here
+        except InputError as e:
+            error = e
+        (skipped,) = raise_together(error, [int(batch.pop("skipped", 0)) if batch is not None else 0])
+        if skipped:
+            total += skipped
+            print(f"{label}: {total} samples skipped so far on all ranks (data.loader.on_error=skip; the warnings "
+                  "name the shards)", flush=True)
+        if batch is None:
+            return
+        yield batch
 
 
 def steps_per_epoch(paths: DataPaths, cfg: LoaderConfig, world_size: int) -> int:
@@ -173,9 +200,6 @@ def eval_loader(shards: str, cfg: LoaderConfig, tokenizer: str, acc):
 
 
 def read_coords(shards: str) -> torch.Tensor:
-    """(N, 3) float64 ECEF of every location in a shard folder, from the JSON members only."""
-    xyz = []
-    for path in shard_paths(shards):
-        for _, sample in iter_tar_samples(path):
-            xyz.append(json.loads(sample["json"])["xyz"])
+    """(N, 3) float64 ECEF of every location in a shard folder (or URL prefix), from the JSON members only."""
+    xyz = [json.loads(sample["json"])["xyz"] for _, _, sample in iter_shard_samples(shards)]
     return torch.tensor(xyz, dtype=torch.float64)

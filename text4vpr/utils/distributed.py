@@ -3,8 +3,53 @@ global BatchNorm), averaging gradients by hand, leaving a run cleanly."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
+
+from text4vpr.utils.errors import InputError, one_line
+
+
+class PeerInputError(InputError, RuntimeError):
+    """An input error that another rank met (its one-line message), raised on this rank too."""
+
+
+def raise_together(error: BaseException | None, counts: Sequence[int] = ()) -> list[int]:
+    """Raise on every rank when any rank holds `error` (this rank's own, else the first other
+    rank's message), else return `counts` summed over the ranks. A rank raising alone would
+    leave the others waiting in their next collective (until a watchdog fires)."""
+    if distributed_world()[1] == 1:
+        if error is not None:
+            raise error
+        return list(counts)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.tensor([int(error is not None), *counts], dtype=torch.int64, device=device)
+    dist.all_reduce(flags)
+    if int(flags[0]) == 0:
+        return flags[1:].tolist()
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else one_line(error))
+    if error is not None:
+        raise error
+    raise PeerInputError(next(m for m in messages if m))
+
+
+class Deferred:
+    """Iterates `items`, stopping at an InputError instead of raising it; `settle()` (called on
+    every rank after the loop) then raises it on every rank (`raise_together`)."""
+
+    def __init__(self, items):
+        self.items, self.error = items, None
+
+    def __iter__(self):
+        try:
+            yield from self.items
+        except InputError as e:
+            self.error = e
+
+    def settle(self) -> None:
+        raise_together(self.error)
 
 
 def shutdown_distributed() -> bool:
@@ -19,6 +64,17 @@ def shutdown_distributed() -> bool:
     dist.barrier()
     dist.destroy_process_group()
     return True
+
+
+def leave(rc: int) -> int:
+    """End an entry point: after a success, every rank leaves together (barrier); after an
+    error (which every rank raised together, `raise_together`), at once, with no teardown
+    beside peers that are leaving too. Returns `rc` when not distributed."""
+    if rc == 0 and shutdown_distributed():
+        exit_process(0)
+    if rc != 0 and distributed_world()[1] > 1:
+        exit_process(rc)
+    return rc
 
 
 def exit_process(code: int) -> None:

@@ -1,0 +1,60 @@
+"""Verified, cached, prefetched byte ranges of remote shards (one `Fetcher` per loader worker).
+
+`read(url, offset, length, sha256)` returns bytes that match the manifest's digest, from the
+local cache when it holds them (an entry that no longer matches is dropped and fetched
+again), else from the server (`remote.read_range`); only verified bytes enter the cache.
+`ahead(requests)` keeps `in_flight` reads running while the caller decodes earlier ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator
+
+from text4vpr.data.fetch_cache import ByteCache
+from text4vpr.data.remote import RemoteOptions, read_range
+from text4vpr.utils.errors import InputError
+
+
+class DigestMismatch(InputError, ValueError):
+    """Bytes read from a URL differ from the manifest's digest (message names the URL)."""
+
+
+class Fetcher:
+    def __init__(self, opts: RemoteOptions = RemoteOptions(), cache: ByteCache | None = None, in_flight: int = 4):
+        self.opts, self.cache, self.in_flight = opts, cache, max(1, in_flight)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def read(self, url: str, offset: int, length: int, sha256: str | None = None) -> bytes:
+        """`length` bytes of `url` at `offset`, checked against `sha256` when given."""
+        key = f"{url}#{offset}+{length}"
+        if self.cache is not None and (data := self.cache.get(key)) is not None:
+            if sha256 is None or hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            self.cache.drop(key)  # a damaged entry: fetch again
+        data = read_range(url, offset, length, self.opts)
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise DigestMismatch(f"{url}: sha256 of bytes {offset}..{offset + length} does not match its manifest "
+                                 "entry (a changed, damaged or replaced shard on the server; rebuild or re-upload it)")
+        if self.cache is not None:
+            self.cache.put(key, data)
+        return data
+
+    def ahead(self, requests: Iterable[tuple[str, int, int, str | None]]) -> Iterator[Future]:
+        """Futures of `read(*request)`, in order, with up to `in_flight` reads running ahead."""
+        if self._pool is None:  # made lazily: in the loader worker, after the fork
+            self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="text4vpr-fetch")
+        pending: deque[Future] = deque()
+        todo = iter(requests)
+        try:
+            for request in todo:
+                pending.append(self._pool.submit(self.read, *request))
+                if len(pending) >= self.in_flight:
+                    yield pending.popleft()
+            while pending:
+                yield pending.popleft()
+        finally:  # the consumer stopped early: drop reads not yet started
+            for f in pending:
+                f.cancel()
