@@ -11,6 +11,7 @@ from text4vpr.data.decode import BatchMaker, Stats
 from text4vpr.data.loader_config import LoaderError
 from text4vpr.data.order import epoch_order, rank_share
 from text4vpr.data.sample_index import RangeReader, missing_offsets_message, read_sample, samples_problem
+from text4vpr.data.remote import is_url
 from text4vpr.data.shard_reader import sample_ranges
 
 
@@ -31,11 +32,12 @@ class ElasticBatches:
     """Batches of one (epoch, rank, world): `batch(j)` is this rank's part of global batch j."""
 
     def __init__(self, shards, maker: BatchMaker, stats: Stats, seed: int, epoch: int, window: int,
-                 rank: int, world: int, per_rank: int, verify: bool):
+                 rank: int, world: int, per_rank: int, verify: bool, fetcher=None):
         self.shards, self.maker, self.stats = shards, maker, stats
         self.seed, self.epoch, self.window = seed, epoch, window
         self.rank, self.world, self.global_batch, self.verify = rank, world, per_rank * world, verify
         self._order = self._reader = None
+        self.fetcher = fetcher  # shards at URLs: the loader's fetcher (retries, cache); local files: pread
         self._rescanned: dict[int, dict] = {}
 
     def batch(self, j: int) -> dict:
@@ -64,7 +66,7 @@ class ElasticBatches:
     def _read(self, s: int, key: str, record) -> dict[str, bytes]:
         url = self.shards.urls[s]
         try:
-            return read_sample(self._reader.read, url, key, record, self.verify)
+            return read_sample(self._fetch(url), url, key, record, self.verify)
         except (ValueError, EOFError):
             if self.verify:
                 raise
@@ -72,7 +74,10 @@ class ElasticBatches:
             found = self._rescan(s).get(key)
             if found is None or list(found) == list(record):
                 raise
-            return read_sample(self._reader.read, url, key, found, False)
+            return read_sample(self._fetch(url), url, key, found, False)
+
+    def _fetch(self, url: str):
+        return self.fetcher.read if self.fetcher is not None and is_url(url) else self._reader.read
 
     def _rescan(self, s: int) -> dict:
         if s not in self._rescanned:

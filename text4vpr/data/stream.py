@@ -66,7 +66,7 @@ class ShardStream(IterableDataset):
         if mode == "train" and not cfg.fixed_shard_assignment:
             check_offsets(self.shards, cfg.shards)
             self.elastic = ElasticBatches(self.shards, self.maker, self.stats, cfg.seed, epoch, cfg.shuffle_window,
-                                          rank, world_size, cfg.batch_size, cfg.verify)
+                                          rank, world_size, cfg.batch_size, cfg.verify, self.fetcher)
 
     def __len__(self) -> int:
         """Batches this rank yields (train: exact; eval: exact when the manifest is known)."""
