@@ -86,11 +86,11 @@ class LoaderRun:
     """One loader configuration; `once()` times one pass from its first batch (after worker start-up)."""
 
     def __init__(self, shards: Path, tokenizer: Path, workers: int, batch_size: int,
-                 skip_images: frozenset[int] = frozenset(), **options):
+                 skip_images: frozenset[int] = frozenset(), mode: str = "eval", **options):
         self.cfg = LoaderConfig(shards=str(shards), tokenizer=str(tokenizer), batch_size=batch_size, image_size=252,
                                 num_workers=workers, max_text_length=96, **options)
         self.workers, self.options, self.images, self.seconds = workers, options, 0, 0.0
-        self.skip_images = skip_images
+        self.skip_images, self.mode, self.epoch = skip_images, mode, 0
         if skip_images:
             self.options = {**options, "skip_images": f"{len(skip_images)} locations"}
 
@@ -99,7 +99,8 @@ class LoaderRun:
 
     def once(self) -> None:
         t0 = None
-        for batch in build_loader(self.cfg, "eval", skip_images=self.skip_images):
+        self.epoch += 1  # train: a new order each pass
+        for batch in build_loader(self.cfg, self.mode, epoch=self.epoch, skip_images=self.skip_images):
             if t0 is None:
                 t0, cpu0 = time.perf_counter(), self._cpu()
                 continue
@@ -153,6 +154,62 @@ def bench_sha(shards: Path, images_per_s: float, repeats: int = 20) -> dict:
     ms = 1e3 * (time.perf_counter() - t0) / repeats
     load_ms = 1e3 * first["views"] / images_per_s
     return {"ms_per_shard": ms, "mb_per_shard": len(data) / 1e6, "shard_load_ms": load_ms, "fraction": ms / load_ms}
+
+
+def read_amplification(shards: Path, batch_size: int, window: int, worlds=(1, 2, 4)) -> dict:
+    """Bytes one rank fetches per epoch of the elastic order over the bytes of its samples' members:
+    by range reads (each sample's headers and members) and, for comparison, by whole shards (every
+    shard its samples sit in); shards touched per batch."""
+    import json
+    import tarfile
+
+    from text4vpr.data.order import epoch_order, rank_share
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    counts = [e["count"] for e in manifest["shards"]]
+    payload = []  # member bytes per sample, per shard
+    for e in manifest["shards"]:
+        sizes: dict[str, int] = {}
+        with tarfile.open(shards / e["name"]) as tar:
+            for info in tar:
+                key = info.name.partition(".")[0]
+                sizes[key] = sizes.get(key, 0) + info.size
+        payload.append([sizes[k] for k in e["keys"]])
+    shard, sample = epoch_order(counts, 0, 0, window)
+    out = {}
+    for world in worlds:
+        g = batch_size * world
+        steps = len(shard) // g
+        if steps == 0:  # too few locations for one global batch on this many ranks
+            continue
+        mine = [p for j in range(steps) for p in range(*rank_share(j, 0, world, g).indices(len(shard)))]
+        used = sum(payload[shard[p]][sample[p]] for p in mine)
+        ranged = sum(manifest["shards"][shard[p]]["samples"][sample[p]][1] for p in mine)
+        whole = sum(manifest["shards"][s]["bytes"] for s in {int(shard[p]) for p in mine})
+        per_batch = np.mean([len({int(shard[p]) for p in range(*rank_share(j, 0, world, g).indices(len(shard)))})
+                             for j in range(steps)])
+        out[world] = {"range_reads": ranged / used, "whole_shards": whole / used, "shards_per_batch": float(per_batch)}
+    return out
+
+
+def cache_hits(counts: list[int], batch_size: int, window: int, worlds=(2, 4, 8), epochs: int = 4) -> dict:
+    """Frozen-trunk cache under the elastic order: the share of rank 0's locations in epoch e that
+    it met in an earlier epoch (cache hits) and the share of all locations its cache holds after e."""
+    from text4vpr.data.order import epoch_order, rank_share
+
+    total, out = sum(counts), {}
+    offsets = np.cumsum([0, *counts])
+    for world in worlds:
+        g, seen, rows = batch_size * world, set(), []
+        for e in range(epochs):
+            shard, sample = epoch_order(counts, 0, e, window)
+            ids = offsets[shard] + sample
+            mine = [int(ids[p]) for j in range(len(ids) // g) for p in range(*rank_share(j, 0, world, g).indices(len(ids)))]
+            rows.append({"hits": sum(i in seen for i in mine) / len(mine), "cached": 0.0})
+            seen.update(mine)
+            rows[-1]["cached"] = len(seen) / total
+        out[world] = rows
+    return out
 
 
 def bench_regroup(xlsx: str, items: int = 200) -> dict | None:
@@ -224,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--passes", type=int, default=3, help="timed rounds; each runs every loading configuration once")
     p.add_argument("--out", default="benchmarks/results/bench_data_cpu.json")
     p.add_argument("--workdir", default=None, help="keep data here (default: a temp folder)")
+    p.add_argument("--train-only", action="store_true",
+                   help="only the train order: today's sequential reader (fixed_shard_assignment) against the elastic order")
     p.add_argument("--real-train-xlsx", default="../shared/street360loc/train_description.xlsx",
                    help="real annotation file for the upstream regroup cost (skipped if absent)")
     p.add_argument("--url", default=None, help="URL prefix serving --workdir: also read its 252 px shards from there")
@@ -242,7 +301,15 @@ def main(argv=None) -> int:
         train_tokenizer(shard_descriptions(work / "shards_252"), tok, vocab_size=500)
         s252, s640, bs = work / "shards_252", work / "shards_orig", args.batch_size
         every = frozenset(i for b in build_loader(LoaderRun(s252, tok, 0, bs).cfg, "eval") for i in b["index"].tolist())
-        runs = {  # key: (label, run)
+        train_runs = {  # the train order, 1 in-process worker, uint8 252px, verified (sha256 per shard / per sample)
+            "u8_252_1w_train_sequential": ("train: sequential reader (slot streams whole shards, shuffle buffer 256; "
+                                           "fixed_shard_assignment=true)",
+                                           LoaderRun(s252, tok, 0, bs, mode="train", image_dtype="uint8",
+                                                     fixed_shard_assignment=True)),
+            "u8_252_1w_train_elastic": ("train: elastic order (shuffle_window=8, per-sample range reads)",
+                                        LoaderRun(s252, tok, 0, bs, mode="train", image_dtype="uint8")),
+        }
+        runs = train_runs if args.train_only else {  # key: (label, run)
             "upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
                          UpstreamRun(data)),
             "f32_252_1w": ("loader float32 (normalised in loader), 252px shards, 1 in-process worker",
@@ -262,6 +329,7 @@ def main(argv=None) -> int:
                           LoaderRun(s252, tok, args.workers, bs, image_dtype="float32")),
             "u8_252_w": (f"loader uint8, 252px shards, {args.workers} DataLoader workers",
                          LoaderRun(s252, tok, args.workers, bs, image_dtype="uint8")),
+            **train_runs,
         }
         if args.nginx:
             from tests.http_servers import Nginx
@@ -273,11 +341,17 @@ def main(argv=None) -> int:
             runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers, pid))
         if args.url_only:
             runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w") or "_url" in k}
+        if args.train_only:
+            runs = {"upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
+                                 UpstreamRun(data)), **train_runs}
         for _ in range(args.passes):  # interleaved: each round runs every configuration once
             for _, run in runs.values():
                 run.once()
         results = {key: run.result() for key, (_, run) in runs.items()}
-        sha = bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"]) if not args.url_only else None
+        sha = bench_sha(s252, results["u8_252_1w_unverified"]["images_per_s"]) if not (args.url_only or args.train_only) else None
+        amplification = read_amplification(s252, bs, LoaderConfig.shuffle_window)
+        counts = [e["count"] for e in __import__("json").loads((s252 / "manifest.json").read_text())["shards"]]
+        hits = cache_hits(counts, bs, LoaderConfig.shuffle_window)
     regroup = bench_regroup(args.real_train_xlsx)
     if "upstream" not in results:
         return _url_report(args, runs, results)
@@ -300,6 +374,19 @@ def main(argv=None) -> int:
         "upstream": results["upstream"],
         "ratio_per_worker_vs_upstream": {key: results[key]["images_per_s_per_worker"] / base for key in runs if key != "upstream"},
     }
+    trained = "u8_252_1w_train_elastic" in results  # not in a --url-only run
+    ratio = (results["u8_252_1w_train_elastic"]["images_per_s"] / results["u8_252_1w_train_sequential"]["images_per_s"]
+             if trained else None)
+    if trained:
+        print(f"train order: elastic / sequential images/s per core = {ratio:.3f}")
+    for world, a in amplification.items():
+        print(f"read amplification, rank 0 of {world}: range reads {a['range_reads']:.4f}x, whole shards "
+              f"{a['whole_shards']:.2f}x; {a['shards_per_batch']:.1f} shards per batch")
+    result["train_order"] = {"elastic_over_sequential": ratio, "read_amplification": amplification, "cache_hits": hits}
+    if args.train_only:
+        atomic_write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return 0
     overhead = results["u8_252_1w_unverified"]["images_per_s"] / results["u8_252_1w"]["images_per_s"] - 1
     print(f"shard verification (sha256 of every shard read, split/size checks) costs {100 * overhead:+.1f} % "
           "(uint8 252px, 1 worker: verify=True against verify=False, interleaved passes)")

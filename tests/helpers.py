@@ -73,7 +73,7 @@ def rewrite_first_shard(folder, edit_member) -> list[str]:
     import tarfile
     from pathlib import Path
 
-    from text4vpr.data.shard_reader import iter_tar_samples, load_manifest
+    from text4vpr.data.shard_reader import iter_tar_samples, load_manifest, sample_ranges
 
     folder = Path(folder)
     manifest = load_manifest(folder)
@@ -89,5 +89,7 @@ def rewrite_first_shard(folder, edit_member) -> list[str]:
                 tar.addfile(info, io.BytesIO(data))
     (folder / entry["name"]).write_bytes(buf.getvalue())
     entry.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    if "samples" in entry:  # the per-sample byte ranges re-indexed too
+        entry["samples"] = [[o, n, d] for _, o, n, d in sample_ranges(folder / entry["name"])]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return [key for key, _ in samples]

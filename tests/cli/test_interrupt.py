@@ -1,5 +1,6 @@
 """Ctrl-C during training: one line per rank, exit status 130, no traceback of ours."""
 
+import json
 import os
 import signal
 import subprocess
@@ -32,11 +33,24 @@ def _train_args(tmp_path, cache):
             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=100000", "eval.every_steps=100000"]
 
 
+def _stop_line(step_log: Path) -> str:
+    """The line of a run stopped by Ctrl-C after its checkpoint at the last logged step."""
+    step = [json.loads(ln)["step"] for ln in step_log.read_text().splitlines() if '"kind": "train"' in ln][-1]
+    return f"SIGINT at step {step}: checkpoint saved in "
+
+
 def test_ctrl_c_is_one_line(tmp_path):
-    rc, err = _interrupt_once_training([sys.executable, *_train_args(tmp_path, tmp_path / "cache")], tmp_path / "run", tmp_path)
+    """With the progress bar on: the stop line is a line of its own (split on newlines only), after
+    a checkpoint at the step the run stopped, and names train.resume=auto."""
+    args = [*_train_args(tmp_path, tmp_path / "cache"), "train.progress=true"]
+    rc, err = _interrupt_once_training([sys.executable, *args], tmp_path / "run", tmp_path)
     assert rc == 130, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
-    assert [ln for ln in err.splitlines() if "interrupted" in ln] == ["interrupted"]
+    ours = [ln for ln in err.split("\n") if "interrupted" in ln]
+    assert len(ours) == 1 and ours[0].startswith("interrupted: " + _stop_line(tmp_path / "run" / "metrics.jsonl")), err[-2000:]
+    assert "train.resume=auto" in ours[0]
+    step = int(ours[0].split("step ")[1].split(":")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:08d}" / "state.json").is_file()
 
 
 @pytest.mark.slow
@@ -45,5 +59,7 @@ def test_ctrl_c_under_accelerate_is_one_line_per_rank(tmp_path):
               str(REPO / "launch" / "accelerate_cpu_2proc.yaml")]
     rc, err = _interrupt_once_training(launch + _train_args(tmp_path, tmp_path / "cache"), tmp_path / "run", tmp_path)
     assert rc != 0
-    ours = sorted(ln for ln in err.splitlines() if ln.startswith("interrupted"))
-    assert ours == ["interrupted (rank 0)", "interrupted (rank 1)"], err[-3000:]
+    ours = sorted(ln for ln in err.split("\n") if ln.startswith("interrupted"))
+    stop = _stop_line(tmp_path / "run" / "metrics.jsonl")  # both ranks stopped at the same step, after one checkpoint
+    assert [ln.split(":")[0] for ln in ours] == ["interrupted (rank 0)", "interrupted (rank 1)"], err[-3000:]
+    assert all(stop in ln and "train.resume=auto" in ln for ln in ours), err[-3000:]

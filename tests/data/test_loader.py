@@ -21,15 +21,6 @@ from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 
-@pytest.fixture(scope="module")
-def train_shards(synth_root, tmp_path_factory):
-    """28 synthetic train locations in 7 uneven shards (5,5,5,5,5,3 -> max_count 5 gives 6)."""
-    out = tmp_path_factory.mktemp("loader_shards")
-    build_shards(synth_root / "train_description.xlsx", synth_root / "Street360Loc_images", out,
-                 BuildOptions(max_count=5), progress=False, log=None)
-    return out
-
-
 def _cfg(shards, tokenizer_dir, **kw):
     base = dict(shards=str(shards), tokenizer=str(tokenizer_dir), batch_size=3, image_size=32, num_workers=0,
                 max_text_length=24, shuffle_buffer=6)

@@ -57,10 +57,11 @@ def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:
         rc = int(fn() or 0)
         _flush_stdout()
         return rc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a plain Ctrl-C, or training stopped on a signal after a checkpoint
         rank = os.environ.get("RANK")
-        print(f"interrupted{f' (rank {rank})' if rank is not None else ''}", file=sys.stderr)
-        return 130
+        detail = f": {e}" if str(e) else ""
+        print(f"interrupted{f' (rank {rank})' if rank is not None else ''}{detail}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:  # stdout's reader went away (`text4vpr ... | head`): stop without a word
         if debug:
             raise

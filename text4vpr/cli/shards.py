@@ -1,4 +1,4 @@
-"""`text4vpr shards build|inspect`: pack Street360Loc into WebDataset shards, check them."""
+"""`text4vpr shards build|inspect|index-offsets`: pack Street360Loc into WebDataset shards, check them."""
 
 from __future__ import annotations
 
@@ -45,10 +45,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("dir", help="shard folder, or its URL prefix (http(s)://, s3://, gs://)")
     i.add_argument("--index", type=int, default=None, help="print this location's coordinates and descriptions")
     i.add_argument("--write-images", default=None, help="with --index: write its views to this folder")
+    x = sub.add_parser("index-offsets", help="add per-sample byte offsets to a folder built before they were recorded "
+                                             "(checks each shard's sha256; rewrites only manifest.json)")
+    x.add_argument("dir", help="shard folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    return _build(args) if args.action == "build" else _inspect(args)
+    return {"build": _build, "inspect": _inspect, "index-offsets": _index_offsets}[args.action](args)
+
+
+def _index_offsets(args: argparse.Namespace) -> int:
+    from text4vpr.data.sample_index import index_offsets
+
+    manifest = index_offsets(args.dir)
+    n = sum(len(s["samples"]) for s in manifest["shards"])
+    print(f"{args.dir}: byte offsets of {n} samples in {len(manifest['shards'])} shards added to manifest.json")
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ class BatchMaker:
                     dst[i, j] = 0  # missing view: 0 (float32 path: exactly 0 after normalising)
                 else:
                     dst[i, j] = view.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-        view_mask = torch.tensor([it["mask"] + [False] * (v - len(it["mask"])) for it in items], dtype=torch.bool)
+        view_mask = torch.tensor([it["mask"] + [False] * (v - len(it["mask"])) for it in items], dtype=torch.bool).view(b, v)
         if self.cfg.image_dtype == "float32":
             images = normalize_images(images, view_mask)  # one pass over the whole batch
         ids, att = self.tokenize([t for it in items for t in it["texts"]], b, v)
@@ -142,7 +142,7 @@ class BatchMaker:
             "input_ids": ids,
             "attention_mask": att,
             "view_mask": view_mask,
-            "coords": torch.tensor([it["xyz"] for it in items], dtype=torch.float64),
+            "coords": torch.tensor([it["xyz"] for it in items], dtype=torch.float64).view(b, 3),  # (B, 3), B may be 0
             "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
         }
 

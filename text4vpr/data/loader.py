@@ -34,7 +34,8 @@ def build_loader(
     """A DataLoader of batch dicts for one epoch (train) or one full pass (eval).
 
     Make a new one each epoch. `len()` is the number of batches this rank yields. Resume
-    mid-epoch with `start_batch` (same world size and num_workers as the interrupted run).
+    mid-epoch with `start_batch`, a global batch index: any world size and num_workers with the
+    same global batch (batch_size x world); with fixed_shard_assignment, the same world and workers.
     Locations in `skip_images` are not decoded: their images are placeholders (zero pixels;
     under image_dtype="float32" those zeros normalised), their view masks and descriptions
     unchanged. For a trainer whose frozen-trunk cache holds them and never reads the images.
@@ -50,6 +51,17 @@ def build_loader(
         pin_memory=cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=_leave_signals_to_main if cfg.num_workers > 0 else None,
         # own generator: creating the iterator must not consume the global torch RNG (exact resume)
         generator=torch.Generator().manual_seed(cfg.seed + 1_000_003 * epoch),
     )
+
+
+def _leave_signals_to_main(worker_id: int) -> None:
+    """Workers ignore SIGINT/SIGTERM (a launcher or terminal signals the whole process group):
+    the main process decides when to stop (e.g. after a checkpoint) and its workers follow it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+

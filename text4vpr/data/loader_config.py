@@ -29,7 +29,10 @@ class LoaderConfig:
     max_text_length: int = DEFAULT_MAX_TEXT_LENGTH  # recorded in the saved model (data.text_settings)
     dynamic_padding: bool = False  # pad to the longest description in the batch instead of max_text_length
     seed: int = 0
-    shuffle_buffer: int = 256  # samples per worker
+    shuffle_buffer: int = 256  # samples per worker (eval: unused; train: only with fixed_shard_assignment)
+    # train: shards per shuffle window of the elastic order (docs/data.md#elastic-order): the shard order
+    # is shuffled, then samples within each window of this many shards; larger mixes more, reads less locally
+    shuffle_window: int = 8
     on_error: Literal["raise", "skip"] = "raise"
     views: int = NUM_VIEWS
     batches_per_epoch: int | None = None  # train: override locations // (world_size * batch_size)
@@ -44,7 +47,8 @@ class LoaderConfig:
     fast_decode: bool = False
     # train: the same shards go to the same rank (and worker) every epoch, in a new order each
     # epoch; a rank then meets only its 1/world share of the locations, so a per-rank
-    # frozen-trunk cache holds 1/world of them instead of, over the epochs, nearly all
+    # frozen-trunk cache holds 1/world of them instead of, over the epochs, nearly all.
+    # Not elastic: the order then depends on the world size and workers (a resume needs the same)
     fixed_shard_assignment: bool = False
     # check each shard against its manifest when read: sha256 of the whole tar (a replaced,
     # copied or bit-flipped shard), no location key in two shards, every sample of the
@@ -70,7 +74,8 @@ class LoaderConfig:
         from text4vpr.config import check_range
 
         for key, low in (("batch_size", 1), ("image_size", 1), ("num_workers", 0), ("max_text_length", 2),
-                         ("shuffle_buffer", 0), ("prefetch_factor", 1), ("max_pixels", 1), ("views", 1)):
+                         ("shuffle_buffer", 0), ("shuffle_window", 1), ("prefetch_factor", 1), ("max_pixels", 1),
+                         ("views", 1)):
             check_range(f"data.loader.{key}", getattr(self, key), low)
         check_range("data.loader.views", self.views, high=4)  # Street360Loc has four views per location
         if self.batches_per_epoch is not None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from text4vpr.data.image_checks import format_problem, pixel_problem
-from text4vpr.data.shard_reader import ShardError
 from text4vpr.data.sample_key import sample_key as location_key
+from text4vpr.data.shard_reader import ShardError, sample_ranges
 from text4vpr.data.street360loc import Location, Street360LocError
 from text4vpr.utils.atomic import atomic_open, atomic_write_json
 
@@ -192,6 +192,8 @@ def write_shard(task: dict) -> dict:
             with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 _pack_into(tar, task, record)
     record.update(bytes=hw.bytes, sha256=hw.sha.hexdigest())
+    with writing(out / name):
+        record["samples"] = [[o, n, d] for _, o, n, d in sample_ranges(out / name)]  # for readers that seek
     with writing(out / PARTS / f"{name}.json"):
         atomic_write_json(out / PARTS / f"{name}.json", record)
     return record

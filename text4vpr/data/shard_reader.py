@@ -17,6 +17,7 @@ from text4vpr.utils.errors import InputError, file_records_problem
 from text4vpr.utils.hashing import bytes_sha256, file_sha256
 
 MANIFEST = "manifest.json"
+BLOCK = 512  # tar block: every header, and every member's data padded to a multiple of it
 
 
 class ShardError(InputError, RuntimeError):
@@ -111,6 +112,29 @@ def iter_tar_samples(source, name: str | None = None):
             yield key, sample
 
 
+def sample_ranges(path: str | os.PathLike) -> list[tuple[str, int, int, str]]:
+    """(key, offset, size, sha256) of every sample of a tar file, in order."""
+    out: list[list] = []
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for info in tar:
+            key = member_key(info.name)[0]
+            end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+            if out and out[-1][0] == key:
+                out[-1][2] = end - out[-1][1]
+            else:
+                out.append([key, info.offset, end - info.offset])
+        for rec in out:
+            f.seek(rec[1])
+            rec.append(bytes_sha256(f.read(rec[2])))
+    return [tuple(r) for r in out]
+
+
+def _local_ranges(shard_dir, name: str) -> list | None:
+    """The per-sample byte ranges of a shard in a local folder (None for a folder at a URL)."""
+    path = Path(str(shard_dir)) / name
+    return [[o, n, d] for _, o, n, d in sample_ranges(path)] if path.is_file() else None
+
+
 def verify_shards(shard_dir: str | Path) -> dict:
     """Check every shard's sha256, bytes and sample count against the manifest, and what the
     loader checks besides: each sample's JSON member, the manifest's key list, no key twice."""
@@ -135,6 +159,8 @@ def verify_shards(shard_dir: str | Path) -> dict:
             problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['count']}")
         elif "keys" in s and keys != list(s["keys"]):
             problems.append(f"{s['name']}: its location keys differ from its manifest entry's list")
+        elif "samples" in s and _local_ranges(shard_dir, s["name"]) not in (None, s["samples"]):
+            problems.append(f"{s['name']}: per-sample byte offsets differ from the manifest's")
     return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from text4vpr.data.build_checks import skipped_share_problem
 from text4vpr.data.shard_pack import PARTS, BuildOptions, sample_json, write_shard, writing
-from text4vpr.data.shard_reader import MANIFEST, ShardError
+from text4vpr.data.shard_reader import MANIFEST, ShardError, sample_ranges
 from text4vpr.utils.hashing import file_sha256
 from text4vpr.data.street360loc import Location, ReadOptions, ValidationReport, read_street360loc
 from text4vpr.utils.atomic import atomic_write_json
@@ -185,7 +185,7 @@ def _build_locked(xlsx, images_dir, out: Path, options: BuildOptions, read_optio
     names = [f"{options.prefix}-{i:06d}.tar" for i in range(len(shards))]
     with writing(out / PLAN):
         atomic_write_json(out / PLAN, {"plan": plan, "shards": names})
-    records = {n: r for n in names if (r := _finished(out, n, plan)) is not None}
+    records = {n: _with_samples(out, r) for n in names if (r := _finished(out, n, plan)) is not None}
     tasks = [
         {"out": str(out), "name": n, "plan": plan, "options": options, "locations": s,
          "min_views": read_options.min_views, "strict": read_options.strict, "max_pixels": read_options.max_pixels}
@@ -199,6 +199,13 @@ def _build_locked(xlsx, images_dir, out: Path, options: BuildOptions, read_optio
     if log is not None:
         log(_summary_line(manifest, len(names) - len(tasks), elapsed))
     return manifest
+
+
+def _with_samples(out: Path, record: dict) -> dict:
+    """A reused shard's record, with its per-sample byte ranges (parts written before they were recorded lack them)."""
+    if "samples" not in record:
+        record["samples"] = [[o, n, d] for _, o, n, d in sample_ranges(out / record["name"])]
+    return record
 
 
 def _run_tasks(tasks: list[dict], workers: int, total: int, done: int, progress: bool) -> dict:
@@ -227,7 +234,8 @@ def _run_tasks(tasks: list[dict], workers: int, total: int, done: int, progress:
 def _manifest(names, records, report: ValidationReport, opts, read_opts, xlsx, images_dir) -> dict:
     """Assemble manifest.json: per-shard counts and checksums, totals, options, report."""
     report = _apply_worker_drops(report, [records[n] for n in names])
-    shards = [{k: records[n][k] for k in ("name", "count", "views", "bytes", "sha256", "keys") if k in records[n]} for n in names]
+    shards = [{k: records[n][k] for k in ("name", "count", "views", "bytes", "sha256", "keys", "samples") if k in records[n]}
+              for n in names]
     xlsx_list = [str(xlsx)] if isinstance(xlsx, (str, Path)) else [str(p) for p in xlsx]
     return {
         "format": "text4vpr-street360loc-wds",

@@ -1,10 +1,12 @@
 """The loader's IterableDataset: reads this (rank, worker) slot's samples and yields batches.
 
-- train: each (rank, worker) slot streams its own shards (or every S-th sample when there
-  are fewer shards than slots), endlessly, through a shuffle buffer seeded by
-  (seed, epoch, rank, worker); every rank yields exactly `batches_per_epoch` full batches,
-  so uneven shards never hang DDP. `start_batch=n` yields exactly the batches n, n+1, ...
-  an uninterrupted epoch would have yielded (same world size and num_workers).
+- train (default): the elastic order (`order`, `elastic`): global batch j is the same G
+  locations for any world size and num_workers; this rank reads only its share of each, by
+  byte range. Every rank yields exactly `batches_per_epoch` batches, so uneven shards never
+  hang DDP; `start_batch=n` yields exactly the global batches n, n+1, ...
+- train with `fixed_shard_assignment`: each (rank, worker) slot streams its own shards,
+  endlessly, through a shuffle buffer seeded by (seed, epoch, rank, worker); `start_batch`
+  resumes exactly only with the same world size and num_workers.
 - eval: no shuffle, every location exactly once across all ranks x workers, last batch of
   each worker partial, nothing padded or repeated.
 """
@@ -19,6 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from text4vpr.data.decode import BatchMaker, Stats, log
+from text4vpr.data.elastic import ElasticBatches, check_offsets
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.partition import (
     batches_per_epoch,
@@ -59,6 +62,11 @@ class ShardStream(IterableDataset):
         expect = {"resize": self.shards.resize, "splits": self.shards.splits} if cfg.verify else {}
         self.maker = BatchMaker(cfg, self.stats, skip_images, **expect)
         self.fetcher = cfg.fetcher()  # shards at URLs: verified, cached, read ahead
+        self.elastic = None  # train: the elastic order, unless each rank keeps its own shards
+        if mode == "train" and not cfg.fixed_shard_assignment:
+            check_offsets(self.shards, cfg.shards)
+            self.elastic = ElasticBatches(self.shards, self.maker, self.stats, cfg.seed, epoch, cfg.shuffle_window,
+                                          rank, world_size, cfg.batch_size, cfg.verify, self.fetcher)
 
     def __len__(self) -> int:
         """Batches this rank yields (train: exact; eval: exact when the manifest is known)."""
@@ -194,12 +202,18 @@ class ShardStream(IterableDataset):
             if self.mode == "eval":
                 slot, slots = self.rank * w + p, self.world * w
                 yield from self._batches(self._slot_samples(list(range(len(self.shards.urls))), slot, slots), None)
+            elif self.elastic is not None:
+                logical, first, end = worker_batch_range(self.total, self.start_batch, w, p)
+                for k in range(first, end):  # local batch k of logical worker = global batch k * w + logical
+                    yield self.elastic.batch(k * w + logical)
             else:
                 logical, first, end = worker_batch_range(self.total, self.start_batch, w, p)
                 raw = self._train_samples(self.rank * w + logical, self.world * w, logical)
                 self._skip(raw, first)
                 yield from self._batches(raw, end - first)
         finally:
+            if self.elastic is not None:
+                self.elastic.close()
             self._log_counts(p)
 
     def _log_counts(self, worker: int) -> None:

@@ -240,8 +240,8 @@ def load_checkpoint(
     if rng_file.exists() and rank < len(rng_meta):
         set_rng_state(load_file(rng_file), rng_meta[rank])
     else:  # more ranks now than when saved: this rank's random streams start afresh
-        _stderr(f"{path}: no RNG state for rank {rank} (saved by {len(rng_meta)} rank(s)); the resumed run is "
-                "not the exact continuation of the saved one")
+        _stderr(f"{path}: no RNG state for rank {rank} (saved by {len(rng_meta)} rank(s)): its random streams "
+                "(dropout) start afresh; the data order continues at the next global batch")
     return state
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     frozen_cache_dtype: str = "same"  # same (exact) | bfloat16 (half the memory, rounded)
     frozen_cache_device: str = "auto"  # auto (the training device) | cpu
     progress: bool = True
+    log_locations: bool = False  # metrics.jsonl "batch" records: each step's global batch location ids (one gather)
 
     def __post_init__(self) -> None:
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)

@@ -14,6 +14,7 @@ import torch
 
 from text4vpr.data.loader import LoaderConfig, batches_per_epoch, build_loader
 from text4vpr.data.sample_key import key_index
+from text4vpr.data.sample_index import index_offsets
 from text4vpr.data.shard_reader import iter_shard_samples, load_manifest, shard_descriptions
 from text4vpr.data.shards import BuildOptions, build_shards
 from text4vpr.data.synthetic import SynthConfig, write_synthetic
@@ -42,6 +43,9 @@ def synthetic_root(cfg) -> Path:
 def ensure_synthetic(root: Path, s, vocab_size: int = 1000) -> None:
     """Generate the synthetic Street360Loc, its shards and a tokenizer, once (READY marks done)."""
     if (root / "READY.json").exists():
+        for split in SPLITS:  # a cache made before manifests recorded sample offsets: add them (tars unchanged)
+            if not all("samples" in e for e in load_manifest(root / "shards" / split)["shards"]):
+                index_offsets(root / "shards" / split)
         return
     raw = root / "raw"
     print(f"preparing synthetic Street360Loc ({s.locations} locations) in {root} (cached for later runs)")

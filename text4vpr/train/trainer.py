@@ -16,14 +16,15 @@ from text4vpr.config import dump_yaml
 from text4vpr.losses import ContrastiveLoss
 from text4vpr.retrieval.evaluate import evaluate
 from text4vpr.retrieval.metrics import key
-from text4vpr.train import checkpoint as ckpt
 from text4vpr.train.config import RunConfig
 from text4vpr.train.data import (
     DataPaths, check_split_overlap_once, eval_loader, link_run_shards, prepare_data, steps_per_epoch, train_loader,
 )
+from text4vpr.train.elastic import log_locations, resume_point, run_shape
 from text4vpr.train.logs import MetricsLogger, truncate_metrics
 from text4vpr.train.model import build_model, train_text_settings
 from text4vpr.train.optim import build_optimizer, build_scheduler
+from text4vpr.train.preempt import StopSignals
 from text4vpr.train.preflight import check_run_inputs
 from text4vpr.train.run_dir import prepare_run_dir
 from text4vpr.train.strategy import make_strategy
@@ -49,6 +50,8 @@ class TrainState:
     nonfinite_in_row: int = 0
     best_top1_5m: float = -1.0
     best_step: int = -1
+    global_batch: int = 0  # locations per step over all ranks: kept when resuming on another world size
+    world_size: int = 0  # ranks of the run that saved (batch_in_epoch counts global batches)
 
 
 class Trainer:
@@ -72,6 +75,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             if cfg.data.synthetic.locations > 0:  # the demo's shards where the README's next commands look
                 link_run_shards(self.paths, self.run_dir)
+        self.resume_path, cfg.data.loader = resume_point(t.resume, self.ckpt_dir, cfg.data.loader, self.acc)
         model, self.tokenizer = build_model(cfg.model, self.paths.tokenizer, cfg.data.loader, t, self.acc.num_processes)
         self.text_settings = train_text_settings(cfg.data.loader, self.tokenizer)  # saved with the model
         self.loss_fn = ContrastiveLoss(**dataclasses.asdict(cfg.loss)).to(self.acc.device)
@@ -94,19 +98,20 @@ class Trainer:
         """Run to `stop_step`, validating and checkpointing on the way; return final metrics."""
         bar = Progress(self.stop_step, self.state.step, enabled=self.acc.is_main_process and self.cfg.train.progress)
         try:
-            while not self.done and self.state.epoch < self.epochs_needed:
-                for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
-                    lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
-                    loss, pairs, seconds = self.step(batch)
-                    self.state.batch_in_epoch += 1
-                    bar.update(loss, pairs / seconds, lr)
-                    self.after_step(loss, lr, pairs, seconds)
-                    if self.done:
-                        break
-                if self.state.batch_in_epoch >= self.steps_per_epoch:
-                    self.end_epoch()
-            bar.close()  # before the final table
-            return self.finish()
+            with StopSignals() as stop, bar:  # a signal: checkpoint at the next step on every rank, stop; bar closed first
+                while not self.done and self.state.epoch < self.epochs_needed:
+                    for batch in self.epoch_loader(self.state.epoch, self.state.batch_in_epoch):
+                        lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                        loss, pairs, seconds = self.step(batch)
+                        self.state.batch_in_epoch += 1
+                        bar.update(loss, pairs / seconds, lr)
+                        self.after_step(loss, lr, pairs, seconds)
+                        stop.checkpoint_if_asked(self.acc.device, self.save, self.state.step, self.ckpt_dir)
+                        if self.done:
+                            break
+                    if self.state.batch_in_epoch >= self.steps_per_epoch:
+                        self.end_epoch()
+            return self.finish()  # the bar is closed: the final table starts a line of its own
         finally:  # a run that raises closes its bar, metrics file and trackers too
             bar.close()
             self.log.close()
@@ -130,6 +135,8 @@ class Trainer:
         """Forward, backward, clip, optimizer and scheduler step (or a counted skip)."""
         t0 = time.perf_counter()
         local_pairs = int(batch["view_mask"].sum())  # on the host: no device sync
+        log_locations(self.log, self.state.step + 1, batch["index"].tolist(), self.acc.num_processes,
+                      self.cfg.train.log_locations)
         batch = self._to_device(batch)
         self.model.train()
         loss = self.strategy.forward_backward(self.model, batch, self.loss_fn)
@@ -188,8 +195,8 @@ class Trainer:
         from text4vpr.train.frozen_cache import FrozenTrunkCache
 
         if self.acc.num_processes > 1 and not self.cfg.data.loader.fixed_shard_assignment:
-            self.acc.print("train.frozen_cache: ranks trade shards between epochs, so each rank's cache grows "
-                           "towards every location; data.loader.fixed_shard_assignment=true keeps 1/world per rank")
+            self.acc.print("train.frozen_cache: in the elastic order each rank's cache grows towards every location; "
+                           "data.loader.fixed_shard_assignment=true keeps 1/world per rank, not elastic (docs/data.md)")
         device = self.acc.device if t.frozen_cache_device == "auto" else t.frozen_cache_device
         return FrozenTrunkCache(self.acc.unwrap_model(self.model), device, t.frozen_cache_dtype)
 
@@ -236,12 +243,12 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
         state = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
-                 "schedule_steps": self.schedule_steps}
+                 "schedule_steps": self.schedule_steps,
+                 **run_shape(self.cfg.data.loader, self.acc.num_processes)}  # a resume on another world keeps G
         self.strategy.save(self.ckpt_dir, self.state.step, self._modules(), self.optimizer, state)
 
     def _resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.train.resume, self.ckpt_dir, report=self.acc.print)
-        if path is None:
+        if (path := self.resume_path) is None:
             return
         state = self.strategy.load(path, self._modules(), self.optimizer, engine=self.model)
         self._keep_schedule(state.pop("schedule_steps", self.schedule_steps))

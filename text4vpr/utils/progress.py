@@ -38,3 +38,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on an exception: the next line printed starts a line of its own

@@ -1,0 +1,88 @@
+"""One rank's share of a global batch of the elastic order, read sample by sample by byte range.
+
+A rank reads (and decodes) only its own samples. Under `on_error="skip"` a sample that cannot
+be read or decoded is left out of its global batch (the rank's batch is one smaller): the same
+locations drop whatever the world size, and no rank takes another's sample to fill up.
+"""
+
+from __future__ import annotations
+
+from text4vpr.data.decode import BatchMaker, Stats
+from text4vpr.data.loader_config import LoaderError
+from text4vpr.data.order import epoch_order, rank_share
+from text4vpr.data.sample_index import RangeReader, missing_offsets_message, read_sample, samples_problem
+from text4vpr.data.remote import is_url
+from text4vpr.data.shard_reader import sample_ranges
+
+
+def check_offsets(shards, folder: str) -> None:
+    """Every shard's manifest entry must list its samples' byte ranges (one line and the fix if not)."""
+    if shards.entries is None or shards.counts is None:
+        raise LoaderError(f"{folder}: the train order needs a manifest with sample counts and byte offsets "
+                          "(a shard folder, or LoaderConfig.manifest)")
+    for e in shards.entries:
+        if "samples" not in e:
+            raise LoaderError(missing_offsets_message(folder))
+        problem = samples_problem(e)
+        if problem:
+            raise LoaderError(f"{folder}: manifest entry {e['name']}: {problem}; rebuild the folder")
+
+
+class ElasticBatches:
+    """Batches of one (epoch, rank, world): `batch(j)` is this rank's part of global batch j."""
+
+    def __init__(self, shards, maker: BatchMaker, stats: Stats, seed: int, epoch: int, window: int,
+                 rank: int, world: int, per_rank: int, verify: bool, fetcher=None):
+        self.shards, self.maker, self.stats = shards, maker, stats
+        self.seed, self.epoch, self.window = seed, epoch, window
+        self.rank, self.world, self.global_batch, self.verify = rank, world, per_rank * world, verify
+        self._order = self._reader = None
+        self.fetcher = fetcher  # shards at URLs: the loader's fetcher (retries, cache); local files: pread
+        self._rescanned: dict[int, dict] = {}
+
+    def batch(self, j: int) -> dict:
+        if self._order is None:  # built in the worker process: the order array and open files stay there
+            self._order = epoch_order(self.shards.counts, self.seed, self.epoch, self.window)
+            self._reader = RangeReader()
+        shard, sample = self._order
+        part = rank_share(j, self.rank, self.world, self.global_batch)
+        items = [self._item(s, i) for s, i in zip(shard[part].tolist(), sample[part].tolist())]
+        return self.maker.collate([it for it in items if it is not None])
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def _item(self, s: int, i: int) -> dict | None:
+        url, entry = self.shards.urls[s], self.shards.entries[s]
+        key = entry["keys"][i]
+        try:
+            sample = self._read(s, key, entry["samples"][i])
+        except (ValueError, EOFError, OSError) as e:
+            self.stats.fail(f"{url}: sample {key}: {type(e).__name__}: {e}")
+            return None
+        return self.maker.decode(url, key, sample)
+
+    def _read(self, s: int, key: str, record) -> dict[str, bytes]:
+        url = self.shards.urls[s]
+        try:
+            return read_sample(self._fetch(url), url, key, record, self.verify)
+        except (ValueError, EOFError):
+            if self.verify:
+                raise
+            # unverified shards may have been rewritten since the manifest: find the key by its headers
+            found = self._rescan(s).get(key)
+            if found is None or list(found) == list(record):
+                raise
+            return read_sample(self._fetch(url), url, key, found, False)
+
+    def _fetch(self, url: str):
+        return self.fetcher.read if self.fetcher is not None and is_url(url) else self._reader.read
+
+    def _rescan(self, s: int) -> dict:
+        if s not in self._rescanned:
+            try:
+                self._rescanned[s] = {k: (o, n, d) for k, o, n, d in sample_ranges(self.shards.urls[s])}
+            except Exception:  # noqa: BLE001 - a damaged or missing tar: nothing to find
+                self._rescanned[s] = {}
+        return self._rescanned[s]
