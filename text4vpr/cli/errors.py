@@ -32,7 +32,8 @@ def user_message(e: BaseException) -> str | None:
 
 
 def fail(message: str) -> int:
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.stderr.write(f"error: {one_line(message)}\n")  # one write: ranks sharing a pipe never glue lines
+    sys.stderr.flush()
     return 2
 
 

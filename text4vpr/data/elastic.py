@@ -66,7 +66,7 @@ class ElasticBatches:
     def _read(self, s: int, key: str, record) -> dict[str, bytes]:
         url = self.shards.urls[s]
         try:
-            return read_sample(self._fetch(url), url, key, record, self.verify)
+            return read_sample(self._fetch(url, record[2] if self.verify else None), url, key, record, self.verify)
         except (ValueError, EOFError):
             if self.verify:
                 raise
@@ -76,8 +76,10 @@ class ElasticBatches:
                 raise
             return read_sample(self._fetch(url), url, key, found, False)
 
-    def _fetch(self, url: str):
-        return self.fetcher.read if self.fetcher is not None and is_url(url) else self._reader.read
+    def _fetch(self, url: str, digest: str | None = None):
+        if self.fetcher is not None and is_url(url):  # the digest lets the cache drop a damaged entry and fetch again
+            return lambda u, offset, size: self.fetcher.read(u, offset, size, digest)
+        return self._reader.read
 
     def _rescan(self, s: int) -> dict:
         if s not in self._rescanned:
