@@ -8,7 +8,6 @@ again), else from the server (`remote.read_range`); only verified bytes enter th
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
@@ -16,6 +15,7 @@ from typing import Iterable, Iterator
 from text4vpr.data.fetch_cache import ByteCache
 from text4vpr.data.remote import RemoteOptions, read_range
 from text4vpr.utils.errors import InputError
+from text4vpr.utils.hashing import bytes_sha256
 
 
 class DigestMismatch(InputError, ValueError):
@@ -31,11 +31,11 @@ class Fetcher:
         """`length` bytes of `url` at `offset`, checked against `sha256` when given."""
         key = f"{url}#{offset}+{length}"
         if self.cache is not None and (data := self.cache.get(key)) is not None:
-            if sha256 is None or hashlib.sha256(data).hexdigest() == sha256:
+            if sha256 is None or bytes_sha256(data) == sha256:
                 return data
             self.cache.drop(key)  # a damaged entry: fetch again
         data = read_range(url, offset, length, self.opts)
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        if sha256 is not None and bytes_sha256(data) != sha256:
             raise DigestMismatch(f"{url}: sha256 of bytes {offset}..{offset + length} does not match its manifest "
                                  "entry (a changed, damaged or replaced shard on the server; rebuild or re-upload it)")
         if self.cache is not None:

@@ -10,7 +10,6 @@ added to an older folder by `index_offsets`). A reader fetches exactly those byt
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable
 
 from text4vpr.data.shard_reader import BLOCK, MANIFEST, ShardError, file_sha256, load_manifest, sample_ranges
 from text4vpr.utils.atomic import atomic_write_json
+from text4vpr.utils.hashing import bytes_sha256
 
 INDEX_COMMAND = "text4vpr shards index-offsets"
 
@@ -85,7 +85,7 @@ def read_sample(fetch: Callable[[str, int, int], bytes], url: str, key: str, rec
     with `verify`, its bytes must have the manifest's sha256."""
     offset, size, digest = record
     data = fetch(url, offset, size)
-    if verify and hashlib.sha256(data).hexdigest() != digest:
+    if verify and bytes_sha256(data) != digest:
         raise ValueError("sha256 does not match its manifest entry (a changed, damaged or replaced shard; "
                          "rebuild it, or verify=False to read it unchecked)")
     return parse_sample(data, key)

@@ -12,7 +12,6 @@ a file is read into memory, its checksum compared, and only then deserialised.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from text4vpr.retrieval.index import HEADER, RetrievalIndexError, read_header
 from text4vpr.retrieval.part_rows import PartRows
 from text4vpr.utils.atomic import atomic_write_bytes, atomic_write_json
 from text4vpr.utils.errors import InputValueError
+from text4vpr.utils.hashing import bytes_sha256
 
 SECTION = "approximate"
 _MIN_PER_LIST = 39  # faiss's k-means warns below 39 training points per centroid
@@ -155,7 +155,7 @@ def write_part_faiss(index_dir: str | Path, part: int, index, params: dict) -> d
 
     data = faiss.serialize_index(index).tobytes()
     atomic_write_bytes(Path(index_dir) / approx_name(part), data)
-    return {"name": approx_name(part), "part": part, "count": int(index.ntotal), "sha256": hashlib.sha256(data).hexdigest(),
+    return {"name": approx_name(part), "part": part, "count": int(index.ntotal), "sha256": bytes_sha256(data),
             **{k: params[k] for k in ("coarse_dim", "nlist", "codes", "pq_m", "nbits", "nprobe")}}
 
 

@@ -9,7 +9,6 @@ only those verified bytes are deserialised (`faiss.deserialize_index`; nothing i
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from text4vpr.retrieval.approx_index import SECTION, part_view_mask, rank_parts
 from text4vpr.retrieval.index import RetrievalIndexError, load_index, read_header
 from text4vpr.retrieval.part_rows import PartFormatError, PartRows
 from text4vpr.utils.errors import file_records_problem
+from text4vpr.utils.hashing import bytes_sha256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REBUILD = "rebuild it with `text4vpr index build --approximate`"
@@ -114,7 +114,7 @@ def read_faiss_verified(file: Path, sha256: str, count: int, dim: int):
     if not file.is_file():
         raise RetrievalIndexError(f"{file}: approximate index file missing; {_REBUILD}")
     data = file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if bytes_sha256(data) != sha256:
         raise RetrievalIndexError(f"{file}: content checksum differs from the header's (changed or damaged); {_REBUILD}")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
