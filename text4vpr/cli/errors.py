@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Callable
 
-from text4vpr.utils.errors import InputError, one_line
+from text4vpr.utils.errors import InputError, one_line, say
 
 # OS errors that come from the user's paths and disks, not from the code
 USER_ERRNOS = frozenset({errno.ENOENT, errno.ENOSPC, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
@@ -32,8 +32,7 @@ def user_message(e: BaseException) -> str | None:
 
 
 def fail(message: str) -> int:
-    sys.stderr.write(f"error: {one_line(message)}\n")  # one write: ranks sharing a pipe never glue lines
-    sys.stderr.flush()
+    say(f"error: {one_line(message)}")
     return 2
 
 
@@ -61,7 +60,7 @@ def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:
     except KeyboardInterrupt as e:  # a plain Ctrl-C, or training stopped on a signal after a checkpoint
         rank = os.environ.get("RANK")
         detail = f": {e}" if str(e) else ""
-        print(f"interrupted{f' (rank {rank})' if rank is not None else ''}{detail}", file=sys.stderr)
+        say(f"interrupted{f' (rank {rank})' if rank is not None else ''}{detail}")
         return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:  # stdout's reader went away (`text4vpr ... | head`): stop without a word
         if debug:

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from text4vpr.utils.atomic import atomic_write_json, save_tensors
 from text4vpr.utils.hashing import file_sha256
-from text4vpr.utils.errors import InputError, MissingInputError
+from text4vpr.utils.errors import InputError, MissingInputError, say
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 STATE = "state.json"
@@ -240,16 +239,12 @@ def load_checkpoint(
     if rng_file.exists() and rank < len(rng_meta):
         set_rng_state(load_file(rng_file), rng_meta[rank])
     else:  # more ranks now than when saved: this rank's random streams start afresh
-        _stderr(f"{path}: no RNG state for rank {rank} (saved by {len(rng_meta)} rank(s)): its random streams "
+        say(f"{path}: no RNG state for rank {rank} (saved by {len(rng_meta)} rank(s)): its random streams "
                 "(dropout) start afresh; the data order continues at the next global batch")
     return state
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def resolve_resume(resume: str, ckpt_dir: str | os.PathLike, report: Callable[[str], None] = _stderr) -> Path | None:
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike, report: Callable[[str], None] = say) -> Path | None:
     """`auto` -> newest checkpoint that verifies (those skipped named through `report`; None
     when there is none; an error when there are some and none verifies); a path -> that
     checkpoint, verified; '' -> None."""

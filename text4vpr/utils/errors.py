@@ -4,6 +4,7 @@ command line prints it as one line (exit 2) instead of a traceback."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -17,6 +18,12 @@ class InputValueError(InputError, ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named is not there (or not complete)."""
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write: ranks sharing a pipe never glue their lines together."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 def one_line(error: BaseException | str) -> str:
