@@ -2,8 +2,11 @@
 
 The model (fitted by `fit`, stored in benchmarks/results/demo_embedding_model.json):
 - image vectors of a location: its 4 views concatenated (4 x 64 for the demo's D = 64) drawn
-  from a K-component diagonal Gaussian mixture fitted (k-means, then per-cluster means and
-  variances) to the demo model's image vectors of the demo's training split;
+  from a K-component Gaussian mixture with one shared full covariance ("tied": k-means, then
+  per-cluster means and the pooled within-cluster covariance, stored as its Cholesky factor)
+  fitted to the demo model's image vectors of the demo's training split. The first fit used
+  per-cluster diagonal covariances (a model without `chol`, still drawn from): it spread
+  pairwise cosines and nearest-neighbour similarities too little (benchmarks/RESULTS.md);
 - each view lifted to D dims by a fixed random orthonormal map (seeded), plus an isotropic
   part with a fraction `iso` of the energy (what a 64-dim model cannot show of a 2,048-dim
   one: an assumption, not a measurement), then L2-normalised as the model does;
@@ -41,16 +44,21 @@ def fit(images: torch.Tensor, texts: torch.Tensor, components: int = 8) -> dict:
     """Mixture of the (n, V, d) image vectors, and the text model, of one split of the demo."""
     x = images.reshape(images.shape[0], -1).double()  # (n, V*d)
     assign = _kmeans(x, components)
-    weights, means, stds = [], [], []
+    weights, means, resid = [], [], []
     for c in range(components):
         part = x[assign == c]
         if part.shape[0] < 2:
             continue
         weights.append(part.shape[0] / x.shape[0])
-        means.append(part.mean(0).tolist())
-        stds.append(part.std(0).clamp_min(1e-4).tolist())
+        means.append(part.mean(0))
+        resid.append(part - part.mean(0))
+    r = torch.cat(resid)  # (n', V*d) within-cluster residuals
+    cov = r.T @ r / (r.shape[0] - len(means)) + 1e-6 * torch.eye(r.shape[1], dtype=r.dtype)  # pooled ("tied")
+    chol = torch.linalg.cholesky(cov)
     cos = torch.nn.functional.cosine_similarity(texts.double(), images.double(), dim=-1)  # (n, V)
-    return {"views": images.shape[1], "dim": images.shape[2], "weights": weights, "means": means, "stds": stds,
+    return {"views": images.shape[1], "dim": images.shape[2], "weights": weights,
+            "means": [[round(v, 6) for v in m.tolist()] for m in means],
+            "chol": [[round(v, 6) for v in row[: i + 1]] for i, row in enumerate(chol.tolist())],  # lower triangle
             "text_cos": float(cos.mean()), "text_norm": float(texts.double().norm(dim=-1).mean()),
             "fitted_on": int(images.shape[0])}
 
@@ -65,19 +73,30 @@ class Proxy:
         self.lift = [torch.linalg.qr(torch.randn(dim, small, generator=g))[0].T.contiguous() for _ in range(V)]  # (d, D)
         self.weights = torch.tensor(model["weights"])
         self.means = torch.tensor(model["means"], dtype=torch.float32).view(-1, V, small)
-        self.stds = torch.tensor(model["stds"], dtype=torch.float32).view(-1, V, small)
+        self.chol = None
+        if "chol" in model:  # tied full covariance (lower triangle stored row by row)
+            rows = [r + [0.0] * (V * small - len(r)) for r in model["chol"]]
+            self.chol = torch.tensor(rows, dtype=torch.float32)  # (V*d, V*d)
+        else:  # the first fit: per-component diagonal
+            self.stds = torch.tensor(model["stds"], dtype=torch.float32).view(-1, V, small)
 
     def _views(self, small: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """(B, V, d) low-dim vectors -> (B, V, D) unit views: lifted part plus isotropic part."""
-        lifted = torch.stack([small[:, v] @ self.lift[v] for v in range(V)], 1)  # (B, V, D)
-        lifted = torch.nn.functional.normalize(lifted, dim=-1) * math.sqrt(1 - self.iso)
-        noise = torch.nn.functional.normalize(torch.randn(lifted.shape, generator=g), dim=-1) * math.sqrt(self.iso)
-        return torch.nn.functional.normalize(lifted + noise, dim=-1)
+        scale = math.sqrt(1 - self.iso) / small.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # lift is orthonormal
+        out = torch.randn(small.shape[0], V, self.dim, generator=g)  # (B, V, D) isotropic part
+        out *= math.sqrt(self.iso) / out.norm(dim=-1, keepdim=True)
+        for v in range(V):
+            out[:, v].addmm_(small[:, v] * scale[:, v], self.lift[v])
+        return out.div_(out.norm(dim=-1, keepdim=True))
 
     def images(self, n: int, g: torch.Generator) -> torch.Tensor:
         comp = torch.multinomial(self.weights, n, replacement=True, generator=g)
-        small = self.means[comp] + self.stds[comp] * torch.randn(n, V, self.means.shape[-1], generator=g)
-        return self._views(small, g)
+        z = torch.randn(n, V * self.means.shape[-1], generator=g)
+        if self.chol is None:
+            noise = self.stds[comp] * z.view(n, V, -1)
+        else:
+            noise = (z @ self.chol.T).view(n, V, -1)  # (n, V, d)
+        return self._views(self.means[comp] + noise, g)
 
     def texts(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """(B, V, D) text vectors describing the given image vectors."""
