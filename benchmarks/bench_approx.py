@@ -72,7 +72,7 @@ def build(work: Path, args) -> dict:
 
     q = load_file(str(work / "queries.safetensors"))["queries"]
     tune = q[args.queries :]  # held out: never among the measured queries
-    cfg = ApproxConfig(coarse_dim=args.coarse_dim, rerank=args.rerank, opq=args.opq)
+    cfg = ApproxConfig(kind=args.kind, coarse_dim=args.coarse_dim, rerank=args.rerank, opq=args.opq)
     _reset_peak()
     base = _status_kb("VmRSS:")
     t0 = time.perf_counter()
@@ -123,6 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--tune-queries", type=int, default=200, help="held-out queries for --target-recall")
     p.add_argument("--target-recall", type=float, default=0.99)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="approximate index kind")
     p.add_argument("--coarse-dim", type=int, default=256)
     p.add_argument("--rerank", type=int, default=32)
     p.add_argument("--opq", action="store_true")
@@ -142,7 +143,7 @@ def _phase(phase: str, work: Path, argv: list[str]) -> dict:
 
 def _child_args(args) -> list[str]:
     out = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-           ("dim", "queries", "exact-queries", "tune-queries", "target-recall", "k", "coarse-dim", "rerank")]
+           ("dim", "queries", "exact-queries", "tune-queries", "target-recall", "k", "kind", "coarse-dim", "rerank")]
     return out + (["--opq"] if args.opq else [])
 
 
@@ -181,10 +182,10 @@ def main(argv=None) -> int:
 
 
 def _print_table(results: list[dict]) -> None:
-    print("| N | build s | nprobe | search peak RSS MiB (beyond start) | approx q/s | exact q/s | speed-up | recall@k |")
+    print("| N | build s | kind: breadth | search peak RSS MiB (beyond start) | approx q/s | exact q/s | speed-up | recall@k |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['locations']:,} | {r['build_s']:.0f} | {r['approximate']['nprobe']} | {r['approx_peak_rss_mb']:.0f} "
+        print(f"| {r['locations']:,} | {r['build_s']:.0f} | {r['approximate']['kind']}: {r['approximate']['nprobe']} | {r['approx_peak_rss_mb']:.0f} "
               f"({r['approx_extra_rss_mb']:.0f}) | {r['approx_qps']:.0f} | {r['exact_qps']:.2f} | {r['speedup']:.0f}x | "
               f"{r['recall_at_k']:.4f} |")
 

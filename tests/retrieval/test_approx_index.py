@@ -1,6 +1,6 @@
 """Approximate index (FAISS candidates + exact re-rank) against the exact path on random
-inputs: recall, the (score, then row) order after the re-rank, tuning, sharding, and the
-provenance, checksum and tamper refusals."""
+inputs, for both kinds (HNSW graph, IVF lists): recall, the (score, then row) order after the
+re-rank, tuning, sharding, and the provenance, checksum and tamper refusals."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from text4vpr.retrieval.approx_build import build_approximate
 from text4vpr.retrieval.approx_index import ApproxConfig, resolve_params  # noqa: E402
 from text4vpr.retrieval.approx_load import load_approx_index  # noqa: E402
 from text4vpr.retrieval.approx_search import approx_topk  # noqa: E402
-from text4vpr.retrieval.approx_tune import recall  # noqa: E402
+from text4vpr.retrieval.approx_tune import HNSW_MAX_EF, recall  # noqa: E402
 from text4vpr.retrieval.index import RetrievalIndexError, write_header, write_part  # noqa: E402
 from text4vpr.retrieval.provenance import IndexMismatchError  # noqa: E402
 
@@ -54,14 +54,18 @@ def _write(path, emb, mask, cuts, locations=None):
     write_header(path, "hash", D, V, "float32", [b - a for a, b in zip([0, *cuts[:-1]], cuts)], DIGESTS)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+KINDS = ("hnsw", "ivf")
+EVERYTHING = 10**6  # a search breadth capped to every list (IVF) / efSearch = the rows (HNSW)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def built(tmp_path_factory, request):
     """600 locations in two parts, approximate index with a projection (64 -> 32 dims), tuned."""
-    path = tmp_path_factory.mktemp("approx") / "idx"
+    path = tmp_path_factory.mktemp(f"approx_{request.param}") / "idx"
     emb, mask, q, q_mask = _data(600)
     _write(path, emb, mask, [350, 600])
-    build_approximate(path, ApproxConfig(coarse_dim=32, rerank=24), tune_queries=q[:30], tune_mask=q_mask[:30],
-                      target_recall=0.99)
+    build_approximate(path, ApproxConfig(kind=request.param, coarse_dim=32, rerank=24, hnsw_m=8), tune_queries=q[:30],
+                      tune_mask=q_mask[:30], target_recall=0.99)
     return path, emb, mask, q[30:], q_mask[30:]
 
 
@@ -103,8 +107,9 @@ def test_recall_and_order_match_the_exact_path(built, mode):
         assert keys == sorted(keys)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_ties_follow_the_exact_rule(tmp_path, shuffled):
+def test_ties_follow_the_exact_rule(tmp_path, shuffled, kind):
     """Equal scores: the lower location index first (rows when the location indices are the rows)."""
     from text4vpr.retrieval.search import sharded_topk_by_location
 
@@ -113,7 +118,7 @@ def test_ties_follow_the_exact_rule(tmp_path, shuffled):
     mask[150:] = mask[:150]
     locations = torch.randperm(300, generator=torch.Generator().manual_seed(4)) * 3 if shuffled else torch.arange(300)
     _write(tmp_path, emb, mask, [170, 300], locations)
-    build_approximate(tmp_path, ApproxConfig(nlist=4, nprobe=4, rerank=40))  # every list probed
+    build_approximate(tmp_path, ApproxConfig(kind=kind, nlist=4, nprobe=EVERYTHING, rerank=40))  # a full search
     index = load_approx_index(tmp_path)
     for mode in MODES:
         s, rows = approx_topk(index, q, q_mask, 6, mode)
@@ -128,14 +133,40 @@ def test_tuning_is_recorded_in_the_header(built):
     tuning = sec["tuning"]
     assert tuning["target"] == 0.99 and tuning["k"] == 10 and tuning["queries"] == 60  # 30, and 30 with views dropped
     assert set(tuning["recall"]) == set(MODES) and tuning["reached"] == (min(tuning["recall"].values()) >= 0.99)
-    assert sec["nprobe"] == tuning["nprobe"] and 1 <= sec["nprobe"] <= max(f["nlist"] for f in sec["files"])
+    kind = sec["files"][0]["kind"]
+    widest = max(f["nlist"] for f in sec["files"]) if kind == "ivf" else min(350, HNSW_MAX_EF)
+    assert sec["nprobe"] == tuning["nprobe"] and 1 <= sec["nprobe"] <= widest
     assert [f["part"] for f in sec["files"]] == [0, 1] and all(f["coarse_dim"] == 32 for f in sec["files"])
+    assert sec["kind"] == f"{kind}-sq8" and all(f["kind"] == kind for f in sec["files"])
+    if kind == "hnsw":
+        assert all((f["hnsw_m"], f["ef_construction"], f["nlist"]) == (8, 40, 0) for f in sec["files"])
+        assert sec["config"]["hnsw_m"] == 8
+
+
+def test_tuning_picks_the_first_breadth_reaching_the_target(built):
+    """The recorded breadth reaches the target against the exact top-10; half of it does not."""
+    from text4vpr.retrieval.approx_tune import held_out_queries, tune_nprobe
+
+    path, emb, mask, q, q_mask = built
+    index = load_approx_index(path)
+    hq, hm = held_out_queries(q[:20], q_mask[:20])
+    got = tune_nprobe(index, hq, hm, 0.97, modes=("upstream",))
+    truth = group_topk(hq, hm, emb, mask, 10, "upstream")[1]
+    at = recall(approx_topk(index, hq, hm, 10, "upstream", nprobe=got["nprobe"])[1], truth)
+    assert got["reached"] and at >= 0.97 and at == pytest.approx(got["recall"]["upstream"], abs=1e-5)
+    if got["nprobe"] > 1:
+        assert recall(approx_topk(index, hq, hm, 10, "upstream", nprobe=got["nprobe"] // 2)[1], truth) < 0.97
+    assert not tune_nprobe(index, hq, hm, 1.01, modes=("upstream",))["reached"]  # runs to the widest, says so
 
 
 def test_the_rule():
-    p = resolve_params(ApproxConfig(), 1_000_000, 8192)
+    p = resolve_params(ApproxConfig(kind="ivf"), 1_000_000, 8192)
     assert (p["coarse_dim"], p["nlist"], p["pq_m"], p["nbits"], p["nprobe"]) == (256, 4096, 32, 8, 256)
-    assert resolve_params(ApproxConfig(), 100, 64)["nlist"] == 2  # at most n / 39 lists
+    assert resolve_params(ApproxConfig(kind="ivf"), 100, 64)["nlist"] == 2  # at most n / 39 lists
+    p = resolve_params(ApproxConfig(), 1_000_000, 8192)  # the default: a graph, efSearch 2 * rerank before tuning
+    assert (p["kind"], p["coarse_dim"], p["nlist"], p["hnsw_m"], p["nprobe"]) == ("hnsw", 256, 0, 32, 64)
+    with pytest.raises(ValueError, match="codes"):
+        resolve_params(ApproxConfig(codes="pq"), 1000, 64)  # a graph holds sq8 codes only
     with pytest.raises(ValueError, match="divide"):
         resolve_params(ApproxConfig(pq_m=5), 1000, 64)
 
@@ -199,6 +230,7 @@ def test_tampered_or_missing_faiss_file_is_refused(built, tmp_path):
     (lambda s: s["files"][0].update(count=1), "count or sha256"),
     (lambda s: s["files"].pop(), "no approximate file"),
     (lambda s: s.update(nprobe=0), "nprobe"),
+    (lambda s: s["files"][0].update(kind="lsh"), "unknown kind"),
 ])
 def test_crafted_sections_are_refused(built, tmp_path, edit, message):
     path = _copy(built[0], tmp_path)
@@ -216,7 +248,7 @@ def test_partial_view_metrics_equal_the_exact_ones(built):
 
     path, emb, mask, q, q_mask = built
     index = load_approx_index(path)
-    index.nprobe, index.rerank = 64, 60  # every list, many candidates: the same top-10 as the exact path
+    index.nprobe, index.rerank = EVERYTHING, 60  # a full search, many candidates: the same top-10 as the exact path
     q_coords = index.coords[torch.arange(q.shape[0]) * 7]
     for mode in MODES:
         assert recall(approx_topk(index, q, q_mask, 10, mode)[1], group_topk(q, q_mask, emb, mask, 10, mode)[1]) == 1
@@ -226,6 +258,30 @@ def test_partial_view_metrics_equal_the_exact_ones(built):
         for k, row in exact["accuracy"].items():
             for r, value in row.items():
                 assert abs(approx["accuracy"][k][r] - value) <= 0.005 + 1e-9, (mode, k, r)
+
+
+def test_a_file_of_another_kind_is_refused(built, tmp_path):
+    """The header's kind must be the FAISS file's: an IVF file declared a graph (or back) is refused."""
+    path = _copy(built[0], tmp_path)
+    header = json.loads((path / "header.json").read_text())
+    for f in header["approximate"]["files"]:
+        f["kind"] = "ivf" if f["kind"] == "hnsw" else "hnsw"
+        f["nlist"] = f["nlist"] or 4
+    (path / "header.json").write_text(json.dumps(header))
+    with pytest.raises(RetrievalIndexError, match="header says"):
+        load_approx_index(path)
+
+
+def test_an_index_built_before_graphs_loads_as_inverted_lists(built, tmp_path):
+    """File records without `kind` (written before HNSW existed) are IVF files and still load."""
+    path = _copy(built[0], tmp_path)
+    header = json.loads((path / "header.json").read_text())
+    if header["approximate"]["files"][0]["kind"] != "ivf":
+        return
+    for f in header["approximate"]["files"]:
+        del f["kind"]
+    (path / "header.json").write_text(json.dumps(header))
+    assert [p.kind for p in load_approx_index(path).parts] == ["ivf", "ivf"]
 
 
 @pytest.mark.slow

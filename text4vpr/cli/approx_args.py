@@ -11,10 +11,14 @@ def add_approximate_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target-recall", type=float, default=None,
                    help="tune the probe count on held-out queries until this recall of the exact top-10 (e.g. 0.99)")
     g.add_argument("--tune-queries", type=int, default=256, help="held-out locations whose descriptions tune it")
-    g.add_argument("--codes", choices=("sq8", "pq"), default="sq8", help="compressed codes: 8-bit scalar or PQ")
+    g.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="graph (HNSW, sq8 codes) or inverted lists")
+    g.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node (8*M bytes per location)")
+    g.add_argument("--ef-construction", type=int, default=40, help="HNSW candidates kept while inserting")
+    g.add_argument("--codes", choices=("sq8", "pq"), default="sq8", help="compressed codes: 8-bit scalar or PQ (ivf)")
     g.add_argument("--coarse-dim", type=int, default=256, help="projection of the V*D concatenation")
-    g.add_argument("--nlist", type=int, default=0, help="inverted lists per part (0: the rule)")
-    g.add_argument("--nprobe", type=int, default=0, help="lists probed per query without tuning (0: the rule)")
+    g.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists per part (0: the rule)")
+    g.add_argument("--nprobe", type=int, default=0,
+                   help="search breadth without tuning: ivf lists probed, hnsw efSearch (0: the rule)")
     g.add_argument("--pq-m", type=int, default=0, help="PQ bytes per location (0: the rule, coarse-dim / 8)")
     g.add_argument("--opq", action="store_true", help="learn an OPQ rotation before PQ")
     g.add_argument("--rerank", type=int, default=32, help="candidates per query (and rotation) re-ranked exactly")
@@ -31,12 +35,15 @@ def approx_config(args: argparse.Namespace):
         raise UsageError("--approximate needs FAISS: pip install 'text4vpr[approx]' (faiss-cpu)") from None
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    for flag in ("tune_queries", "coarse_dim", "rerank"):
+    if args.kind == "hnsw" and args.codes != "sq8":
+        raise UsageError("--kind hnsw stores sq8 codes; --codes pq needs --kind ivf")
+    for flag in ("tune_queries", "coarse_dim", "rerank", "hnsw_m", "ef_construction"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.pq_m and args.coarse_dim % args.pq_m:
         raise UsageError(f"--pq-m {args.pq_m} must divide --coarse-dim {args.coarse_dim}")
-    return ApproxConfig(coarse_dim=args.coarse_dim, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m,
+    return ApproxConfig(kind=args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                        coarse_dim=args.coarse_dim, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m,
                         codes=args.codes, opq=args.opq, rerank=args.rerank)
 
 
@@ -65,5 +72,6 @@ def approximate_summary(header: dict) -> str:
         return ""
     tuning = sec.get("tuning") or {}
     recall = ", ".join(f"{m} {r:.4f}" for m, r in (tuning.get("recall") or {}).items())
-    return (f"; approximate {sec['kind']}: nprobe {sec['nprobe']}, re-rank {sec['rerank']}"
+    breadth = "efSearch" if str(sec["kind"]).startswith("hnsw") else "nprobe"
+    return (f"; approximate {sec['kind']}: {breadth} {sec['nprobe']}, re-rank {sec['rerank']}"
             + (f", recall@{tuning['k']} {recall} on {tuning['queries']} held-out queries" if recall else ""))

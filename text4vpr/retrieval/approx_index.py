@@ -1,11 +1,13 @@
-"""Approximate index: a compressed FAISS inverted file over each location's concatenated views,
-beside the exact parts it re-ranks from (docs/retrieval.md#approximate-index).
+"""Approximate index: a compressed FAISS graph (HNSW) or inverted file over each location's
+concatenated views, beside the exact parts it re-ranks from (docs/retrieval.md#approximate-index).
 
 One `approx-XXXXX.faiss` per exact part (the rank that wrote the part builds it): a linear
 projection of the (V*D) concatenation to `coarse_dim` (top singular vectors of a training
-sample, uncentred so inner products are kept), then an inner-product inverted file with
-8-bit scalar codes (default) or product codes (optionally OPQ). The header's `approximate`
-section records the parameters, the probe count chosen by `approx_tune.tune_nprobe`, the
+sample, uncentred so inner products are kept), then an inner-product HNSW graph over 8-bit
+scalar codes (`kind="hnsw"`, default) or an inverted file (`kind="ivf"`) with 8-bit scalar
+or product codes (optionally OPQ). The header's `approximate` section records the
+parameters, the search breadth (IVF: lists probed; HNSW: efSearch; both called `nprobe`)
+chosen by `approx_tune.tune_nprobe`, the
 recall it measured, and each file's sha256 (written by `approx_build.build_approximate`):
 a file is read into memory, its checksum compared, and only then deserialised.
 """
@@ -33,6 +35,9 @@ _MIN_PER_LIST = 39  # faiss's k-means warns below 39 training points per centroi
 class ApproxConfig:
     """Approximate-index parameters; 0 = from the rule (docs/retrieval.md#approximate-index)."""
 
+    kind: str = "hnsw"  # "hnsw": graph over sq8 codes; "ivf": inverted lists (sq8 or pq codes)
+    hnsw_m: int = 32  # graph neighbours per node (2*hnsw_m on the bottom layer: 8*hnsw_m bytes per location)
+    ef_construction: int = 40  # candidates kept while inserting (FAISS's default)
     coarse_dim: int = 256  # projection of the V*D concatenation (capped at V*D)
     nlist: int = 0  # rule: power of two nearest 4*sqrt(n), at most n/39
     pq_m: int = 0  # rule: coarse_dim / 8 (one byte per 8 dims)
@@ -40,7 +45,7 @@ class ApproxConfig:
     codes: str = "sq8"  # "sq8": 8-bit scalar codes (coarse_dim bytes); "pq": product codes (pq_m bytes)
     opq: bool = False  # learn a rotation before PQ (faiss OPQMatrix; codes="pq" only)
     rerank: int = 32  # candidates per query (and rotation) re-ranked with the full vectors
-    nprobe: int = 0  # rule before tuning: nlist / 16, at least 1
+    nprobe: int = 0  # search breadth before tuning; rule: IVF nlist / 16 lists, HNSW efSearch 2 * rerank
     train_size: int = 100_000  # at most this many sampled rows train the projection and quantizers
     seed: int = 0
 
@@ -54,10 +59,16 @@ def resolve_params(cfg: ApproxConfig, n: int, dim_in: int) -> dict:
     if coarse % pq_m:
         raise InputValueError(f"PQ sub-quantizers pq_m={pq_m} must divide the coarse dimension {coarse}")
     nbits = cfg.nbits or max(1, min(8, int(math.log2(max(n // 4, 2)))))  # >= 4 training rows per PQ centroid
-    nprobe = cfg.nprobe or max(1, nlist // 16)
-    if cfg.codes not in ("sq8", "pq"):
-        raise InputValueError(f"approximate codes must be 'sq8' or 'pq', got {cfg.codes!r}")
-    return {"coarse_dim": coarse, "nlist": nlist, "codes": cfg.codes, "pq_m": pq_m, "nbits": nbits,
+    if cfg.kind not in ("hnsw", "ivf"):
+        raise InputValueError(f"approximate kind must be 'hnsw' or 'ivf', got {cfg.kind!r}")
+    if cfg.codes not in ("sq8", "pq") or (cfg.kind == "hnsw" and cfg.codes != "sq8"):
+        raise InputValueError(f"approximate codes must be 'sq8' (hnsw) or 'sq8'/'pq' (ivf), got {cfg.codes!r}")
+    if cfg.kind == "hnsw" and min(cfg.hnsw_m, cfg.ef_construction) < 2:
+        raise InputValueError(f"hnsw_m and ef_construction must be at least 2, got {cfg.hnsw_m}, {cfg.ef_construction}")
+    nprobe = cfg.nprobe or (max(1, nlist // 16) if cfg.kind == "ivf" else 2 * cfg.rerank)
+    nlist = nlist if cfg.kind == "ivf" else 0  # no lists in a graph
+    return {"kind": cfg.kind, "hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction,
+            "coarse_dim": coarse, "nlist": nlist, "codes": cfg.codes, "pq_m": pq_m, "nbits": nbits,
             "opq": cfg.opq and cfg.codes == "pq", "nprobe": nprobe, "rerank": cfg.rerank}
 
 
@@ -80,10 +91,14 @@ def _projection(sample: np.ndarray, dim: int, seed: int) -> np.ndarray | None:
 
 
 def _faiss_index(params: dict):
-    """An untrained IVF-PQ (inner product) on `coarse_dim` dims, optionally behind OPQ."""
+    """An untrained HNSW-SQ8 or IVF (inner product) on `coarse_dim` dims, IVF-PQ optionally behind OPQ."""
     import faiss
 
     d = params["coarse_dim"]
+    if params["kind"] == "hnsw":
+        graph = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = params["ef_construction"]
+        return graph, graph
     if params["codes"] == "sq8":
         ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, params["nlist"], faiss.ScalarQuantizer.QT_8bit,
                                             faiss.METRIC_INNER_PRODUCT)
@@ -156,14 +171,15 @@ def write_part_faiss(index_dir: str | Path, part: int, index, params: dict) -> d
     data = faiss.serialize_index(index).tobytes()
     atomic_write_bytes(Path(index_dir) / approx_name(part), data)
     return {"name": approx_name(part), "part": part, "count": int(index.ntotal), "sha256": bytes_sha256(data),
-            **{k: params[k] for k in ("coarse_dim", "nlist", "codes", "pq_m", "nbits", "nprobe")}}
+            **{k: params[k] for k in ("kind", "coarse_dim", "nlist", "codes", "pq_m", "nbits", "nprobe")},
+            **({"hnsw_m": params["hnsw_m"], "ef_construction": params["ef_construction"]} if params["kind"] == "hnsw" else {})}
 
 
 def write_section(index_dir: str | Path, cfg: ApproxConfig, files: list[dict], tuning: dict | None = None) -> dict:
     """Add (or replace) the header's `approximate` section; returns the new header."""
     header = read_header(index_dir)
     nprobe = (tuning or {}).get("nprobe") or max([f["nprobe"] for f in files], default=1)
-    header[SECTION] = {"kind": f"ivf-{cfg.codes}", "config": asdict(cfg), "nprobe": int(nprobe), "rerank": int(cfg.rerank),
+    header[SECTION] = {"kind": f"{cfg.kind}-{cfg.codes}", "config": asdict(cfg), "nprobe": int(nprobe), "rerank": int(cfg.rerank),
                        "files": files, "tuning": tuning or {}}
     atomic_write_json(Path(index_dir) / HEADER, header)
     return header

@@ -23,6 +23,7 @@ from text4vpr.utils.errors import file_records_problem
 from text4vpr.utils.hashing import bytes_sha256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_KINDS = {"ivf": "IndexIVF", "hnsw": "IndexHNSW"}  # kind -> FAISS class name prefix
 _REBUILD = "rebuild it with `text4vpr index build --approximate`"
 
 
@@ -34,11 +35,26 @@ class ApproxPart:
     rows: PartRows
     view_mask: torch.Tensor  # (n, V) bool
     faiss: object
-    nlist: int
+    nlist: int  # IVF lists (0 for a graph)
+    kind: str = "ivf"  # "ivf" or "hnsw"
     _groups: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def widest(self) -> int:
+        """The breadth that reaches every row: every list (IVF), efSearch = the row count (HNSW)."""
+        return self.nlist if self.kind == "ivf" else len(self)
+
+    def search_params(self, breadth: int, sel=None):
+        """FAISS search parameters for a breadth (lists probed or efSearch), capped at `widest`."""
+        import faiss
+
+        breadth = max(1, min(breadth, self.widest))
+        if self.kind == "ivf":
+            return faiss.SearchParametersIVF(sel=sel, nprobe=breadth)
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=breadth)
 
     def mask_groups(self) -> list[torch.Tensor]:
         """Local rows of each view-mask pattern present (sorted; computed once)."""
@@ -100,14 +116,17 @@ def _section_problem(header: dict) -> str | None:
             return f"approximate file {i} names no part, or a part twice"
         if f["count"] != parts[p]["count"] or not (isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"])):
             return f"approximate file {i}: count or sha256 does not match part {p}"
-        if not isinstance(f.get("nlist"), int) or f["nlist"] < 1:
+        kind = f.get("kind", "ivf")  # indexes built before graphs have no kind: inverted files
+        if kind not in _KINDS:
+            return f"approximate file {i}: unknown kind {kind!r}"
+        if kind == "ivf" and (not isinstance(f.get("nlist"), int) or f["nlist"] < 1):
             return f"approximate file {i}: nlist missing"
         covered.add(p)
     missing = [i for i, p in enumerate(parts) if p["count"] and i not in covered]
     return f"parts {missing} have no approximate file" if missing else None
 
 
-def read_faiss_verified(file: Path, sha256: str, count: int, dim: int):
+def read_faiss_verified(file: Path, sha256: str, count: int, dim: int, kind: str = "ivf"):
     """Deserialise a FAISS file after its bytes matched the recorded sha256."""
     import faiss
 
@@ -122,6 +141,9 @@ def read_faiss_verified(file: Path, sha256: str, count: int, dim: int):
         raise RetrievalIndexError(f"{file}: unreadable FAISS index ({str(e).splitlines()[0]}); {_REBUILD}") from None
     if index.ntotal != count or index.d != dim:
         raise RetrievalIndexError(f"{file}: holds {index.ntotal} vectors of {index.d} dims, header says {count} of {dim}")
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if not type(inner).__name__.startswith(_KINDS[kind]):
+        raise RetrievalIndexError(f"{file}: a FAISS {type(inner).__name__}, header says {kind}; {_REBUILD}")
     return index
 
 
@@ -160,8 +182,9 @@ def _load_part(path: Path, header: dict, i: int, record: dict, offset: int) -> A
     v, d = header["views"], header["embed_dim"]
     if rows.shape != (record["count"], v, d) or tuple(mask.shape) != (record["count"], v):
         raise RetrievalIndexError(f"{file}: holds {rows.shape}, header says ({record['count']}, {v}, {d})")
-    index = read_faiss_verified(path / record["name"], record["sha256"], record["count"], v * d)
-    return ApproxPart(offset, rows, mask, index, record["nlist"])
+    kind = record.get("kind", "ivf")
+    index = read_faiss_verified(path / record["name"], record["sha256"], record["count"], v * d, kind)
+    return ApproxPart(offset, rows, mask, index, record.get("nlist", 0), kind)
 
 
 def load_search_index(path: str | Path, config_hash: str | None = None, embed_dim: int | None = None, *,

@@ -1,7 +1,7 @@
 """Approximate group top-k: FAISS candidates, then an exact re-rank with the full vectors.
 
 Per part: the query views are weighted as the exact path scores them (the mask; 1/||t_v||
-in cosine mode), concatenated, and searched in the part's FAISS IVF for `rerank` candidates
+in cosine mode), concatenated, and searched in the part's FAISS index (HNSW or IVF) for `rerank` candidates
 (`any-heading`: each of the V rotated queries, candidates pooled). The candidates' full
 vectors are read from the part file (pread of those rows only), scored with the exact formula of
 `kernels/common.py`, and the top k kept under the exact tie rule (score, then lower location
@@ -51,13 +51,13 @@ def _dedupe(cand: torch.Tensor) -> torch.Tensor:
 
 
 def _faiss_candidates(part, flat: np.ndarray, rerank: int, nprobe: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, rerank) FAISS candidates (-1 where the probed lists ran short), among `rows` when given."""
+    """(M, rerank) FAISS candidates (-1 where the search ran short), among `rows` when given."""
     import faiss
 
     if rows is not None and len(rows) <= rerank:  # a group smaller than the list: all of it
         return torch.cat([rows, torch.full((rerank - len(rows),), -1)]).expand(flat.shape[0], -1)
     sel = None if rows is None else faiss.IDSelectorBatch(rows.numpy())
-    params = faiss.SearchParametersIVF(sel=sel, nprobe=max(1, min(nprobe, part.nlist)))
+    params = part.search_params(max(nprobe, rerank) if part.kind == "hnsw" else nprobe, sel)  # efSearch >= rerank
     return torch.from_numpy(part.faiss.search(flat, rerank, params=params)[1])
 
 
@@ -80,8 +80,8 @@ def part_candidates(part, q: torch.Tensor, q_mask: torch.Tensor, k: int, mode: s
     groups = part.mask_groups() if mode == "cosine" else [None]
     found = _grouped_candidates(part, flat, rerank, nprobe, groups)  # (R*Q, G*rerank)
     short = ((found >= 0).sum(1) < min(k, n)).nonzero().flatten()
-    if short.numel():  # the probed lists held too few rows: probe them all for these queries
-        found[short] = _grouped_candidates(part, flat[short.numpy()], rerank, part.nlist, groups)
+    if short.numel():  # the search held too few rows (lists probed, filtered graph): search them all
+        found[short] = _grouped_candidates(part, flat[short.numpy()], rerank, part.widest, groups)
     cand = found.view(rot.shape[0], num_q, -1).transpose(0, 1).reshape(num_q, -1)  # (Q, R*G*rerank)
     return _dedupe(cand) if rot.shape[0] > 1 else cand
 

@@ -1,6 +1,6 @@
 """Recall of the approximate search against the exact one, and the build-time choice of the
-probe count: the smallest power of two whose recall of the exact top-k reaches the target
-on held-out queries, in every mode asked (docs/retrieval.md#approximate-index)."""
+search breadth (IVF lists probed, HNSW efSearch): the smallest power of two whose recall of the
+exact top-k reaches the target on held-out queries, in every mode asked (docs/retrieval.md#approximate-index)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from text4vpr.kernels.common import MODES, merge_topk
 from text4vpr.kernels.topk import group_topk
 from text4vpr.retrieval.approx_search import approx_topk
+
+HNSW_MAX_EF = 4096  # tuning stops here for a graph: wider is a scan of most of it
 
 
 def exact_topk(index, queries: torch.Tensor, query_mask: torch.Tensor | None, k: int, mode: str = "upstream",
@@ -48,10 +50,10 @@ def held_out_queries(queries: torch.Tensor, query_mask: torch.Tensor, seed: int 
 
 def tune_nprobe(index, queries: torch.Tensor, query_mask: torch.Tensor, target: float, k: int = 10,
                 modes: tuple[str, ...] = MODES) -> dict:
-    """Smallest power-of-two nprobe (up to the largest nlist) whose recall of the exact top-k reaches
-    `target` in every mode; returns {nprobe, recall {mode: r}, target, k, queries, reached}."""
+    """Smallest power-of-two breadth (up to the widest: every list, or efSearch HNSW_MAX_EF) whose recall
+    of the exact top-k reaches `target` in every mode; returns {nprobe, recall {mode: r}, target, k, queries, reached}."""
     truth = {m: exact_topk(index, queries, query_mask, k, m)[1] for m in modes}
-    top = max((p.nlist for p in index.parts), default=1)
+    top = max((min(p.widest, HNSW_MAX_EF) for p in index.parts), default=1)
     nprobe, measured = 1, {}
     while True:
         measured = {m: recall(approx_topk(index, queries, query_mask, k, m, nprobe=nprobe)[1], truth[m]) for m in modes}
