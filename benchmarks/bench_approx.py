@@ -72,7 +72,8 @@ def build(work: Path, args) -> dict:
 
     q = load_file(str(work / "queries.safetensors"))["queries"]
     tune = q[args.queries :]  # held out: never among the measured queries
-    cfg = ApproxConfig(kind=args.kind, coarse_dim=args.coarse_dim, rerank=args.rerank, opq=args.opq)
+    cfg = ApproxConfig(kind=args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                       coarse_dim=args.coarse_dim, rerank=args.rerank, opq=args.opq)
     _reset_peak()
     base = _status_kb("VmRSS:")
     t0 = time.perf_counter()
@@ -124,11 +125,14 @@ def parse_args(argv=None):
     p.add_argument("--target-recall", type=float, default=0.99)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="approximate index kind")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-construction", type=int, default=40)
     p.add_argument("--coarse-dim", type=int, default=256)
     p.add_argument("--rerank", type=int, default=32)
     p.add_argument("--opq", action="store_true")
     p.add_argument("--work", default="/tmp/text4vpr_bench_approx", help="folder for the generated databases")
     p.add_argument("--keep", action="store_true", help="keep the generated databases")
+    p.add_argument("--reuse", action="store_true", help="use a database kept in --work by an earlier --keep run")
     p.add_argument("--phase", choices=("all", "generate", "build", "search"), default="all", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/bench_search_approx_cpu.json)")
     return p.parse_args(argv)
@@ -143,7 +147,7 @@ def _phase(phase: str, work: Path, argv: list[str]) -> dict:
 
 def _child_args(args) -> list[str]:
     out = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-           ("dim", "queries", "exact-queries", "tune-queries", "target-recall", "k", "kind", "coarse-dim", "rerank")]
+           ("dim", "queries", "exact-queries", "tune-queries", "target-recall", "k", "kind", "hnsw-m", "ef-construction", "coarse-dim", "rerank")]
     return out + (["--opq"] if args.opq else [])
 
 
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
         work = Path(args.work) / f"n{n}_d{args.dim}"
         child = _child_args(args) + ["--locations", str(n)]
         row = {"locations": n, "dim": V * args.dim, "k": args.k}
-        for phase in ("generate", "build", "search"):
+        reuse = args.reuse and (work / "queries.safetensors").is_file()
+        for phase in ("build", "search") if reuse else ("generate", "build", "search"):
             row.update(_phase(phase, work, child))
             print(f"N={n}: {phase} done {json.dumps(row)}", file=sys.stderr, flush=True)
         results.append(row)
@@ -185,7 +190,7 @@ def _print_table(results: list[dict]) -> None:
     print("| N | build s | kind: breadth | search peak RSS MiB (beyond start) | approx q/s | exact q/s | speed-up | recall@k |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['locations']:,} | {r['build_s']:.0f} | {r['approximate']['kind']}: {r['approximate']['nprobe']} | {r['approx_peak_rss_mb']:.0f} "
+        print(f"| {r['locations']:,} | {r['build_s']:.0f} | {r['approximate']['kind']}: {r['approximate']['nprobe']}, partial {r['approximate'].get('nprobe_partial')} | {r['approx_peak_rss_mb']:.0f} "
               f"({r['approx_extra_rss_mb']:.0f}) | {r['approx_qps']:.0f} | {r['exact_qps']:.2f} | {r['speedup']:.0f}x | "
               f"{r['recall_at_k']:.4f} |")
 

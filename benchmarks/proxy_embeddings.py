@@ -130,3 +130,43 @@ def write_part_streamed(file: Path, n: int, dim: int, chunks, metadata: dict) ->
         f.write((rng.standard_normal((n, 3)) * 1e3 + np.array([4.2e6, 1.7e5, 4.7e6])).tobytes())  # ECEF-like, unused
         f.write(np.arange(n, dtype=np.int64).tobytes())
     tmp.replace(file)
+
+
+def describe(images: torch.Tensor, texts: torch.Tensor) -> dict:
+    """What the fit is checked on (n locations, (n, V, d) both): spread of pairwise cosines
+    (per view; concatenations) and nearest-neighbour similarity of the image vectors, and how
+    far the best other locations' text scores stand above the rest."""
+    x = torch.nn.functional.normalize(images.double(), dim=-1)  # (n, V, d)
+    n = x.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    per_view = torch.einsum("avd,bvd->vab", x, x)[:, off]  # (V, n*(n-1))
+    cat = x.reshape(n, -1) / math.sqrt(x.shape[1])
+    cc = (cat @ cat.T).masked_fill(~off, -9.0)
+    nearest = cc.sort(1, descending=True).values  # (n, n) best other location first
+    s = torch.einsum("qvd,bvd->qb", texts.double(), x).masked_fill(~off, float("-inf"))
+    top = s.sort(1, descending=True).values[:, :50]
+    return {"view_cos_mean": float(per_view.mean()), "view_cos_std": float(per_view.std()),
+            "cat_cos_mean": float(cc[off].mean()), "cat_cos_std": float(cc[off].std()),
+            "nn1_cos": float(nearest[:, 0].mean()), "nn10_cos": float(nearest[:, 9].mean()),
+            "text_gap_1_10_in_std": float(((top[:, 0] - top[:, 9]) / top.std(1)).mean())}
+
+
+def compare(demo_index: Path, demo_queries: Path, models: list[Path], dim: int = 2048, seed: int = 3) -> list[dict]:
+    """`describe` of the demo's own vectors and of each fitted model's proxy, as many locations."""
+    from safetensors.torch import load_file
+
+    images = load_file(str(demo_index))["embeddings"]
+    texts = load_file(str(demo_queries))["embeddings"]
+    rows = [{"what": "demo", **describe(images, texts)}]
+    for file in models:
+        proxy, g = Proxy(json.loads(Path(file).read_text()), dim=dim), torch.Generator().manual_seed(seed)
+        drawn = proxy.images(images.shape[0], g)
+        rows.append({"what": Path(file).stem, **describe(drawn, proxy.texts(drawn, g))})
+    return rows
+
+
+if __name__ == "__main__":  # python benchmarks/proxy_embeddings.py DEMO_PART DEMO_QUERIES MODEL.json...
+    import sys
+
+    for row in compare(Path(sys.argv[1]), Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]]):
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))

@@ -136,6 +136,8 @@ def test_tuning_is_recorded_in_the_header(built):
     kind = sec["files"][0]["kind"]
     widest = max(f["nlist"] for f in sec["files"]) if kind == "ivf" else min(350, HNSW_MAX_EF)
     assert sec["nprobe"] == tuning["nprobe"] and 1 <= sec["nprobe"] <= widest
+    assert sec["nprobe_partial"] == tuning["nprobe_partial"] and 1 <= sec["nprobe_partial"] <= widest
+    assert set(tuning["recall_full"]) == set(tuning["recall_partial"]) == set(MODES)
     assert [f["part"] for f in sec["files"]] == [0, 1] and all(f["coarse_dim"] == 32 for f in sec["files"])
     assert sec["kind"] == f"{kind}-sq8" and all(f["kind"] == kind for f in sec["files"])
     if kind == "hnsw":
@@ -144,18 +146,27 @@ def test_tuning_is_recorded_in_the_header(built):
 
 
 def test_tuning_picks_the_first_breadth_reaching_the_target(built):
-    """The recorded breadth reaches the target against the exact top-10; half of it does not."""
+    """Queries with every view and partial-view queries each get the first power-of-two breadth
+    whose recall of the exact top-10 reaches the target; half of it does not."""
     from text4vpr.retrieval.approx_tune import held_out_queries, tune_nprobe
 
     path, emb, mask, q, q_mask = built
     index = load_approx_index(path)
-    hq, hm = held_out_queries(q[:20], q_mask[:20])
+    hq, hm = held_out_queries(q[:20], torch.ones(20, V, dtype=torch.bool))
+    full = hm.all(1)
+    assert full.any() and (~full).any()
     got = tune_nprobe(index, hq, hm, 0.97, modes=("upstream",))
-    truth = group_topk(hq, hm, emb, mask, 10, "upstream")[1]
-    at = recall(approx_topk(index, hq, hm, 10, "upstream", nprobe=got["nprobe"])[1], truth)
-    assert got["reached"] and at >= 0.97 and at == pytest.approx(got["recall"]["upstream"], abs=1e-5)
-    if got["nprobe"] > 1:
-        assert recall(approx_topk(index, hq, hm, 10, "upstream", nprobe=got["nprobe"] // 2)[1], truth) < 0.97
+    assert got["reached"] and got["recall"]["upstream"] >= 0.97
+    for rows, breadth, name in ((full, got["nprobe"], "full"), (~full, got["nprobe_partial"], "partial")):
+        truth = group_topk(hq[rows], hm[rows], emb, mask, 10, "upstream")[1]
+        at = recall(approx_topk(index, hq[rows], hm[rows], 10, "upstream", nprobe=breadth)[1], truth)
+        assert at >= 0.97 and at == pytest.approx(got[f"recall_{name}"]["upstream"], abs=1e-5), name
+        if breadth > 1:
+            below = recall(approx_topk(index, hq[rows], hm[rows], 10, "upstream", nprobe=breadth // 2)[1], truth)
+            assert below < 0.97, name
+    index.nprobe, index.nprobe_partial = got["nprobe"], got["nprobe_partial"]  # each query at its own breadth
+    whole = group_topk(hq, hm, emb, mask, 10, "upstream")[1]
+    assert recall(approx_topk(index, hq, hm, 10, "upstream")[1], whole) == pytest.approx(got["recall"]["upstream"], abs=1e-5)
     assert not tune_nprobe(index, hq, hm, 1.01, modes=("upstream",))["reached"]  # runs to the widest, says so
 
 
@@ -230,6 +241,7 @@ def test_tampered_or_missing_faiss_file_is_refused(built, tmp_path):
     (lambda s: s["files"][0].update(count=1), "count or sha256"),
     (lambda s: s["files"].pop(), "no approximate file"),
     (lambda s: s.update(nprobe=0), "nprobe"),
+    (lambda s: s.update(nprobe_partial="8"), "nprobe_partial"),
     (lambda s: s["files"][0].update(kind="lsh"), "unknown kind"),
 ])
 def test_crafted_sections_are_refused(built, tmp_path, edit, message):
@@ -248,7 +260,8 @@ def test_partial_view_metrics_equal_the_exact_ones(built):
 
     path, emb, mask, q, q_mask = built
     index = load_approx_index(path)
-    index.nprobe, index.rerank = EVERYTHING, 60  # a full search, many candidates: the same top-10 as the exact path
+    index.nprobe = index.nprobe_partial = EVERYTHING  # a full search
+    index.rerank = 60  # many candidates: the same top-10 as the exact path
     q_coords = index.coords[torch.arange(q.shape[0]) * 7]
     for mode in MODES:
         assert recall(approx_topk(index, q, q_mask, 10, mode)[1], group_topk(q, q_mask, emb, mask, 10, mode)[1]) == 1

@@ -73,5 +73,6 @@ def approximate_summary(header: dict) -> str:
     tuning = sec.get("tuning") or {}
     recall = ", ".join(f"{m} {r:.4f}" for m, r in (tuning.get("recall") or {}).items())
     breadth = "efSearch" if str(sec["kind"]).startswith("hnsw") else "nprobe"
-    return (f"; approximate {sec['kind']}: {breadth} {sec['nprobe']}, re-rank {sec['rerank']}"
+    partial = sec.get("nprobe_partial", sec["nprobe"])
+    return (f"; approximate {sec['kind']}: {breadth} {sec['nprobe']} (partial-view queries {partial}), re-rank {sec['rerank']}"
             + (f", recall@{tuning['k']} {recall} on {tuning['queries']} held-out queries" if recall else ""))

@@ -179,7 +179,9 @@ def write_section(index_dir: str | Path, cfg: ApproxConfig, files: list[dict], t
     """Add (or replace) the header's `approximate` section; returns the new header."""
     header = read_header(index_dir)
     nprobe = (tuning or {}).get("nprobe") or max([f["nprobe"] for f in files], default=1)
-    header[SECTION] = {"kind": f"{cfg.kind}-{cfg.codes}", "config": asdict(cfg), "nprobe": int(nprobe), "rerank": int(cfg.rerank),
+    partial = (tuning or {}).get("nprobe_partial") or nprobe
+    header[SECTION] = {"kind": f"{cfg.kind}-{cfg.codes}", "config": asdict(cfg), "nprobe": int(nprobe),
+                       "nprobe_partial": int(partial), "rerank": int(cfg.rerank),
                        "files": files, "tuning": tuning or {}}
     atomic_write_json(Path(index_dir) / HEADER, header)
     return header

@@ -72,7 +72,8 @@ class ApproxIndex:
     index: torch.Tensor  # (N,) int64
     header: dict
     parts: list[ApproxPart] = field(default_factory=list)
-    nprobe: int = 1
+    nprobe: int = 1  # breadth for queries with every view
+    nprobe_partial: int = 1  # breadth for partial-view queries (tuned apart: they need more)
     rerank: int = 64
     _keys: tuple | None = field(default=None, repr=False)
     approximate = True  # what `evaluate` and `localize` dispatch on
@@ -102,7 +103,9 @@ def _section_problem(header: dict) -> str | None:
     sec = header.get(SECTION)
     if not isinstance(sec, dict):
         return "no approximate section (built without --approximate)"
-    for name in ("nprobe", "rerank"):
+    for name in ("nprobe", "nprobe_partial", "rerank"):
+        if name == "nprobe_partial" and name not in sec:  # written before partial views were tuned apart
+            continue
         if not isinstance(sec.get(name), int) or isinstance(sec.get(name), bool) or sec[name] < 1:
             return f"approximate field {name!r} missing or not a positive int"
     problem = file_records_problem(sec.get("files"), "approximate file")
@@ -162,7 +165,8 @@ def load_approx_index(path: str | Path, config_hash: str | None = None, embed_di
     sec = header[SECTION]
     files = {f["part"]: f for f in sec["files"]}
     offsets = np.cumsum([0] + [p["count"] for p in header["parts"]])
-    out = ApproxIndex(exact.coords, exact.index, header, nprobe=sec["nprobe"], rerank=sec["rerank"])
+    out = ApproxIndex(exact.coords, exact.index, header, nprobe=sec["nprobe"],
+                      nprobe_partial=sec.get("nprobe_partial", sec["nprobe"]), rerank=sec["rerank"])
     for i in range(len(header["parts"])) if parts is None else parts:
         if header["parts"][i]["count"] == 0:
             continue

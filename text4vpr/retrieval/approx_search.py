@@ -65,7 +65,19 @@ def _grouped_candidates(part, flat: np.ndarray, rerank: int, nprobe: int, groups
     return torch.cat([_faiss_candidates(part, flat, rerank, nprobe, rows) for rows in groups], 1)
 
 
-def part_candidates(part, q: torch.Tensor, q_mask: torch.Tensor, k: int, mode: str, nprobe: int,
+def _candidates_by_breadth(part, flat: np.ndarray, rerank: int, breadth: torch.Tensor, groups) -> torch.Tensor:
+    """FAISS candidates of each flat row at its own breadth (one call per distinct breadth)."""
+    values = torch.unique(breadth).tolist()
+    if len(values) == 1:
+        return _grouped_candidates(part, flat, rerank, values[0], groups)
+    found = torch.empty(flat.shape[0], len(groups) * rerank, dtype=torch.int64)
+    for b in values:
+        rows = (breadth == b).nonzero().flatten()
+        found[rows] = _grouped_candidates(part, flat[rows.numpy()], rerank, b, groups)
+    return found
+
+
+def part_candidates(part, q: torch.Tensor, q_mask: torch.Tensor, k: int, mode: str, breadth: torch.Tensor,
                     rerank: int) -> torch.Tensor:
     """(Q, C) candidate rows of one part (local ids, -1 = none), at least min(k, n) real each.
 
@@ -78,7 +90,7 @@ def part_candidates(part, q: torch.Tensor, q_mask: torch.Tensor, k: int, mode: s
     rot = rotated_views(weighted_views(q, q_mask, mode), mode)  # (R, Q, V, D)
     flat = np.ascontiguousarray(rot.reshape(rot.shape[0] * num_q, -1).numpy())  # (R*Q, V*D)
     groups = part.mask_groups() if mode == "cosine" else [None]
-    found = _grouped_candidates(part, flat, rerank, nprobe, groups)  # (R*Q, G*rerank)
+    found = _candidates_by_breadth(part, flat, rerank, breadth.repeat(rot.shape[0]), groups)  # (R*Q, G*rerank)
     short = ((found >= 0).sum(1) < min(k, n)).nonzero().flatten()
     if short.numel():  # the search held too few rows (lists probed, filtered graph): search them all
         found[short] = _grouped_candidates(part, flat[short.numpy()], rerank, part.widest, groups)
@@ -86,9 +98,9 @@ def part_candidates(part, q: torch.Tensor, q_mask: torch.Tensor, k: int, mode: s
     return _dedupe(cand) if rot.shape[0] > 1 else cand
 
 
-def _part_topk(part, q, q_mask, k, mode, nprobe, rerank, keys) -> tuple[torch.Tensor, torch.Tensor]:
+def _part_topk(part, q, q_mask, k, mode, breadth, rerank, keys) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, tie-rule ids) of one part's top k: location indices (`keys`) or global rows."""
-    cand = part_candidates(part, q, q_mask, k, mode, nprobe, rerank)  # (Q, C)
+    cand = part_candidates(part, q, q_mask, k, mode, breadth, rerank)  # (Q, C)
     safe = cand.clamp_min(0)
     rows = part.rows.rows(safe.flatten().numpy()).view(*cand.shape, *part.rows.shape[1:])  # (Q, C, V, D)
     scores = candidate_scores(q, q_mask, rows, part.view_mask[safe], mode)
@@ -101,6 +113,14 @@ def _part_topk(part, q, q_mask, k, mode, nprobe, rerank, keys) -> tuple[torch.Te
     return merge_topk(scores, ids, min(k, ids.shape[1]))
 
 
+def query_breadth(index, query_mask: torch.Tensor, nprobe: int | None = None) -> torch.Tensor:
+    """(Q,) search breadth per query: `nprobe` when given, else the index's tuned one for queries
+    with every view and its (wider) one for partial-view queries."""
+    if nprobe:
+        return torch.full((query_mask.shape[0],), int(nprobe))
+    return torch.where(query_mask.all(1), index.nprobe, index.nprobe_partial)
+
+
 def _local_topk(index, queries, query_mask, k: int, mode: str, nprobe: int | None,
                 rerank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, tie-rule ids) (Q, k) over the parts this process holds, padded (-inf, _PAD_ID)."""
@@ -108,12 +128,13 @@ def _local_topk(index, queries, query_mask, k: int, mode: str, nprobe: int | Non
     queries = queries.detach().cpu().float()
     v, d = index.header["views"], index.header["embed_dim"]
     query_mask, _ = check_inputs(queries, None if query_mask is None else query_mask.cpu(), torch.zeros(0, v, d), None, k)
-    nprobe, rerank, keys = nprobe or index.nprobe, max(rerank or index.rerank, k), index.tie_keys()
+    rerank, keys = max(rerank or index.rerank, k), index.tie_keys()
+    breadth = query_breadth(index, query_mask, nprobe)  # (Q,)
     step = max(1, _ROWS_PER_BATCH // ((v if mode == "any-heading" else 1) * rerank))
     out_s, out_i = [torch.zeros(0, k)], [torch.zeros(0, k, dtype=torch.int64)]
     for s in range(0, queries.shape[0], step):
-        q, qm = queries[s : s + step], query_mask[s : s + step]
-        found = [pad_topk(*_part_topk(p, q, qm, k, mode, nprobe, rerank, keys), k) for p in index.parts]
+        q, qm, b = queries[s : s + step], query_mask[s : s + step], breadth[s : s + step]
+        found = [pad_topk(*_part_topk(p, q, qm, k, mode, b, rerank, keys), k) for p in index.parts]
         found = found or [pad_topk(torch.zeros(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.int64), k)]
         scores, ids = merge_topk(torch.cat([f[0] for f in found], 1), torch.cat([f[1] for f in found], 1), k)
         out_s.append(scores)

@@ -48,17 +48,36 @@ def held_out_queries(queries: torch.Tensor, query_mask: torch.Tensor, seed: int 
     return torch.cat([queries, queries * partial[..., None]]), torch.cat([query_mask, partial])
 
 
+def _first_breadth(index, queries, query_mask, truth: dict, target: float, k: int, top: int) -> tuple[int, dict]:
+    """Smallest power-of-two breadth (capped at `top`) whose recall reaches `target` in every mode."""
+    breadth = 1
+    while True:
+        measured = {m: recall(approx_topk(index, queries, query_mask, k, m, nprobe=breadth)[1], t) for m, t in truth.items()}
+        if min(measured.values()) >= target or breadth >= top:
+            return breadth, measured
+        breadth = min(2 * breadth, top)
+
+
 def tune_nprobe(index, queries: torch.Tensor, query_mask: torch.Tensor, target: float, k: int = 10,
                 modes: tuple[str, ...] = MODES) -> dict:
-    """Smallest power-of-two breadth (up to the widest: every list, or efSearch HNSW_MAX_EF) whose recall
-    of the exact top-k reaches `target` in every mode; returns {nprobe, recall {mode: r}, target, k, queries, reached}."""
+    """The breadth (up to the widest: every list, or efSearch HNSW_MAX_EF) for queries with every view,
+    and apart for partial-view queries, each the smallest power of two whose recall of the exact top-k
+    reaches `target` in every mode; returns {nprobe, nprobe_partial, recall {mode: r} (all queries at
+    those breadths), recall_full, recall_partial, target, k, queries, reached}."""
+    query_mask = query_mask.bool()
     truth = {m: exact_topk(index, queries, query_mask, k, m)[1] for m in modes}
     top = max((min(p.widest, HNSW_MAX_EF) for p in index.parts), default=1)
-    nprobe, measured = 1, {}
-    while True:
-        measured = {m: recall(approx_topk(index, queries, query_mask, k, m, nprobe=nprobe)[1], truth[m]) for m in modes}
-        if min(measured.values()) >= target or nprobe >= top:
-            break
-        nprobe = min(2 * nprobe, top)
-    return {"nprobe": nprobe, "recall": {m: round(r, 5) for m, r in measured.items()}, "target": target, "k": k,
-            "queries": int(queries.shape[0]), "reached": min(measured.values()) >= target}
+    full = query_mask.all(1)
+    chosen, measured = {}, {}
+    for name, rows in (("full", full), ("partial", ~full)):
+        if bool(rows.any()):
+            sub = {m: t[rows] for m, t in truth.items()}
+            chosen[name], measured[name] = _first_breadth(index, queries[rows], query_mask[rows], sub, target, k, top)
+    nprobe = chosen.get("full") or chosen.get("partial", 1)
+    partial = chosen.get("partial", nprobe)
+    index.nprobe, index.nprobe_partial = nprobe, partial
+    overall = {m: recall(approx_topk(index, queries, query_mask, k, m)[1], t) for m, t in truth.items()}
+    return {"nprobe": nprobe, "nprobe_partial": partial, "recall": {m: round(r, 5) for m, r in overall.items()},
+            **{f"recall_{n}": {m: round(r, 5) for m, r in got.items()} for n, got in measured.items()},
+            "target": target, "k": k, "queries": int(queries.shape[0]),
+            "reached": min(min(g.values()) for g in measured.values()) >= target if measured else True}
