@@ -126,7 +126,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="approximate index kind")
     p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-construction", type=int, default=40)
+    p.add_argument("--ef-construction", type=int, default=128)
     p.add_argument("--coarse-dim", type=int, default=256)
     p.add_argument("--rerank", type=int, default=32)
     p.add_argument("--opq", action="store_true")

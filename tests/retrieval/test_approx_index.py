@@ -141,7 +141,7 @@ def test_tuning_is_recorded_in_the_header(built):
     assert [f["part"] for f in sec["files"]] == [0, 1] and all(f["coarse_dim"] == 32 for f in sec["files"])
     assert sec["kind"] == f"{kind}-sq8" and all(f["kind"] == kind for f in sec["files"])
     if kind == "hnsw":
-        assert all((f["hnsw_m"], f["ef_construction"], f["nlist"]) == (8, 40, 0) for f in sec["files"])
+        assert all((f["hnsw_m"], f["ef_construction"], f["nlist"]) == (8, 128, 0) for f in sec["files"])
         assert sec["config"]["hnsw_m"] == 8
 
 

@@ -13,7 +13,7 @@ def add_approximate_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-queries", type=int, default=256, help="held-out locations whose descriptions tune it")
     g.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="graph (HNSW, sq8 codes) or inverted lists")
     g.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node (8*M bytes per location)")
-    g.add_argument("--ef-construction", type=int, default=40, help="HNSW candidates kept while inserting")
+    g.add_argument("--ef-construction", type=int, default=128, help="HNSW candidates kept while inserting")
     g.add_argument("--codes", choices=("sq8", "pq"), default="sq8", help="compressed codes: 8-bit scalar or PQ (ivf)")
     g.add_argument("--coarse-dim", type=int, default=256, help="projection of the V*D concatenation")
     g.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists per part (0: the rule)")

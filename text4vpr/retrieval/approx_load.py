@@ -76,6 +76,7 @@ class ApproxIndex:
     nprobe_partial: int = 1  # breadth for partial-view queries (tuned apart: they need more)
     rerank: int = 64
     _keys: tuple | None = field(default=None, repr=False)
+    _sorted_keys: tuple | None = field(default=None, repr=False)
     approximate = True  # what `evaluate` and `localize` dispatch on
 
     def __len__(self) -> int:
@@ -88,6 +89,12 @@ class ApproxIndex:
 
             self._keys = (self.index,) if ranks_by_location(self.index) else (None,)
         return self._keys[0]
+
+    def sorted_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tie keys ascending, their rows), sorted once: maps tie-rule ids back to rows."""
+        if self._sorted_keys is None:
+            self._sorted_keys = tuple(torch.sort(self.tie_keys()))
+        return self._sorted_keys
 
     def close(self) -> None:
         for p in self.parts:
@@ -138,8 +145,16 @@ def read_faiss_verified(file: Path, sha256: str, count: int, dim: int, kind: str
     data = file.read_bytes()
     if bytes_sha256(data) != sha256:
         raise RetrievalIndexError(f"{file}: content checksum differs from the header's (changed or damaged); {_REBUILD}")
+    view, pos = memoryview(data), 0
+
+    def read(size: int) -> bytes:  # FAISS pulls the verified bytes in chunks: no third copy of the file
+        nonlocal pos
+        chunk = view[pos : pos + size].tobytes()
+        pos += len(chunk)
+        return chunk
+
     try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        index = faiss.read_index(faiss.PyCallbackIOReader(read))
     except RuntimeError as e:
         raise RetrievalIndexError(f"{file}: unreadable FAISS index ({str(e).splitlines()[0]}); {_REBUILD}") from None
     if index.ntotal != count or index.d != dim:

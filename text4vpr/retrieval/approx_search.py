@@ -149,7 +149,7 @@ def _to_rows(index, ids: torch.Tensor) -> torch.Tensor:
     keys = index.tie_keys()
     if keys is None:
         return ids
-    sorted_keys, rows = torch.sort(keys)
+    sorted_keys, rows = index.sorted_keys()
     pos = torch.searchsorted(sorted_keys, ids.clamp(max=int(sorted_keys[-1]))) if len(keys) else ids
     return torch.where(ids == _PAD_ID, ids, rows[pos] if len(keys) else ids)
 

@@ -95,6 +95,9 @@ class PartRows:
             raise IndexError(f"rows outside 0..{self.shape[0] - 1}")
         row_bytes = out[0].nbytes if len(index) else 0
         with open(self.file, "rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):  # ask for every row first: the kernel reads the uncached ones in parallel
+                for r in index:
+                    os.posix_fadvise(f.fileno(), self._offset + int(r) * row_bytes, row_bytes, os.POSIX_FADV_WILLNEED)
             for i, r in enumerate(index):
                 if os.preadv(f.fileno(), [memoryview(out[i]).cast("B")], self._offset + int(r) * row_bytes) != row_bytes:
                     raise PartFormatError(f"{self.file}: short read at row {r} (file changed?)")
