@@ -38,13 +38,13 @@ def _reset_peak() -> None:
         f.write("5")  # VmHWM := VmRSS
 
 
-def generate(work: Path, n: int, dim: int, num_queries: int, seed: int = 0) -> None:
+def generate(work: Path, n: int, dim: int, num_queries: int, seed: int = 0, model: Path = MODEL) -> None:
     """Write the exact index (one float16 part, header) and queries.safetensors into `work`."""
     from safetensors.torch import save_file
 
     from text4vpr.retrieval.index import write_header
 
-    proxy = Proxy(json.loads(MODEL.read_text()), dim=dim, seed=seed)
+    proxy = Proxy(json.loads(Path(model).read_text()), dim=dim, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     q_rows = torch.randperm(n, generator=g)[:num_queries].sort().values
     texts, chunk = [], 16384
@@ -132,6 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--opq", action="store_true")
     p.add_argument("--work", default="/tmp/text4vpr_bench_approx", help="folder for the generated databases")
     p.add_argument("--keep", action="store_true", help="keep the generated databases")
+    p.add_argument("--proxy-model", default=str(MODEL), help="fitted model the database is drawn from")
     p.add_argument("--reuse", action="store_true", help="use a database kept in --work by an earlier --keep run")
     p.add_argument("--phase", choices=("all", "generate", "build", "search"), default="all", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/bench_search_approx_cpu.json)")
@@ -147,7 +148,7 @@ def _phase(phase: str, work: Path, argv: list[str]) -> dict:
 
 def _child_args(args) -> list[str]:
     out = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-           ("dim", "queries", "exact-queries", "tune-queries", "target-recall", "k", "kind", "hnsw-m", "ef-construction", "coarse-dim", "rerank")]
+           ("dim", "queries", "exact-queries", "tune-queries", "target-recall", "k", "kind", "hnsw-m", "ef-construction", "coarse-dim", "rerank", "proxy-model")]
     return out + (["--opq"] if args.opq else [])
 
 
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         work, n = Path(args.work), args.locations[0]
         if args.phase == "generate":
             t0 = time.perf_counter()
-            generate(work, n, args.dim, args.queries + args.tune_queries)
+            generate(work, n, args.dim, args.queries + args.tune_queries, model=args.proxy_model)
             print(json.dumps({"generate_s": time.perf_counter() - t0}))
         else:
             print(json.dumps((build if args.phase == "build" else search)(work, args)))

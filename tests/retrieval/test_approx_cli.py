@@ -13,11 +13,11 @@ from text4vpr.cli import main  # noqa: E402
 from text4vpr.kernels.common import MODES  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def approx_dir(model_dir, synth_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("approx_cli") / "idx"
+@pytest.fixture(scope="module", params=["hnsw", "ivf"])
+def approx_dir(model_dir, synth_shards, tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(f"approx_cli_{request.param}") / "idx"
     rc = main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(out),
-               "--num-workers", "0", "--batch-size", "4", "--approximate", "--target-recall", "0.99",
+               "--num-workers", "0", "--batch-size", "4", "--approximate", "--target-recall", "0.99", "--kind", request.param,
                "--rerank", "2", "--tune-queries", "6"])  # 6 locations: 2 candidates each keeps FAISS in the path
     assert rc == 0
     return out
@@ -27,6 +27,8 @@ def test_header_records_parameters_and_recall(approx_dir, capsys):
     sec = json.loads((approx_dir / "header.json").read_text())["approximate"]
     assert sec["rerank"] == 2 and sec["tuning"]["queries"] == 12 and set(sec["tuning"]["recall"]) == set(MODES)
     assert sec["files"][0]["name"] == "approx-00000.faiss" and (approx_dir / "approx-00000.faiss").is_file()
+    assert sec["kind"] == f"{sec['files'][0]['kind']}-sq8" and sec["config"]["kind"] == sec["files"][0]["kind"]
+    assert sec["nprobe_partial"] == sec["tuning"]["nprobe_partial"] >= 1
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -57,3 +59,6 @@ def test_bad_flags_are_refused_before_encoding(model_dir, synth_shards, tmp_path
     rc = main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(tmp_path / "x"),
                "--approximate", "--target-recall", "1.5"])
     assert rc == 2 and "--target-recall" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    rc = main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(tmp_path / "x"),
+               "--approximate", "--codes", "pq"])  # a graph holds sq8 codes only
+    assert rc == 2 and "--kind ivf" in capsys.readouterr().err and not (tmp_path / "x").exists()
