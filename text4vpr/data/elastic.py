@@ -1,11 +1,14 @@
 """One rank's share of a global batch of the elastic order, read sample by sample by byte range.
 
 A rank reads (and decodes) only its own samples. Under `on_error="skip"` a sample that cannot
-be read or decoded is left out of its global batch (the rank's batch is one smaller): the same
-locations drop whatever the world size, and no rank takes another's sample to fill up.
+be read or decoded is left out of its global batch (the rank's batch is one smaller, its
+`skipped` count one larger): no rank takes another's sample to fill up. A share left empty
+is the trainer's to drop on every rank (`train.data.agreed_batches`).
 """
 
 from __future__ import annotations
+
+import torch
 
 from text4vpr.data.decode import BatchMaker, Stats
 from text4vpr.data.loader_config import LoaderError
@@ -47,7 +50,10 @@ class ElasticBatches:
         shard, sample = self._order
         part = rank_share(j, self.rank, self.world, self.global_batch)
         items = [self._item(s, i) for s, i in zip(shard[part].tolist(), sample[part].tolist())]
-        return self.maker.collate([it for it in items if it is not None])
+        kept = [it for it in items if it is not None]
+        batch = self.maker.collate(kept)  # empty when every sample of the share was skipped
+        batch["skipped"] = torch.tensor(len(items) - len(kept), dtype=torch.int64)  # summed over ranks by the trainer
+        return batch
 
     def close(self) -> None:
         if self._reader is not None:
