@@ -201,6 +201,8 @@ def cache_hits(counts: list[int], batch_size: int, window: int, worlds=(2, 4, 8)
     offsets = np.cumsum([0, *counts])
     for world in worlds:
         g, seen, rows = batch_size * world, set(), []
+        if total < g:  # not one global batch on this many ranks (a small --locations)
+            continue
         for e in range(epochs):
             shard, sample = epoch_order(counts, 0, e, window)
             ids = offsets[shard] + sample
@@ -242,18 +244,23 @@ def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int, server_pi
     warm.images, warm.seconds, warm.cpu_seconds = 0, 0.0, 0.0
     cold = LoaderRun(url, tok, 0, bs, image_dtype="uint8")
     cold.server_pid = server_pid
+    train = LoaderRun(url, tok, 0, bs, mode="train", image_dtype="uint8")
+    train.server_pid = server_pid
     return {
         "u8_252_1w_url": ("loader uint8, 252px shards from the URL (no cache), 1 in-process worker", cold),
         "u8_252_1w_url_cached": ("loader uint8, 252px shards from the URL through a warm local cache, 1 in-process worker",
                                  warm),
         "u8_252_w_url": (f"loader uint8, 252px shards from the URL (no cache), {workers} DataLoader workers",
                          LoaderRun(url, tok, workers, bs, image_dtype="uint8")),
+        "u8_252_1w_train_url": ("train: elastic order, per-sample range reads from the URL (no cache), 1 in-process worker",
+                                train),
     }
 
 
 def _url_report(args, runs: dict, results: dict) -> int:
     """`--url-only`: the local and URL runs side by side, URL / local per worker."""
-    pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w"}
+    pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w",
+             "u8_252_1w_train_url": "u8_252_1w_train_elastic"}
     print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'vs local':>8s} "
           f"{'img/CPU-s':>9s} {'vs local':>8s}")
     for key, (label, _) in runs.items():
@@ -340,7 +347,7 @@ def main(argv=None) -> int:
             pid = server.proc.pid if args.nginx else None
             runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers, pid))
         if args.url_only:
-            runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w") or "_url" in k}
+            runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w", "u8_252_1w_train_elastic") or "_url" in k}
         if args.train_only:
             runs = {"upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
                                  UpstreamRun(data)), **train_runs}

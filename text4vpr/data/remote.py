@@ -8,8 +8,10 @@ per-sample reads are smaller ranges. A read that still fails raises `RemoteReadE
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from text4vpr.utils.errors import InputError
@@ -57,6 +59,53 @@ def read_all(url: str, opts: RemoteOptions = RemoteOptions()) -> bytes:
     return _with_retries(url, lambda fs, path, budget: _cat(fs, path, budget, opts), opts)
 
 
+def start_ranges(requests: list[tuple[str, int, int]], opts: RemoteOptions, in_flight: int) -> Future:
+    """Start reading every (url, offset, length) at once, at most `in_flight` requests running,
+    each tried as `read_range` does; a Future of the list of bytes or `RemoteReadError`s, in order.
+    One call into the file system's event loop per batch, not one per read."""
+    paths = [_filesystem(u) for u, _, _ in requests]
+    fs = paths[0][0] if paths else None
+    if fs is None or not getattr(fs, "async_impl", False) or any(f is not fs for f, _ in paths):
+        done: Future = Future()  # a blocking file system (or a mix): read one by one, here
+        done.set_result([outcome(read_range, u, o, n, opts) for u, o, n in requests])
+        return done
+
+    async def one(url: str, path: str, offset: int, length: int, gate: asyncio.Semaphore) -> bytes:
+        if length == 0:
+            return b""
+        async with gate:  # the budget counts from the start of a read, not its wait for a slot
+            return await _with_retries_async(url, lambda budget: _cat_async(
+                fs, path, budget, opts, offset, offset + length), opts, length)
+
+    async def all_of():
+        gate = asyncio.Semaphore(max(1, in_flight))
+        got = await asyncio.gather(*(one(u, p, o, n, gate) for (u, o, n), (_, p) in zip(requests, paths)),
+                                   return_exceptions=True)
+        return [g if isinstance(g, (bytes, RemoteReadError)) else _as_read_error(u, g) for g, (u, _, _) in zip(got, requests)]
+
+    return asyncio.run_coroutine_threadsafe(all_of(), _loop(fs))
+
+
+def outcome(fn, *args):
+    """fn(*args), or the ValueError/OSError it raised (one read's failure, kept for its sample)."""
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as e:
+        return e
+
+
+def _as_read_error(url: str, error: BaseException) -> RemoteReadError:
+    if isinstance(error, Exception):  # an unexpected error of one read: its own one-line failure
+        return RemoteReadError(f"{url}: {_describe(error)}")
+    raise error  # KeyboardInterrupt and the like
+
+
+def _loop(fs):
+    from fsspec.asyn import get_loop
+
+    return fs.loop if getattr(fs, "loop", None) is not None else get_loop()
+
+
 def _checked_length(url: str, data: bytes, length: int) -> bytes:
     if len(data) < length:  # a body cut short without an error: try again
         raise _Transient(f"{len(data)} of {length} bytes received")
@@ -70,34 +119,75 @@ class _Transient(Exception):
     """A try that may succeed when repeated."""
 
 
+class _Tries:
+    """The retry policy of one read: `budget()` is the seconds left for another try (None: no
+    more tries), `pause(error)` the wait before the next one, or raises when retrying is futile."""
+
+    def __init__(self, url: str, opts: RemoteOptions):
+        self.url, self.opts, self.tries, self.last = url, opts, 0, "no try"
+        self.deadline = time.monotonic() + opts.timeout_s
+
+    def budget(self) -> float | None:
+        left = self.deadline - time.monotonic()
+        if self.tries > self.opts.retries or left <= 0:
+            return None
+        self.tries += 1
+        return left
+
+    def pause(self, error: BaseException) -> float:
+        url = self.url
+        if isinstance(error, FileNotFoundError):
+            raise RemoteReadError(f"{url}: not found on the server (404); check the URL and that the whole "
+                                  "shard folder was uploaded") from None
+        if isinstance(error, PermissionError):  # 403 / missing credentials (s3fs, gcsfs): a retry will not help
+            raise RemoteReadError(f"{url}: access denied ({_describe(error)}); check the credentials") from None
+        if not isinstance(error, _retryable()):
+            raise error
+        if _permanent(error):  # resets, 5xx, timeouts, stalls, short bodies are retried; 4xx not
+            raise RemoteReadError(f"{url}: {_describe(error)}") from None
+        self.last = _describe(error)
+        pause = min(self.opts.backoff_s * 2 ** (self.tries - 1) * (0.5 + random.random()), self.deadline - time.monotonic())
+        return pause if self.tries <= self.opts.retries else 0.0
+
+    def failed(self) -> RemoteReadError:
+        return RemoteReadError(f"{self.url}: unreadable after {self.tries} tries in {self.opts.timeout_s:g} s (last: "
+                               f"{self.last}); check the server, or raise data.loader.remote_retries / remote_timeout_s")
+
+
 def _with_retries(url: str, attempt, opts: RemoteOptions) -> bytes:
     """Run `attempt(fs, path, seconds_left)` until it succeeds, a permanent error, or the budget ends."""
     fs, path = _filesystem(url)
-    deadline = time.monotonic() + opts.timeout_s
-    last, tries = "no try", 0
-    while tries <= opts.retries and (left := deadline - time.monotonic()) > 0:
-        tries += 1
+    tries = _Tries(url, opts)
+    while (left := tries.budget()) is not None:
         try:
             return attempt(fs, path, left)
-        except FileNotFoundError:
-            raise RemoteReadError(f"{url}: not found on the server (404); check the URL and that the whole "
-                                  "shard folder was uploaded") from None
-        except PermissionError as e:  # 403 / missing credentials (s3fs, gcsfs): a retry will not help
-            raise RemoteReadError(f"{url}: access denied ({_describe(e)}); check the credentials") from None
-        except _retryable() as e:  # resets, 5xx, timeouts, stalls, short bodies
-            if _permanent(e):
-                raise RemoteReadError(f"{url}: {_describe(e)}") from None
-            last = _describe(e)
-        pause = min(opts.backoff_s * 2 ** (tries - 1) * (0.5 + random.random()), deadline - time.monotonic())
-        if tries <= opts.retries and pause > 0:
+        except RemoteReadError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - sorted by the policy: retried, or raised as it is
+            pause = tries.pause(e)
+        if pause > 0:
             time.sleep(pause)
-    raise RemoteReadError(f"{url}: unreadable after {tries} tries in {opts.timeout_s:g} s (last: {last}); "
-                          "check the server, or raise data.loader.remote_retries / remote_timeout_s")
+    raise tries.failed()
+
+
+async def _with_retries_async(url: str, attempt, opts: RemoteOptions, length: int) -> bytes:
+    """`_with_retries` of one range read (`length` bytes), on the file system's event loop."""
+    tries = _Tries(url, opts)
+    while (left := tries.budget()) is not None:
+        try:
+            return _checked_length(url, await attempt(left), length)
+        except RemoteReadError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - sorted by the policy: retried, or raised as it is
+            pause = tries.pause(e)
+        if pause > 0:
+            await asyncio.sleep(pause)
+    raise tries.failed()
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
-    import asyncio
-
     from fsspec.exceptions import FSTimeoutError
 
     kinds: tuple = (OSError, TimeoutError, asyncio.TimeoutError, FSTimeoutError, _Transient)
@@ -121,24 +211,24 @@ def _describe(error: BaseException) -> str:
 
 def _cat(fs, path: str, budget: float, opts: RemoteOptions, start: int | None = None, end: int | None = None) -> bytes:
     """One try: fsspec's cat_file, cancelled after `budget` seconds (async file systems)."""
-    kwargs = {} if start is None else {"start": start, "end": end}
     if not getattr(fs, "async_impl", False):
-        return fs.cat_file(path, **kwargs)
-    import asyncio
-
+        return fs.cat_file(path, **({} if start is None else {"start": start, "end": end}))
     from fsspec.asyn import sync
 
+    return sync(_loop(fs), _cat_async, fs, path, budget, opts, start, end)
+
+
+async def _cat_async(fs, path: str, budget: float, opts: RemoteOptions, start: int | None = None,
+                     end: int | None = None) -> bytes:
+    """One try on the file system's loop, cancelled when the budget is spent (a stalled connection included)."""
+    kwargs = {} if start is None else {"start": start, "end": end}
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "http" in protocols or "https" in protocols:
         import aiohttp
 
         # a stall (no byte for stall_s) ends the try early; the total is the budget
         kwargs["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=opts.stall_s, sock_read=opts.stall_s)
-
-    async def bounded():  # cancelled when the budget is spent (a stalled connection included)
-        return await asyncio.wait_for(fs._cat_file(path, **kwargs), max(budget, 0.01))
-
-    return sync(fs.loop, bounded)
+    return await asyncio.wait_for(fs._cat_file(path, **kwargs), max(budget, 0.01))
 
 
 def _filesystem(url: str):
