@@ -164,3 +164,32 @@ def test_remote_settings_out_of_range_name_their_key(key, value):
 
     with pytest.raises(ConfigError, match=f"data.loader.{key}: "):
         LoaderConfig(**{key: value})
+
+
+def test_ranges_started_together_equal_the_bytes_and_fail_one_by_one(tmp_path, nginx, fault_proxy, http_faults):
+    """`Fetcher.start`: a batch's reads at once (3 in flight), every request failing once first;
+    each result is its bytes or its own error, in order, and a second start reads the cache."""
+    import numpy as np
+
+    from text4vpr.data.fetch import DigestMismatch, Fetcher
+    from text4vpr.utils.hashing import bytes_sha256
+
+    rng = np.random.default_rng(0)
+    blob = rng.bytes(300_000)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "blob.bin").write_bytes(blob)
+    nginx.serve(tmp_path / "f", "many")
+    proxy = fault_proxy(http_faults.FailEachOnce(), stall_s=4.0)
+    spans = [(int(o), int(n)) for o, n in zip(rng.integers(0, 200_000, 12), rng.integers(1, 90_000, 12))]
+    reqs = [(proxy.url(f"many/blob.bin?{k}"), o, n, bytes_sha256(blob[o:o + n])) for k, (o, n) in enumerate(spans)]
+    reqs += [(proxy.url("many/missing.bin"), 0, 10, None), (proxy.url("many/blob.bin?bad"), 5, 100, "0" * 64)]
+    opts = RemoteOptions(retries=2, timeout_s=30, stall_s=1.0, backoff_s=0.05)
+    fetcher = Fetcher(opts, ByteCache(tmp_path / "cache", 1 << 30), in_flight=3)
+    got = fetcher.start(reqs).results()
+    assert got[:12] == [blob[o:o + n] for o, n in spans]
+    assert isinstance(got[12], RemoteReadError) and "missing.bin: not found" in str(got[12])
+    assert isinstance(got[13], DigestMismatch) and "blob.bin?bad" in str(got[13])
+    assert {kind for _, kind in proxy.faults} == set(http_faults.FAULTS) and len(proxy.faults) == len(reqs)
+    assert all(proxy.seen[p] == 2 for p in proxy.seen if "missing" not in p)  # failed once, then read
+    seen = dict(proxy.seen)
+    assert fetcher.start(reqs[:12]).results() == got[:12] and proxy.seen == seen  # all from the cache

@@ -63,7 +63,8 @@ def start_ranges(requests: list[tuple[str, int, int]], opts: RemoteOptions, in_f
     """Start reading every (url, offset, length) at once, at most `in_flight` requests running,
     each tried as `read_range` does; a Future of the list of bytes or `RemoteReadError`s, in order.
     One call into the file system's event loop per batch, not one per read."""
-    paths = [_filesystem(u) for u, _, _ in requests]
+    found = {u: _filesystem(u) for u in {u for u, _, _ in requests}}  # a batch reads a few shards, many ranges each
+    paths = [found[u] for u, _, _ in requests]
     fs = paths[0][0] if paths else None
     if fs is None or not getattr(fs, "async_impl", False) or any(f is not fs for f, _ in paths):
         done: Future = Future()  # a blocking file system (or a mix): read one by one, here
@@ -228,7 +229,10 @@ async def _cat_async(fs, path: str, budget: float, opts: RemoteOptions, start: i
 
         # a stall (no byte for stall_s) ends the try early; the total is the budget
         kwargs["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=opts.stall_s, sock_read=opts.stall_s)
-    return await asyncio.wait_for(fs._cat_file(path, **kwargs), max(budget, 0.01))
+    if not hasattr(asyncio, "timeout"):  # Python 3.10
+        return await asyncio.wait_for(fs._cat_file(path, **kwargs), max(budget, 0.01))
+    async with asyncio.timeout(max(budget, 0.01)):  # no extra task per read (wait_for makes one before 3.12)
+        return await fs._cat_file(path, **kwargs)
 
 
 def _filesystem(url: str):
