@@ -90,6 +90,7 @@ class LoaderRun:
         self.cfg = LoaderConfig(shards=str(shards), tokenizer=str(tokenizer), batch_size=batch_size, image_size=252,
                                 num_workers=workers, max_text_length=96, **options)
         self.workers, self.options, self.images, self.seconds = workers, options, 0, 0.0
+        self.pass_rates: list[float] = []  # images/s of each timed pass (the spread under load)
         self.skip_images, self.mode, self.epoch = skip_images, mode, 0
         if skip_images:
             self.options = {**options, "skip_images": f"{len(skip_images)} locations"}
@@ -98,14 +99,16 @@ class LoaderRun:
     cpu_seconds = 0.0  # this process's CPU (all its threads) + the server's, in timed passes
 
     def once(self) -> None:
-        t0 = None
+        t0, images = None, 0
         self.epoch += 1  # train: a new order each pass
         for batch in build_loader(self.cfg, self.mode, epoch=self.epoch, skip_images=self.skip_images):
             if t0 is None:
                 t0, cpu0 = time.perf_counter(), self._cpu()
                 continue
-            self.images += int(batch["view_mask"].sum())
-        self.seconds += time.perf_counter() - t0
+            images += int(batch["view_mask"].sum())
+        seconds = time.perf_counter() - t0
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        self.pass_rates.append(images / seconds)
         self.cpu_seconds += self._cpu() - cpu0
 
     def _cpu(self) -> float:
@@ -120,7 +123,8 @@ class LoaderRun:
         ips = self.images / self.seconds
         return {"workers": self.workers, "options": self.options, "images": self.images, "seconds": self.seconds,
                 "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1),
-                "cpu_seconds": self.cpu_seconds, "images_per_cpu_s": self.images / max(self.cpu_seconds, 1e-9)}
+                "cpu_seconds": self.cpu_seconds, "images_per_cpu_s": self.images / max(self.cpu_seconds, 1e-9),
+                "pass_images_per_s": self.pass_rates}
 
 
 class UpstreamRun:
@@ -271,10 +275,18 @@ def _url_report(args, runs: dict, results: dict) -> int:
                    if r["workers"] == 0 else "")  # DataLoader worker processes' CPU is not counted
         print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {ratio:7.2f}x {per_cpu}")
     print("img/CPU-s: images per CPU second of the loading process (all its threads) and, for the cold URL run, nginx")
+    spread = {}
+    for key, local in pairs.items():  # the rounds are interleaved: round i of the URL run against round i of local
+        if key not in results:
+            continue
+        per_pass = spread[key] = [a / b for a, b in zip(results[key]["pass_images_per_s"], results[local]["pass_images_per_s"])]
+        print(f"{key} / {local}, pass by pass: {min(per_pass):.2f}x .. {max(per_pass):.2f}x, median "
+              f"{float(np.median(per_pass)):.2f}x over {len(per_pass)} passes")
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min_at_end": os.getloadavg()[0]},
            "args": vars(args), "loader": {key: {"label": runs[key][0], **results[key]} for key in runs},
            "url_vs_local_per_worker": {k: results[k]["images_per_s_per_worker"] / results[v]["images_per_s_per_worker"]
-                                       for k, v in pairs.items() if k in results}}
+                                       for k, v in pairs.items() if k in results},
+           "url_vs_local_pass_by_pass": spread}
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
