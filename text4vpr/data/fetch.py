@@ -14,7 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 from text4vpr.data.fetch_cache import ByteCache
-from text4vpr.data.remote import RemoteOptions, outcome, read_range, start_ranges
+from text4vpr.data.remote import RemoteOptions, outcome, read_range
+from text4vpr.data.remote_batch import start_ranges
 from text4vpr.utils.errors import InputError
 from text4vpr.utils.hashing import bytes_sha256
 

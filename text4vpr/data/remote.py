@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from text4vpr.utils.errors import InputError
@@ -59,46 +58,12 @@ def read_all(url: str, opts: RemoteOptions = RemoteOptions()) -> bytes:
     return _with_retries(url, lambda fs, path, budget: _cat(fs, path, budget, opts), opts)
 
 
-def start_ranges(requests: list[tuple[str, int, int]], opts: RemoteOptions, in_flight: int) -> Future:
-    """Start reading every (url, offset, length) at once, at most `in_flight` requests running,
-    each tried as `read_range` does; a Future of the list of bytes or `RemoteReadError`s, in order.
-    One call into the file system's event loop per batch, not one per read."""
-    found = {u: _filesystem(u) for u in {u for u, _, _ in requests}}  # a batch reads a few shards, many ranges each
-    paths = [found[u] for u, _, _ in requests]
-    fs = paths[0][0] if paths else None
-    if fs is None or not getattr(fs, "async_impl", False) or any(f is not fs for f, _ in paths):
-        done: Future = Future()  # a blocking file system (or a mix): read one by one, here
-        done.set_result([outcome(read_range, u, o, n, opts) for u, o, n in requests])
-        return done
-
-    async def one(url: str, path: str, offset: int, length: int, gate: asyncio.Semaphore) -> bytes:
-        if length == 0:
-            return b""
-        async with gate:  # the budget counts from the start of a read, not its wait for a slot
-            return await _with_retries_async(url, lambda budget: _cat_async(
-                fs, path, budget, opts, offset, offset + length), opts, length)
-
-    async def all_of():
-        gate = asyncio.Semaphore(max(1, in_flight))
-        got = await asyncio.gather(*(one(u, p, o, n, gate) for (u, o, n), (_, p) in zip(requests, paths)),
-                                   return_exceptions=True)
-        return [g if isinstance(g, (bytes, RemoteReadError)) else _as_read_error(u, g) for g, (u, _, _) in zip(got, requests)]
-
-    return asyncio.run_coroutine_threadsafe(all_of(), _loop(fs))
-
-
 def outcome(fn, *args):
     """fn(*args), or the ValueError/OSError it raised (one read's failure, kept for its sample)."""
     try:
         return fn(*args)
     except (ValueError, OSError) as e:
         return e
-
-
-def _as_read_error(url: str, error: BaseException) -> RemoteReadError:
-    if isinstance(error, Exception):  # an unexpected error of one read: its own one-line failure
-        return RemoteReadError(f"{url}: {_describe(error)}")
-    raise error  # KeyboardInterrupt and the like
 
 
 def _loop(fs):
@@ -171,15 +136,13 @@ def _with_retries(url: str, attempt, opts: RemoteOptions) -> bytes:
     raise tries.failed()
 
 
-async def _with_retries_async(url: str, attempt, opts: RemoteOptions, length: int) -> bytes:
-    """`_with_retries` of one range read (`length` bytes), on the file system's event loop."""
+async def _with_retries_async(url: str, attempt, opts: RemoteOptions):
+    """`_with_retries` on the file system's event loop: `await attempt(seconds_left)`."""
     tries = _Tries(url, opts)
     while (left := tries.budget()) is not None:
         try:
-            return _checked_length(url, await attempt(left), length)
-        except RemoteReadError:
-            raise
-        except asyncio.CancelledError:
+            return await attempt(left)
+        except (RemoteReadError, asyncio.CancelledError):
             raise
         except BaseException as e:  # noqa: BLE001 - sorted by the policy: retried, or raised as it is
             pause = tries.pause(e)
@@ -225,14 +188,23 @@ async def _cat_async(fs, path: str, budget: float, opts: RemoteOptions, start: i
     kwargs = {} if start is None else {"start": start, "end": end}
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "http" in protocols or "https" in protocols:
-        import aiohttp
+        kwargs["timeout"] = _stall_timeout(opts)
+    return await _bounded(fs._cat_file(path, **kwargs), budget)
 
-        # a stall (no byte for stall_s) ends the try early; the total is the budget
-        kwargs["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=opts.stall_s, sock_read=opts.stall_s)
+
+def _stall_timeout(opts: RemoteOptions):
+    """aiohttp's timeouts: a stall (no byte for stall_s) ends the try early; the total is the budget."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_connect=opts.stall_s, sock_read=opts.stall_s)
+
+
+async def _bounded(coro, budget: float):
+    """`await coro`, cancelled after `budget` seconds."""
     if not hasattr(asyncio, "timeout"):  # Python 3.10
-        return await asyncio.wait_for(fs._cat_file(path, **kwargs), max(budget, 0.01))
+        return await asyncio.wait_for(coro, max(budget, 0.01))
     async with asyncio.timeout(max(budget, 0.01)):  # no extra task per read (wait_for makes one before 3.12)
-        return await fs._cat_file(path, **kwargs)
+        return await coro
 
 
 def _filesystem(url: str):
