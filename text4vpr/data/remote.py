@@ -1,9 +1,10 @@
 """Byte reads from a URL (http(s):// built in; s3://, gs:// ... through their fsspec packages),
 with retries, exponential backoff and a bounded total wait per read.
 
-`read_range(url, offset, length)` is the one primitive: whole shards are the range (0, bytes),
-per-sample reads are smaller ranges. A read that still fails raises `RemoteReadError` (an
-`InputError`: one line naming the URL). Verification and caching sit above, in `fetch`.
+`read_range(url, offset, length)` reads one range (a whole shard is the range (0, bytes)); the
+per-sample ranges of a batch go through `remote_batch.start_ranges`, under the same retry
+policy (`_Tries`). A read that still fails raises `RemoteReadError` (an `InputError`: one line
+naming the URL). Verification and caching sit above, in `fetch`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def read_range(url: str, offset: int, length: int, opts: RemoteOptions = RemoteO
     5xx answers, stalls and short bodies; `RemoteReadError` once the tries or `timeout_s` run out."""
     if length == 0:
         return b""
-    return _with_retries(url, lambda fs, path, budget: _checked_length(
+    return _with_retries(url, lambda fs, path, budget: checked_length(
         url, _cat(fs, path, budget, opts, offset, offset + length), length), opts)
 
 
@@ -66,13 +67,15 @@ def outcome(fn, *args):
         return e
 
 
-def _loop(fs):
+def event_loop(fs):
+    """The event loop the fsspec file system runs its coroutines on (fsspec's own thread)."""
     from fsspec.asyn import get_loop
 
     return fs.loop if getattr(fs, "loop", None) is not None else get_loop()
 
 
-def _checked_length(url: str, data: bytes, length: int) -> bytes:
+def checked_length(url: str, data: bytes, length: int) -> bytes:
+    """`data` when it is `length` bytes; short: a retry; longer: the server ignored `Range`."""
     if len(data) < length:  # a body cut short without an error: try again
         raise _Transient(f"{len(data)} of {length} bytes received")
     if len(data) > length:  # a server that ignores Range sends the whole object: never guess an offset
@@ -106,12 +109,12 @@ class _Tries:
             raise RemoteReadError(f"{url}: not found on the server (404); check the URL and that the whole "
                                   "shard folder was uploaded") from None
         if isinstance(error, PermissionError):  # 403 / missing credentials (s3fs, gcsfs): a retry will not help
-            raise RemoteReadError(f"{url}: access denied ({_describe(error)}); check the credentials") from None
+            raise RemoteReadError(f"{url}: access denied ({describe(error)}); check the credentials") from None
         if not isinstance(error, _retryable()):
             raise error
         if _permanent(error):  # resets, 5xx, timeouts, stalls, short bodies are retried; 4xx not
-            raise RemoteReadError(f"{url}: {_describe(error)}") from None
-        self.last = _describe(error)
+            raise RemoteReadError(f"{url}: {describe(error)}") from None
+        self.last = describe(error)
         pause = min(self.opts.backoff_s * 2 ** (self.tries - 1) * (0.5 + random.random()), self.deadline - time.monotonic())
         return pause if self.tries <= self.opts.retries else 0.0
 
@@ -122,7 +125,7 @@ class _Tries:
 
 def _with_retries(url: str, attempt, opts: RemoteOptions) -> bytes:
     """Run `attempt(fs, path, seconds_left)` until it succeeds, a permanent error, or the budget ends."""
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     tries = _Tries(url, opts)
     while (left := tries.budget()) is not None:
         try:
@@ -136,7 +139,7 @@ def _with_retries(url: str, attempt, opts: RemoteOptions) -> bytes:
     raise tries.failed()
 
 
-async def _with_retries_async(url: str, attempt, opts: RemoteOptions):
+async def with_retries_async(url: str, attempt, opts: RemoteOptions):
     """`_with_retries` on the file system's event loop: `await attempt(seconds_left)`."""
     tries = _Tries(url, opts)
     while (left := tries.budget()) is not None:
@@ -168,7 +171,8 @@ def _permanent(error: BaseException) -> bool:
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 425, 429)
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    """An error as `Type: first 200 characters of its message` on one line."""
     text = " ".join(str(error).split())[:200]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -179,27 +183,27 @@ def _cat(fs, path: str, budget: float, opts: RemoteOptions, start: int | None = 
         return fs.cat_file(path, **({} if start is None else {"start": start, "end": end}))
     from fsspec.asyn import sync
 
-    return sync(_loop(fs), _cat_async, fs, path, budget, opts, start, end)
+    return sync(event_loop(fs), cat_async, fs, path, budget, opts, start, end)
 
 
-async def _cat_async(fs, path: str, budget: float, opts: RemoteOptions, start: int | None = None,
+async def cat_async(fs, path: str, budget: float, opts: RemoteOptions, start: int | None = None,
                      end: int | None = None) -> bytes:
     """One try on the file system's loop, cancelled when the budget is spent (a stalled connection included)."""
     kwargs = {} if start is None else {"start": start, "end": end}
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "http" in protocols or "https" in protocols:
-        kwargs["timeout"] = _stall_timeout(opts)
-    return await _bounded(fs._cat_file(path, **kwargs), budget)
+        kwargs["timeout"] = stall_timeout(opts)
+    return await bounded(fs._cat_file(path, **kwargs), budget)
 
 
-def _stall_timeout(opts: RemoteOptions):
+def stall_timeout(opts: RemoteOptions):
     """aiohttp's timeouts: a stall (no byte for stall_s) ends the try early; the total is the budget."""
     import aiohttp
 
     return aiohttp.ClientTimeout(total=None, sock_connect=opts.stall_s, sock_read=opts.stall_s)
 
 
-async def _bounded(coro, budget: float):
+async def bounded(coro, budget: float):
     """`await coro`, cancelled after `budget` seconds."""
     if not hasattr(asyncio, "timeout"):  # Python 3.10
         return await asyncio.wait_for(coro, max(budget, 0.01))
@@ -207,7 +211,7 @@ async def _bounded(coro, budget: float):
         return await coro
 
 
-def _filesystem(url: str):
+def filesystem(url: str):
     """(fsspec file system, path) for a URL; names the extra to install for s3:// or gs://."""
     import fsspec
 

@@ -13,8 +13,8 @@ from concurrent.futures import Future
 
 from text4vpr.data.http_ranges import NoMultiRange, get_ranges
 from text4vpr.data.remote import (
-    RemoteOptions, RemoteReadError, _bounded, _cat_async, _checked_length, _describe, _filesystem, _loop,
-    _stall_timeout, _with_retries_async, outcome, read_range,
+    RemoteOptions, RemoteReadError, bounded, cat_async, checked_length, describe, filesystem, event_loop,
+    stall_timeout, with_retries_async, outcome, read_range,
 )
 
 _SINGLE_ONLY: set[str] = set()  # servers (scheme://host) that answered a list of ranges with the whole file
@@ -23,7 +23,7 @@ _SINGLE_ONLY: set[str] = set()  # servers (scheme://host) that answered a list o
 def start_ranges(requests: list[tuple[str, int, int]], opts: RemoteOptions, in_flight: int) -> Future:
     """Start reading every (url, offset, length), at most `in_flight` requests running at a time;
     a Future of the list of bytes or `RemoteReadError`s, in order."""
-    found = {u: _filesystem(u) for u in {u for u, _, _ in requests}}
+    found = {u: filesystem(u) for u in {u for u, _, _ in requests}}
     fs = found[requests[0][0]][0] if requests else None
     if fs is None or not getattr(fs, "async_impl", False) or any(f is not fs for f, _ in found.values()):
         done: Future = Future()  # a blocking file system (or a mix): read one by one, here
@@ -43,7 +43,7 @@ def start_ranges(requests: list[tuple[str, int, int]], opts: RemoteOptions, in_f
                 out[k] = r if isinstance(r, (bytes, RemoteReadError)) else _as_read_error(u, r)
         return out
 
-    return asyncio.run_coroutine_threadsafe(all_of(), _loop(fs))
+    return asyncio.run_coroutine_threadsafe(all_of(), event_loop(fs))
 
 
 async def _group(fs, url: str, path: str, spans: list[tuple[int, int]], opts: RemoteOptions, gate) -> list:
@@ -51,7 +51,7 @@ async def _group(fs, url: str, path: str, spans: list[tuple[int, int]], opts: Re
     if len(spans) > 1 and _is_http(fs) and _server(url) not in _SINGLE_ONLY:
         try:
             async with gate:  # the budget counts from the start of a request, not its wait for a slot
-                return await _with_retries_async(url, lambda budget: _many(fs, url, path, spans, budget, opts), opts)
+                return await with_retries_async(url, lambda budget: _many(fs, url, path, spans, budget, opts), opts)
         except NoMultiRange:
             _SINGLE_ONLY.add(_server(url))
     return await asyncio.gather(*(_one(fs, url, path, o, n, opts, gate) for o, n in spans), return_exceptions=True)
@@ -61,16 +61,16 @@ async def _one(fs, url: str, path: str, offset: int, length: int, opts: RemoteOp
     if length == 0:
         return b""
     async with gate:
-        return await _with_retries_async(url, lambda budget: _one_try(fs, url, path, offset, length, budget, opts), opts)
+        return await with_retries_async(url, lambda budget: _one_try(fs, url, path, offset, length, budget, opts), opts)
 
 
 async def _one_try(fs, url, path, offset, length, budget, opts) -> bytes:
-    return _checked_length(url, await _cat_async(fs, path, budget, opts, offset, offset + length), length)
+    return checked_length(url, await cat_async(fs, path, budget, opts, offset, offset + length), length)
 
 
 async def _many(fs, url: str, path: str, spans, budget: float, opts: RemoteOptions) -> list[bytes]:
-    got = await _bounded(get_ranges(fs, path, spans, _stall_timeout(opts)), budget)
-    return [_checked_length(url, data, n) for data, (_, n) in zip(got, spans)]  # a part cut short: tried again
+    got = await bounded(get_ranges(fs, path, spans, stall_timeout(opts)), budget)
+    return [checked_length(url, data, n) for data, (_, n) in zip(got, spans)]  # a part cut short: tried again
 
 
 def _is_http(fs) -> bool:
@@ -85,5 +85,5 @@ def _server(url: str) -> str:
 
 def _as_read_error(url: str, error: BaseException) -> RemoteReadError:
     if isinstance(error, Exception):  # an unexpected error of one read: its own one-line failure
-        return RemoteReadError(f"{url}: {_describe(error)}")
+        return RemoteReadError(f"{url}: {describe(error)}")
     raise error  # KeyboardInterrupt and the like
