@@ -6,7 +6,6 @@ the resume arithmetic of `worker_batch_range`, per-pass shard orders and the buf
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.remote import is_url, read_all
-from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest, member
+from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest, member, parse_manifest
 from text4vpr.data.sample_key import split_name
 
 
@@ -48,7 +47,8 @@ def resolve_shards(cfg: LoaderConfig) -> ShardSet:
                 raise LoaderError(f"{cfg.shards}: cannot verify shards without a manifest: give LoaderConfig.manifest, "
                                   "or verify=False to read them unchecked")
             return ShardSet(urls, None)
-        manifest = json.loads(read_all(cfg.manifest) if is_url(cfg.manifest) else Path(cfg.manifest).read_text())
+        manifest = parse_manifest(read_all(cfg.manifest) if is_url(cfg.manifest) else Path(cfg.manifest).read_bytes(),
+                                  str(cfg.manifest))
     by_name = {s["name"]: s for s in manifest["shards"]}
     missing = [u for u in urls if os.path.basename(u) not in by_name]
     if missing:
