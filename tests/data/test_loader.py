@@ -184,6 +184,18 @@ def test_skip_images_leaves_cached_locations_undecoded_and_the_rest_unchanged(tr
         assert a["images"][skipped].float().abs().sum() > 0 or not skipped.any()  # they had real pixels
 
 
+def test_more_batches_per_epoch_than_the_elastic_order_holds_is_refused(train_shards, tokenizer_dir):
+    """Found from outside: 28 locations, G 8, batches_per_epoch 5 gave batches [8, 8, 8, 4, 0]
+    (short, then empty: a ZeroDivisionError in the loss, ranks diverging)."""
+    cfg = _cfg(train_shards, tokenizer_dir, batch_size=8, batches_per_epoch=5)
+    with pytest.raises(LoaderError, match=r"batches_per_epoch=5.*28 locations hold 3 full global batches of 8"):
+        batches_per_epoch(cfg, world_size=1)
+    with pytest.raises(LoaderError, match=r"batches_per_epoch=5"):
+        build_loader(cfg, mode="train", rank=0, world_size=1)
+    fewer = _cfg(train_shards, tokenizer_dir, batch_size=4, batches_per_epoch=2)
+    assert [len(b) for b in _indices(build_loader(fewer, mode="train", rank=1, world_size=2))] == [4, 4]
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_start_batch_resumes_exactly(train_shards, tokenizer_dir, workers):
     cfg = _cfg(train_shards, tokenizer_dir, num_workers=workers)
