@@ -1,11 +1,13 @@
 """`train.data.agreed_batches` under on_error=skip: a global batch of which any rank holds no
 sample is dropped on every rank (yielded as None) and its samples counted as skipped; the
-totals every rank prints are the same. Checked against a loop over the whole table."""
+totals every rank prints are the same (checked against a loop over the whole table); the
+trainer takes a dropped batch as a step without an update."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import run_torchrun
 from tests.train.agreed_worker import PER, kept_table, run
@@ -38,3 +40,39 @@ def test_two_ranks_drop_the_same_global_batches_and_print_the_same_totals(tmp_pa
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"agreed-{rank}.json").read_text()) == reference(kept, rank)
+
+
+def test_one_process_trainer_steps_over_a_dropped_batch_without_an_update(train_cache, tmp_path, monkeypatch, capsys):
+    """A batch whose every sample was skipped (world 1): a step without an optimizer update, the
+    schedule and the batch index moving on, the drop logged and counted."""
+    from text4vpr.data.elastic import ElasticBatches
+    from text4vpr.train import resolve_config
+    from text4vpr.train.logs import read_metrics
+    from text4vpr.train.trainer import Trainer
+
+    repo = Path(__file__).resolve().parents[2]
+    collate, calls = ElasticBatches._collate, []
+
+    def second_skipped(self, items):  # global batch 1 loses all its samples, as under on_error=skip
+        calls.append(len(items))
+        return collate(self, [None] * len(items) if len(calls) == 2 else items)
+
+    monkeypatch.setattr(ElasticBatches, "_collate", second_skipped)
+    cfg = resolve_config(str(repo / "configs" / "tiny_test.yaml"), [
+        f"data.synthetic.cache_dir={train_cache}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3",
+        "eval.final=false", "data.loader.num_workers=0", "data.loader.on_error=skip"])
+    trainer = Trainer(cfg)
+    weights, after_step = [], trainer.after_step
+
+    def snapshot(*args):
+        weights.append(torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()]))
+        return after_step(*args)
+
+    monkeypatch.setattr(trainer, "after_step", snapshot)
+    trainer.train()
+    assert len(weights) == 3 and torch.equal(weights[0], weights[1])  # step 2: no update
+    assert not torch.equal(weights[1], weights[2])  # step 3 trained again
+    assert trainer.state.step == 3 and trainer.state.batch_in_epoch == 3 and trainer.scheduler.last_epoch == 3
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [e["step"] for e in events if e["kind"] == "dropped_batch"] == [2]
+    assert f"epoch 0: {calls[1]} samples skipped so far on all ranks" in capsys.readouterr().out
