@@ -233,3 +233,16 @@ def test_multipart_parts_are_cut_by_their_lengths_not_by_the_boundary():
     assert [p[2] for p in parts] == datas and [p[1] - p[0] + 1 for p in parts] == [len(d) for d in datas]
     with pytest.raises(CutShort):
         split_parts(body[:len(body) // 2], boundary)
+
+
+def test_many_ranges_of_one_file_go_in_requests_of_at_most_max_ranges(tmp_path, nginx, fault_proxy):
+    from text4vpr.data.remote_batch import MAX_RANGES, start_ranges
+
+    blob = np.random.default_rng(3).bytes(200_000)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "blob.bin").write_bytes(blob)
+    nginx.serve(tmp_path / "f", "chunks")
+    proxy = fault_proxy(lambda path, n: None)
+    spans = [(i * 600, 333) for i in range(2 * MAX_RANGES + 5)]
+    got = start_ranges([(proxy.url("chunks/blob.bin"), o, n) for o, n in spans], RemoteOptions(), 2).result()
+    assert got == [blob[o:o + n] for o, n in spans] and proxy.seen == {"/chunks/blob.bin": 3}

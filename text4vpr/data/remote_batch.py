@@ -17,6 +17,7 @@ from text4vpr.data.remote import (
     stall_timeout, with_retries_async, outcome, read_range,
 )
 
+MAX_RANGES = 64  # ranges per request: keeps the Range header ~1.5 kB (servers cap header lines, nginx at 8 kB)
 _SINGLE_ONLY: set[str] = set()  # servers (scheme://host) that answered a list of ranges with the whole file
 
 
@@ -29,16 +30,16 @@ def start_ranges(requests: list[tuple[str, int, int]], opts: RemoteOptions, in_f
         done: Future = Future()  # a blocking file system (or a mix): read one by one, here
         done.set_result([outcome(read_range, u, o, n, opts) for u, o, n in requests])
         return done
-    groups: dict[str, list[int]] = {}  # url -> positions of its ranges in `requests`
+    by_url: dict[str, list[int]] = {}  # url -> positions of its ranges in `requests`
     for k, (u, _, _) in enumerate(requests):
-        groups.setdefault(u, []).append(k)
+        by_url.setdefault(u, []).append(k)
+    groups = [(u, ks[i:i + MAX_RANGES]) for u, ks in by_url.items() for i in range(0, len(ks), MAX_RANGES)]
 
     async def all_of() -> list:
         gate, out = asyncio.Semaphore(max(1, in_flight)), [None] * len(requests)
-        spans = {u: [requests[k][1:] for k in ks] for u, ks in groups.items()}
-        got = await asyncio.gather(*(_group(fs, u, found[u][1], spans[u], opts, gate) for u in groups),
-                                   return_exceptions=True)
-        for (u, ks), results in zip(groups.items(), got):
+        got = await asyncio.gather(*(_group(fs, u, found[u][1], [requests[k][1:] for k in ks], opts, gate)
+                                     for u, ks in groups), return_exceptions=True)
+        for (u, ks), results in zip(groups, got):
             for k, r in zip(ks, results if isinstance(results, list) else [results] * len(ks)):
                 out[k] = r if isinstance(r, (bytes, RemoteReadError)) else _as_read_error(u, r)
         return out
