@@ -76,7 +76,8 @@ async def _many(fs, url: str, path: str, spans, budget: float, opts: RemoteOptio
 
 def _is_http(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return ("http" in protocols or "https" in protocols) and hasattr(fs, "set_session") and hasattr(fs, "encode_url")
+    needs = ("set_session", "encode_url", "kwargs", "_raise_not_found_for_status")  # fsspec's HTTPFileSystem
+    return ("http" in protocols or "https" in protocols) and all(hasattr(fs, n) for n in needs)
 
 
 def _server(url: str) -> str:
