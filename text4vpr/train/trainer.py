@@ -96,6 +96,7 @@ class Trainer:
                             break
                     if self.state.batch_in_epoch >= self.steps_per_epoch:
                         self.end_epoch()
+                stop.checkpoint_if_asked(self.acc.device, self.save, self.state.step, self.ckpt_dir)  # no step follows
             return self.finish()  # the bar is closed: the final table starts a line of its own
         finally:  # a run that raises closes its bar, metrics file and trackers too
             bar.close()
