@@ -90,6 +90,7 @@ class LoaderRun:
         self.cfg = LoaderConfig(shards=str(shards), tokenizer=str(tokenizer), batch_size=batch_size, image_size=252,
                                 num_workers=workers, max_text_length=96, **options)
         self.workers, self.options, self.images, self.seconds = workers, options, 0, 0.0
+        self.pass_rates: list[float] = []  # images/s of each timed pass (the spread under load)
         self.skip_images, self.mode, self.epoch = skip_images, mode, 0
         if skip_images:
             self.options = {**options, "skip_images": f"{len(skip_images)} locations"}
@@ -98,14 +99,16 @@ class LoaderRun:
     cpu_seconds = 0.0  # this process's CPU (all its threads) + the server's, in timed passes
 
     def once(self) -> None:
-        t0 = None
+        t0, images = None, 0
         self.epoch += 1  # train: a new order each pass
         for batch in build_loader(self.cfg, self.mode, epoch=self.epoch, skip_images=self.skip_images):
             if t0 is None:
                 t0, cpu0 = time.perf_counter(), self._cpu()
                 continue
-            self.images += int(batch["view_mask"].sum())
-        self.seconds += time.perf_counter() - t0
+            images += int(batch["view_mask"].sum())
+        seconds = time.perf_counter() - t0
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        self.pass_rates.append(images / seconds)
         self.cpu_seconds += self._cpu() - cpu0
 
     def _cpu(self) -> float:
@@ -120,7 +123,8 @@ class LoaderRun:
         ips = self.images / self.seconds
         return {"workers": self.workers, "options": self.options, "images": self.images, "seconds": self.seconds,
                 "images_per_s": ips, "images_per_s_per_worker": ips / max(self.workers, 1),
-                "cpu_seconds": self.cpu_seconds, "images_per_cpu_s": self.images / max(self.cpu_seconds, 1e-9)}
+                "cpu_seconds": self.cpu_seconds, "images_per_cpu_s": self.images / max(self.cpu_seconds, 1e-9),
+                "pass_images_per_s": self.pass_rates}
 
 
 class UpstreamRun:
@@ -201,6 +205,8 @@ def cache_hits(counts: list[int], batch_size: int, window: int, worlds=(2, 4, 8)
     offsets = np.cumsum([0, *counts])
     for world in worlds:
         g, seen, rows = batch_size * world, set(), []
+        if total < g:  # not one global batch on this many ranks (a small --locations)
+            continue
         for e in range(epochs):
             shard, sample = epoch_order(counts, 0, e, window)
             ids = offsets[shard] + sample
@@ -242,18 +248,23 @@ def _url_runs(url: str, cache: Path, tok: Path, bs: int, workers: int, server_pi
     warm.images, warm.seconds, warm.cpu_seconds = 0, 0.0, 0.0
     cold = LoaderRun(url, tok, 0, bs, image_dtype="uint8")
     cold.server_pid = server_pid
+    train = LoaderRun(url, tok, 0, bs, mode="train", image_dtype="uint8")
+    train.server_pid = server_pid
     return {
         "u8_252_1w_url": ("loader uint8, 252px shards from the URL (no cache), 1 in-process worker", cold),
         "u8_252_1w_url_cached": ("loader uint8, 252px shards from the URL through a warm local cache, 1 in-process worker",
                                  warm),
         "u8_252_w_url": (f"loader uint8, 252px shards from the URL (no cache), {workers} DataLoader workers",
                          LoaderRun(url, tok, workers, bs, image_dtype="uint8")),
+        "u8_252_1w_train_url": ("train: elastic order, per-sample range reads from the URL (no cache), 1 in-process worker",
+                                train),
     }
 
 
 def _url_report(args, runs: dict, results: dict) -> int:
     """`--url-only`: the local and URL runs side by side, URL / local per worker."""
-    pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w"}
+    pairs = {"u8_252_1w_url": "u8_252_1w", "u8_252_1w_url_cached": "u8_252_1w", "u8_252_w_url": "u8_252_w",
+             "u8_252_1w_train_url": "u8_252_1w_train_elastic"}
     print(f"{'loading (images/s, 252x252 output)':100s} {'total':>8s} {'/worker':>8s} {'vs local':>8s} "
           f"{'img/CPU-s':>9s} {'vs local':>8s}")
     for key, (label, _) in runs.items():
@@ -264,10 +275,18 @@ def _url_report(args, runs: dict, results: dict) -> int:
                    if r["workers"] == 0 else "")  # DataLoader worker processes' CPU is not counted
         print(f"{label:100s} {r['images_per_s']:8.1f} {r['images_per_s_per_worker']:8.1f} {ratio:7.2f}x {per_cpu}")
     print("img/CPU-s: images per CPU second of the loading process (all its threads) and, for the cold URL run, nginx")
+    spread = {}
+    for key, local in pairs.items():  # the rounds are interleaved: round i of the URL run against round i of local
+        if key not in results:
+            continue
+        per_pass = spread[key] = [a / b for a, b in zip(results[key]["pass_images_per_s"], results[local]["pass_images_per_s"])]
+        print(f"{key} / {local}, pass by pass: {min(per_pass):.2f}x .. {max(per_pass):.2f}x, median "
+              f"{float(np.median(per_pass)):.2f}x over {len(per_pass)} passes")
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1min_at_end": os.getloadavg()[0]},
            "args": vars(args), "loader": {key: {"label": runs[key][0], **results[key]} for key in runs},
            "url_vs_local_per_worker": {k: results[k]["images_per_s_per_worker"] / results[v]["images_per_s_per_worker"]
-                                       for k, v in pairs.items() if k in results}}
+                                       for k, v in pairs.items() if k in results},
+           "url_vs_local_pass_by_pass": spread}
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
@@ -340,7 +359,7 @@ def main(argv=None) -> int:
             pid = server.proc.pid if args.nginx else None
             runs.update(_url_runs(args.url.rstrip("/") + "/shards_252", work / "fetch_cache", tok, bs, args.workers, pid))
         if args.url_only:
-            runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w") or "_url" in k}
+            runs = {k: v for k, v in runs.items() if k in ("u8_252_1w", "u8_252_w", "u8_252_1w_train_elastic") or "_url" in k}
         if args.train_only:
             runs = {"upstream": ("upstream-style (DataFrame per item, PIL from folder, 640->252, normalise to float)",
                                  UpstreamRun(data)), **train_runs}

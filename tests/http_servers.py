@@ -54,7 +54,9 @@ class Nginx:
         return (f"daemon off;\nmaster_process off;\npid {t / 'nginx.pid'};\nerror_log {t / 'error.log'} warn;\n"
                 "events { worker_connections 512; }\n"
                 f"http {{\n  access_log off;\n  default_type application/octet-stream;\n  sendfile on;\n{temps}"
-                f"  server {{ listen 127.0.0.1:{self.port}; root {self.www}; }}\n}}\n")
+                f"  server {{ listen 127.0.0.1:{self.port}; root {self.www};\n"
+                # like S3: a list of ranges is answered with the whole file (200), one range as asked
+                "    location ^~ /single-range/ { max_ranges 1; }\n  }\n}\n")
 
     def _wait_up(self) -> bool:
         """True once this nginx answers with its own token (not another server on the port)."""
@@ -77,7 +79,8 @@ class Nginx:
         return False
 
     def serve(self, folder: Path, name: str) -> str:
-        link = self.www / name
+        link = self.www / name  # a name under single-range/ is served without multi-range answers
+        link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(Path(folder).resolve(), target_is_directory=True)
         return f"http://127.0.0.1:{self.port}/{name}"

@@ -21,6 +21,8 @@ def _setup(tmp: Path) -> None:
 
     (tmp / "afile").write_text("x")
     (tmp / "adir").mkdir()
+    (tmp / "badmodel").mkdir()
+    (tmp / "badmodel" / "config.json").write_text("{truncated")  # found from outside: a JSONDecodeError traceback
     (tmp / "shards").mkdir()
     (tmp / "shards" / "shard-000000.tar").write_bytes(b"")  # passes the folder check; the model is missing
     torch.save({"x": _Evil()}, tmp / "evil.pth")
@@ -42,6 +44,8 @@ MISTAKES = [
     ("convert a folder", ["convert-upstream", "adir", "--dinov2", "d", "--t5", "t", "--out", "o"], {}, r"adir: Is a directory"),
     ("index without a model", ["index", "build", "--model", "m", "--shards", "shards", "--out", "o"], {},
      r"m/config.json not found: not a text4vpr model folder"),
+    ("eval with a broken model config", ["eval", "--model", "badmodel", "--shards", "shards", "--out", "o"], {},
+     r"badmodel/config.json: unreadable \(.*\): not a text4vpr model folder"),
     ("eval without a model", ["eval", "--model", "m", "--shards", "shards", "--out", "o"], {}, r"m/config.json not found"),
     ("eval-embeddings of a missing file", ["eval-embeddings", "--queries", "q.safetensors", "--database", "d", "--out", "o"], {},
      r"q.safetensors: no such file"),

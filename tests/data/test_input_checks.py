@@ -170,3 +170,49 @@ def test_the_loader_refuses_a_16_bit_png_inside_a_shard(synth_shards, tmp_path, 
     with pytest.raises(LoaderError, match=f"sample {key}: .*degenerate image: a PNG of mode I;16"):
         for _ in build_loader(cfg, "eval"):
             pass
+
+
+def _copy(synth_shards, tmp_path) -> Path:
+    folder = tmp_path / "shards"
+    shutil.copytree(synth_shards, folder)
+    return folder
+
+
+def _not_a_tar_under_its_own_digest(folder: Path) -> str:
+    """The first shard replaced by bytes that are no tar, its manifest record rehashed to match."""
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    record = manifest["shards"][0]
+    data = b"not a tar at all " * 100
+    (folder / record["name"]).write_bytes(data)
+    record.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return record["name"]
+
+
+def test_hostile_manifests_and_shards_are_one_clear_error(synth_shards, tmp_path, tokenizer_dir):
+    """Found from outside: these gave a traceback (JSONDecodeError, KeyError, tarfile.ReadError)."""
+    from text4vpr.data.loader import dataset_size
+    from text4vpr.data.sample_index import index_offsets
+
+    folder = _copy(synth_shards, tmp_path)
+    bad = tmp_path / "bad.json"
+    for text in ("{not json", json.dumps({"shards": [{"name": "a.tar"}]})):  # LoaderConfig.manifest, unchecked before
+        bad.write_text(text)
+        cfg = LoaderConfig(shards=str(folder / "shard-{000000..000001}.tar"), manifest=str(bad),
+                           tokenizer=str(tokenizer_dir))
+        with pytest.raises(ShardError, match=str(bad)):
+            dataset_size(cfg)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["totals"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_shards(folder)["ok"]  # no totals to show: still checked
+    from text4vpr.cli import main
+
+    assert main(["shards", "inspect", str(folder)]) == 0  # printed from the shard records
+    name = _not_a_tar_under_its_own_digest(folder)
+    result = verify_shards(folder)
+    assert not result["ok"] and any(p.startswith(f"{name}: not a readable tar") for p in result["problems"])
+    with pytest.raises(ShardError, match=f"{name}: not a readable tar"):
+        index_offsets(folder)

@@ -184,6 +184,18 @@ def test_skip_images_leaves_cached_locations_undecoded_and_the_rest_unchanged(tr
         assert a["images"][skipped].float().abs().sum() > 0 or not skipped.any()  # they had real pixels
 
 
+def test_more_batches_per_epoch_than_the_elastic_order_holds_is_refused(train_shards, tokenizer_dir):
+    """Found from outside: 28 locations, G 8, batches_per_epoch 5 gave batches [8, 8, 8, 4, 0]
+    (short, then empty: a ZeroDivisionError in the loss, ranks diverging)."""
+    cfg = _cfg(train_shards, tokenizer_dir, batch_size=8, batches_per_epoch=5)
+    with pytest.raises(LoaderError, match=r"batches_per_epoch=5.*28 locations hold 3 full global batches of 8"):
+        batches_per_epoch(cfg, world_size=1)
+    with pytest.raises(LoaderError, match=r"batches_per_epoch=5"):
+        build_loader(cfg, mode="train", rank=0, world_size=1)
+    fewer = _cfg(train_shards, tokenizer_dir, batch_size=4, batches_per_epoch=2)
+    assert [len(b) for b in _indices(build_loader(fewer, mode="train", rank=1, world_size=2))] == [4, 4]
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_start_batch_resumes_exactly(train_shards, tokenizer_dir, workers):
     cfg = _cfg(train_shards, tokenizer_dir, num_workers=workers)
@@ -306,3 +318,34 @@ def test_long_descriptions_are_cut_and_counted(synth_shards, tokenizer_dir):
     assert all(b["input_ids"].shape[-1] == 8 for b in batches)
     views = sum(int(b["view_mask"].sum()) for b in batches)
     assert stream.stats.texts_truncated == views  # every synthetic description is longer than 8 tokens
+
+
+_LEAK_A_WORKER_ITERATOR = """
+import gc, sys
+from text4vpr.data.loader import LoaderConfig, build_loader
+cfg = LoaderConfig(shards=sys.argv[1], tokenizer=sys.argv[2], batch_size=3, image_size=32, num_workers=2,
+                   max_text_length=24, shuffle_buffer=6)
+it = iter(build_loader(cfg, mode="train", rank=0, world_size=1))
+next(it)
+gc.disable()  # a cycle keeps the iterator, and its workers, alive until the interpreter exits
+cycle = [it]
+cycle.append(cycle)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_leaving_a_worker_iterator_alive_still_exits(train_shards, tokenizer_dir):
+    """Workers ignore SIGTERM (the trainer decides when to stop), so Python's exit-time terminate
+    of leaked workers used to be ignored and the exit hung in waitpid forever (CI timed out)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import HANG_GUARD_S
+
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", _LEAK_A_WORKER_ITERATOR, str(train_shards), str(tokenizer_dir)],
+                          capture_output=True, text=True, cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+                          timeout=HANG_GUARD_S / 12)  # a hang guard, not a measurement
+    assert done.returncode == 0, done.stderr[-2000:]

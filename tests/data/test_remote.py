@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from text4vpr.data.fetch_cache import ByteCache
 from text4vpr.data.loader import LoaderConfig, LoaderError, build_loader
 from text4vpr.data.remote import RemoteOptions, RemoteReadError, read_range
+from text4vpr.utils.hashing import bytes_sha256
 
 FAST = dict(remote_retries=4, remote_timeout_s=30.0, remote_stall_s=1.0)  # a stalled try is cut after 1 s
 
@@ -164,3 +166,83 @@ def test_remote_settings_out_of_range_name_their_key(key, value):
 
     with pytest.raises(ConfigError, match=f"data.loader.{key}: "):
         LoaderConfig(**{key: value})
+
+
+def test_ranges_started_together_equal_the_bytes_and_fail_one_by_one(tmp_path, nginx, fault_proxy, http_faults):
+    """`Fetcher.start`: a batch's reads at once (3 requests in flight), the ranges of one file in
+    one multi-range request, every request failing once first (a multipart body cut short too);
+    each result is its bytes or its own error, in order, and a second start reads the cache."""
+    from text4vpr.data.fetch import DigestMismatch, Fetcher
+
+    rng = np.random.default_rng(0)
+    blob = rng.bytes(300_000)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "blob.bin").write_bytes(blob)
+    nginx.serve(tmp_path / "f", "many")
+    kinds = http_faults.FAULTS  # each file's first request fails, the kind chosen by its last digit (or a reset)
+    proxy = fault_proxy(lambda path, n: None if n else kinds[int(path[-1]) % 4] if path[-1].isdigit() else "reset",
+                        stall_s=4.0)
+    names = [f"many/blob.bin?{k}" for k in range(6)] + [f"many/blob.bin?group{k % 4}" for k in range(12)]
+    spans = [(int(o), int(n)) for o, n in zip(rng.integers(0, 200_000, 18), rng.integers(1, 90_000, 18))]
+    reqs = [(proxy.url(p), o, n, bytes_sha256(blob[o:o + n])) for p, (o, n) in zip(names, spans)]
+    reqs += [(proxy.url("many/missing.bin"), 0, 10, None), (proxy.url("many/blob.bin?bad"), 5, 100, "0" * 64)]
+    opts = RemoteOptions(retries=2, timeout_s=30, stall_s=1.0, backoff_s=0.05)
+    fetcher = Fetcher(opts, ByteCache(tmp_path / "cache", 1 << 30), in_flight=3)
+    got = fetcher.start(reqs).results()
+    assert got[:18] == [blob[o:o + n] for o, n in spans]
+    assert isinstance(got[18], RemoteReadError) and "missing.bin: not found" in str(got[18])
+    assert isinstance(got[19], DigestMismatch) and "blob.bin?bad" in str(got[19])
+    assert len(proxy.faults) == len(proxy.seen) == 12  # 6 + 4 groups + 2
+    assert all(proxy.seen[p] == 2 for p in proxy.seen if "missing" not in p)  # one request per file: failed, then read
+    assert {(p, kind) for p, kind in proxy.faults if "group" in p} == {(f"/many/blob.bin?group{k}", kinds[k]) for k in range(4)}
+    seen = dict(proxy.seen)
+    assert fetcher.start(reqs[:18]).results() == got[:18] and proxy.seen == seen  # all from the cache
+
+
+def test_a_server_answering_a_list_of_ranges_with_the_whole_file_is_read_range_by_range(tmp_path, nginx, fault_proxy):
+    from text4vpr.data.fetch import Fetcher
+
+    blob = np.random.default_rng(1).bytes(200_000)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "blob.bin").write_bytes(blob)
+    nginx.serve(tmp_path / "f", "single-range/f")  # nginx max_ranges 1, as S3 does
+    proxy = fault_proxy(lambda path, n: None)
+    spans = [(0, 1000), (150_000, 40_000), (7, 7), (60_000, 512)]
+    reqs = [(proxy.url("single-range/f/blob.bin"), o, n, bytes_sha256(blob[o:o + n])) for o, n in spans]
+    fetcher = Fetcher(RemoteOptions(retries=0, timeout_s=30, stall_s=5.0), None, in_flight=2)
+    assert fetcher.start(reqs).results() == [blob[o:o + n] for o, n in spans]
+    assert proxy.seen == {"/single-range/f/blob.bin": 1 + len(spans)}  # the list refused once, then one by one
+    assert fetcher.start(reqs).results() == [blob[o:o + n] for o, n in spans]
+    assert proxy.seen == {"/single-range/f/blob.bin": 1 + 2 * len(spans)}  # that server is not asked for lists again
+
+
+def test_multipart_parts_are_cut_by_their_lengths_not_by_the_boundary():
+    from text4vpr.data.http_ranges import CutShort, split_parts
+
+    rng = np.random.default_rng(2)
+    boundary = b"00000000000000000007"
+    datas = [rng.bytes(int(n)) for n in rng.integers(1, 5000, 5)]
+    datas[2] = datas[2][:100] + b"\r\n--" + boundary + b"\r\n" + datas[2][100:]  # the boundary inside the data
+    first, body = 0, b""
+    for d in datas:
+        body += (b"\r\n--" + boundary + b"\r\nContent-Type: application/octet-stream\r\n"
+                 + f"Content-Range: bytes {first}-{first + len(d) - 1}/999999\r\n\r\n".encode() + d)
+        first += len(d) + 10
+    body += b"\r\n--" + boundary + b"--\r\n"
+    parts = split_parts(body, boundary)
+    assert [p[2] for p in parts] == datas and [p[1] - p[0] + 1 for p in parts] == [len(d) for d in datas]
+    with pytest.raises(CutShort):
+        split_parts(body[:len(body) // 2], boundary)
+
+
+def test_many_ranges_of_one_file_go_in_requests_of_at_most_max_ranges(tmp_path, nginx, fault_proxy):
+    from text4vpr.data.remote_batch import MAX_RANGES, start_ranges
+
+    blob = np.random.default_rng(3).bytes(200_000)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "blob.bin").write_bytes(blob)
+    nginx.serve(tmp_path / "f", "chunks")
+    proxy = fault_proxy(lambda path, n: None)
+    spans = [(i * 600, 333) for i in range(2 * MAX_RANGES + 5)]
+    got = start_ranges([(proxy.url("chunks/blob.bin"), o, n) for o, n in spans], RemoteOptions(), 2).result()
+    assert got == [blob[o:o + n] for o, n in spans] and proxy.seen == {"/chunks/blob.bin": 3}

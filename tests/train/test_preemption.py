@@ -67,3 +67,28 @@ def test_sigterm_checkpoints_every_rank_and_the_resume_is_exact(train_cache, tmp
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_signal_during_the_last_validation_still_stops_the_run(train_cache, tmp_path, monkeypatch):
+    """Found from outside: a SIGTERM that came while the final epoch-end validation ran was
+    dropped (no step followed to act on it): the run went on into its final evaluation, exit 0."""
+    from text4vpr.train import resolve_config
+    from text4vpr.train.preempt import TrainingStopped
+    from text4vpr.train.trainer import Trainer
+
+    cfg = resolve_config(str(REPO / "configs" / "tiny_test.yaml"),
+                         [f"data.synthetic.cache_dir={train_cache}", f"train.output_dir={tmp_path / 'run'}",
+                          "data.loader.batch_size=2", "eval.every_steps=0", "train.epochs=1"])
+    trainer = Trainer(cfg)
+    validate = Trainer.validate
+
+    def validate_then_signal(self):
+        if self.state.step >= self.stop_step:  # the last epoch's end: no step follows
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", validate_then_signal)
+    with pytest.raises(TrainingStopped, match=f"SIGTERM at step {trainer.stop_step}: checkpoint saved"):
+        trainer.train()
+    assert (tmp_path / "run" / "checkpoints" / f"step-{trainer.stop_step:08d}" / "state.json").is_file()
+    assert not (tmp_path / "run" / "report.md").exists()  # the final evaluation did not run

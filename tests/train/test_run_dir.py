@@ -128,6 +128,26 @@ def test_overwrite_keeps_nothing_it_did_not_record(tmp_path):
     assert (run / "plots").is_dir() and (run / "checkpoints" / "step-00000005").is_dir()
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_users_figure_or_temp_file_beside_the_run_is_never_cleared(tmp_path, wide):
+    """The manifest names the files a run writes, not patterns that also match a user's
+    `figure.png` or `.tmp-notes`; `wide`: a manifest from before, which recorded "*.png", ".tmp-*"."""
+    run = _old_run(tmp_path / "run")
+    if wide:
+        (run / RUN_MANIFEST).write_text(json.dumps({"written": ["config.yaml", "metrics.jsonl", "checkpoints",
+                                                                "loss.png", "*.png", ".tmp-*"]}))
+    (run / "loss.png").write_bytes(b"run's")
+    (run / ".tmp-config.yaml.abc123").write_text("a killed write")
+    (run / "my_figure_for_paper.png").write_bytes(b"mine")
+    (run / ".tmp-user-notes").write_text("mine")
+    with pytest.raises(RunDirError, match=r"\.tmp-user-notes, my_figure_for_paper\.png were not written"):
+        prepare_run_dir(run, _cfg(run, "train.overwrite=true"), is_main=True, barrier=lambda: None)
+    (run / "my_figure_for_paper.png").unlink()
+    (run / ".tmp-user-notes").unlink()
+    prepare_run_dir(run, _cfg(run, "train.overwrite=true"), is_main=True, barrier=lambda: None)
+    assert sorted(p.name for p in run.iterdir()) == sorted(PACKAGE_FILES)
+
+
 def test_a_crafted_run_manifest_names_no_path_outside(tmp_path):
     run = _old_run(tmp_path / "run")
     (tmp_path / "precious").write_text("mine")

@@ -118,7 +118,7 @@ def _inspect(args: argparse.Namespace) -> int:
     t = result["totals"]
     status = "all checksums OK" if result["ok"] else f"{len(result['problems'])} problem(s)"
     print(f"inspect: {t['shards']} shards, {t['locations']} locations, {t['views']} views, {t['bytes'] / 1e6:.1f} MB: {status}")
-    print(f"report: {_report_line(result['report'])}")
+    print(f"report: {_report_line(result['report']) if result['report'] else 'none in the manifest'}")
     for p in result["problems"]:
         print(f"  {p}")
     if args.index is not None:

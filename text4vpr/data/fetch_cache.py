@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+
+_ENTRY = re.compile(r"[0-9a-f]{64}")  # an entry's name: its key's sha256, in the folder of its first 2 digits
 
 
 class ByteCache:
@@ -69,8 +73,8 @@ class ByteCache:
         """Remove least recently used entries until the total is within `max_bytes`; the total left."""
         entries = []
         for path in self.root.glob("??/*"):
-            if path.name.startswith(".tmp-"):
-                continue
+            if not (_ENTRY.fullmatch(path.name) and path.parent.name == path.name[:2]):
+                continue  # a file the cache did not write (cache_dir may hold a user's files too)
             try:
                 st = path.stat()
             except FileNotFoundError:  # evicted by another process meanwhile

@@ -9,6 +9,7 @@ Errors name the shard and sample key; `on_error="skip"` counts and logs instead 
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -65,3 +66,17 @@ def _leave_signals_to_main(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+
+def _kill_leaked_workers() -> None:
+    """At exit, kill the daemonic children still alive (DataLoader workers of iterators nobody
+    closed). Python's own exit handler terminates them too, but with SIGTERM, which our workers
+    ignore: it would then wait for them forever."""
+    import multiprocessing
+
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join()
+
+
+atexit.register(_kill_leaked_workers)  # after multiprocessing's own (torch imported it): runs before it

@@ -6,7 +6,6 @@ the resume arithmetic of `worker_batch_range`, per-pass shard orders and the buf
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from text4vpr.utils.distributed import distributed_world
 from text4vpr.data.loader_config import LoaderConfig, LoaderError
 from text4vpr.data.remote import is_url, read_all
-from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest, member
+from text4vpr.data.shard_reader import MANIFEST, is_shard_dir, load_manifest, member, parse_manifest
 from text4vpr.data.sample_key import split_name
 
 
@@ -48,7 +47,8 @@ def resolve_shards(cfg: LoaderConfig) -> ShardSet:
                 raise LoaderError(f"{cfg.shards}: cannot verify shards without a manifest: give LoaderConfig.manifest, "
                                   "or verify=False to read them unchecked")
             return ShardSet(urls, None)
-        manifest = json.loads(read_all(cfg.manifest) if is_url(cfg.manifest) else Path(cfg.manifest).read_text())
+        manifest = parse_manifest(read_all(cfg.manifest) if is_url(cfg.manifest) else Path(cfg.manifest).read_bytes(),
+                                  str(cfg.manifest))
     by_name = {s["name"]: s for s in manifest["shards"]}
     missing = [u for u in urls if os.path.basename(u) not in by_name]
     if missing:
@@ -91,14 +91,22 @@ def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def batches_per_epoch(cfg: LoaderConfig, world_size: int | None = None) -> int:
     """Train-mode batches each rank yields per epoch: locations // (world_size * batch_size)."""
-    if cfg.batches_per_epoch is not None:
-        return cfg.batches_per_epoch
     _, world = default_world(0, world_size)
+    if cfg.batches_per_epoch is not None:
+        if not cfg.fixed_shard_assignment:  # the elastic order holds only N // G full global batches
+            _check_override(cfg.batches_per_epoch, dataset_size(cfg), world * cfg.batch_size)
+        return cfg.batches_per_epoch
     n = dataset_size(cfg)
     steps = n // (world * cfg.batch_size)
     if steps < 1:
         raise LoaderError(f"{n} locations cannot fill one batch of {cfg.batch_size} on each of {world} ranks")
     return steps
+
+
+def _check_override(wanted: int, total: int, global_batch: int) -> None:
+    if wanted > total // global_batch:  # past them a rank's share is short, then empty
+        raise LoaderError(f"data.loader.batches_per_epoch={wanted}: {total} locations hold {total // global_batch} "
+                          f"full global batches of {global_batch}; lower it, or leave it unset")
 
 
 def worker_batch_range(total: int, start: int, num_workers: int, physical: int) -> tuple[int, int, int]:

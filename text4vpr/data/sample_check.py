@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 
+from text4vpr.data.constants import NUM_VIEWS
+
 # distance from the Earth's centre (m): the WGS84 ellipsoid spans 6,356.8 to 6,378.1 km;
 # the margin admits any street from the Dead Sea shore to a high mountain pass
 EARTH_RADIUS_M = (6.34e6, 6.39e6)
-NUM_VIEWS = 4
 
 
 def coordinates_problem(xyz) -> str | None:

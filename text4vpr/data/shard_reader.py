@@ -31,6 +31,11 @@ def load_manifest(shard_dir: str | Path) -> dict:
     raw = manifest_bytes(shard_dir)
     if raw is None:
         raise ShardError(f"{path}: no manifest (was `text4vpr shards build` run to completion?)")
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: str) -> dict:
+    """A manifest's bytes (read from `path`) as a checked dict; ShardError naming `path` otherwise."""
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -115,14 +120,18 @@ def iter_tar_samples(source, name: str | None = None):
 def sample_ranges(path: str | os.PathLike) -> list[tuple[str, int, int, str]]:
     """(key, offset, size, sha256) of every sample of a tar file, in order."""
     out: list[list] = []
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for info in tar:
-            key = member_key(info.name)[0]
-            end = info.offset_data + -(-info.size // BLOCK) * BLOCK
-            if out and out[-1][0] == key:
-                out[-1][2] = end - out[-1][1]
-            else:
-                out.append([key, info.offset, end - info.offset])
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    key = member_key(info.name)[0]
+                    end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+                    if out and out[-1][0] == key:
+                        out[-1][2] = end - out[-1][1]
+                    else:
+                        out.append([key, info.offset, end - info.offset])
+        except tarfile.TarError as e:
+            raise ShardError(f"{path}: not a readable tar ({e}); rebuild the folder") from None
         for rec in out:
             f.seek(rec[1])
             rec.append(bytes_sha256(f.read(rec[2])))
@@ -146,22 +155,36 @@ def verify_shards(shard_dir: str | Path) -> dict:
             problems.append(f"{s['name']}: {problem}")
             continue
         keys = []
-        for key, sample in iter_tar_samples(source):
-            keys.append(key)
-            if key in owner:
-                problems.append(f"{s['name']}: duplicate location key {key} (also in {owner[key]})")
-            owner.setdefault(key, s["name"])
-            try:
-                read_sample_json(sample)  # the loader's own check of each sample
-            except ValueError as e:
-                problems.append(f"{s['name']}: sample {key}: {e}")
+        try:
+            for key, sample in iter_tar_samples(source):
+                keys.append(key)
+                if key in owner:
+                    problems.append(f"{s['name']}: duplicate location key {key} (also in {owner[key]})")
+                owner.setdefault(key, s["name"])
+                try:
+                    read_sample_json(sample)  # the loader's own check of each sample
+                except ValueError as e:
+                    problems.append(f"{s['name']}: sample {key}: {e}")
+        except tarfile.TarError as e:  # bytes that match the manifest's digest, yet no tar
+            problems.append(f"{s['name']}: not a readable tar ({e})")
+            continue
         if len(keys) != s["count"]:
             problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['count']}")
         elif "keys" in s and keys != list(s["keys"]):
             problems.append(f"{s['name']}: its location keys differ from its manifest entry's list")
         elif "samples" in s and _local_ranges(shard_dir, s["name"]) not in (None, s["samples"]):
             problems.append(f"{s['name']}: per-sample byte offsets differ from the manifest's")
-    return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": manifest["totals"], "report": manifest["report"]["counts"]}
+    return {"ok": not problems, "problems": problems, "checked": len(manifest["shards"]), "totals": _totals(manifest),
+            "report": manifest["report"].get("counts") if isinstance(manifest.get("report"), dict) else None}
+
+
+def _totals(manifest: dict) -> dict:
+    """The manifest's totals; counted from its shard records when it has none (a hand-edited one)."""
+    if isinstance(manifest.get("totals"), dict):
+        return manifest["totals"]
+    records = manifest["shards"]
+    return {"shards": len(records), "locations": sum(r["count"] for r in records), "views": "?",
+            "bytes": sum(r.get("bytes", 0) for r in records if isinstance(r.get("bytes", 0), int))}
 
 
 def _shard_problem(shard_dir: str | Path, record: dict):

@@ -204,8 +204,8 @@ class ShardStream(IterableDataset):
                 yield from self._batches(self._slot_samples(list(range(len(self.shards.urls))), slot, slots), None)
             elif self.elastic is not None:
                 logical, first, end = worker_batch_range(self.total, self.start_batch, w, p)
-                for k in range(first, end):  # local batch k of logical worker = global batch k * w + logical
-                    yield self.elastic.batch(k * w + logical)
+                # local batch k of logical worker = global batch k * w + logical
+                yield from self.elastic.batches(range(first * w + logical, end * w + logical, w))
             else:
                 logical, first, end = worker_batch_range(self.total, self.start_batch, w, p)
                 raw = self._train_samples(self.rank * w + logical, self.world * w, logical)

@@ -200,9 +200,13 @@ class Text4VPR(nn.Module):
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
             raise MissingInputError(f"{cfg_path} not found: not a text4vpr model folder")
-        meta = json.loads(cfg_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise InputValueError(f"{cfg_path}: not a text4vpr config (format={meta.get('format')!r})")
+        try:
+            meta = json.loads(cfg_path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise InputValueError(f"{cfg_path}: unreadable ({e}): not a text4vpr model folder") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise InputValueError(f"{cfg_path}: not a text4vpr config (format={found!r})")
         model = cls(from_dict(ModelConfig, meta["config"]))
         model.text_settings = meta.get("text")  # checked where it is used (data.text_settings.from_record)
         weights = directory / WEIGHTS_NAME

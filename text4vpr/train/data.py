@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +23,7 @@ from text4vpr.data.tokenizer import train_tokenizer
 from text4vpr.utils.atomic import atomic_write_json
 from text4vpr.config import ConfigError
 from text4vpr.utils.distributed import raise_together
-from text4vpr.utils.errors import InputError, InputValueError
+from text4vpr.utils.errors import InputError, InputValueError, say
 
 SPLITS = ("train", "val", "test")
 
@@ -169,27 +170,40 @@ def train_loader(paths: DataPaths, cfg: LoaderConfig, acc, epoch: int, start_bat
     return agreed_batches(loader, f"rank {acc.process_index}: epoch {epoch}")
 
 
-def agreed_batches(loader, label: str) -> Iterator[dict]:
+def agreed_batches(loader, label: str) -> Iterator[dict | None]:
     """The loader's batches, the ranks agreeing at every step (one small all-reduce): a rank
     whose read failed makes every rank raise its one-line message (none is left waiting in a
-    collective), and every rank prints the samples skipped so far on all ranks after `label`."""
-    batches, total = iter(loader), 0
+    collective), and every rank prints the samples skipped so far on all ranks after `label`.
+    A global batch of which some rank holds no sample (its whole share skipped) is dropped on
+    every rank: yielded as None, its other samples counted as skipped too."""
+    batches, total, dropped = iter(loader), 0, 0
     while True:
-        batch, error = None, None
+        batch, error, ended = None, None, False
         try:
             batch = next(batches)
         except StopIteration:
-            pass  # train loaders yield the same number of batches on every rank: all end here
+            ended = True  # train loaders yield the same number of batches on every rank: all end here
         except InputError as e:
             error = e
-        (skipped,) = raise_together(error, [int(batch.pop("skipped", 0)) if batch is not None else 0])
+        skipped, empty, kept = raise_together(error, _batch_counts(batch))
+        if empty:  # the model cannot take an empty batch, and one rank cannot sit out a step's collectives
+            skipped, dropped, batch = skipped + kept, dropped + 1, None
         if skipped:
             total += skipped
-            print(f"{label}: {total} samples skipped so far on all ranks (data.loader.on_error=skip; the warnings "
-                  "name the shards)", flush=True)
-        if batch is None:
+            whole = f"; {dropped} global batches dropped whole, a rank had none of its share" if dropped else ""
+            say(f"{label}: {total} samples skipped so far on all ranks (data.loader.on_error=skip; the warnings "
+                f"name the shards{whole})", sys.stdout)
+        if ended:
             return
         yield batch
+
+
+def _batch_counts(batch: dict | None) -> list[int]:
+    """[samples skipped, 1 if the batch is empty, samples in it]: what the ranks sum at each step."""
+    if batch is None:
+        return [0, 0, 0]
+    n = int(batch["index"].shape[0])
+    return [int(batch.pop("skipped", 0)), int(n == 0), n]
 
 
 def steps_per_epoch(paths: DataPaths, cfg: LoaderConfig, world_size: int) -> int:

@@ -21,6 +21,8 @@ from typing import Callable
 import yaml
 
 from text4vpr.config import ConfigError, to_dict
+from text4vpr.retrieval.per_query import PER_QUERY_JSONL
+from text4vpr.retrieval.report import PLOT_PNG, REPORT_MD
 from text4vpr.train.report import FINAL_METRICS
 from text4vpr.train.trackers import TRACKERS_DIR
 from text4vpr.utils.atomic import atomic_write_json
@@ -33,10 +35,12 @@ CONFIG_NAME = "config.yaml"
 RUN_MANIFEST = ".text4vpr-run.json"
 LOCK_NAME = ".text4vpr-run.lock"
 PACKAGE_FILES = frozenset({RUN_MANIFEST, LOCK_NAME})  # the folder's own bookkeeping: never a run's output
-# every top-level name a training run writes into its folder (fnmatch patterns); recorded in
-# RUN_MANIFEST before the run writes anything, so a clear never reaches a user's own file
+# every top-level name a training run writes into its folder, and the temp names of its atomic
+# writes (`.tmp-NAME.*`); recorded in RUN_MANIFEST before the run writes anything, so a clear
+# never reaches a user's own file: exact names, no pattern that a user's `figure.png` matches
 RUN_OUTPUTS = (CONFIG_NAME, "metrics.jsonl", "checkpoints", TRACKERS_DIR, "model", "best_model", "shards", FINAL_METRICS,
-               "metrics.json", "per_query.jsonl", "report.md", "report.html", "*.png", ".tmp-*")
+               "metrics.json", PER_QUERY_JSONL, REPORT_MD, "report.html", PLOT_PNG, "loss.png", "val_accuracy.png")
+RUN_TEMPS = tuple(f".tmp-{name}.*" for name in RUN_OUTPUTS)
 FIX = "start over with train.overwrite=true, or choose another train.output_dir"
 
 
@@ -110,7 +114,7 @@ def own_entries(run_dir: Path, cfg) -> list[str]:
     holds anything the package did not record as its own (nothing is removed then)."""
     entries = sorted(p.name for p in run_dir.iterdir() if p.name not in PACKAGE_FILES)
     patterns = recorded_outputs(run_dir)
-    own = [e for e in entries if patterns is not None and any(fnmatch.fnmatchcase(e, p) for p in patterns)]
+    own = [e for e in entries if patterns is not None and _matches(e, patterns) and _matches(e, RUN_OUTPUTS + RUN_TEMPS)]
     foreign = [e for e in entries if e not in own]
     if foreign:
         why = (f"no readable {RUN_MANIFEST}: nothing there was recorded as written by text4vpr" if patterns is None
@@ -119,6 +123,12 @@ def own_entries(run_dir: Path, cfg) -> list[str]:
         raise RunDirError(f"train.output_dir={run_dir}: {action} would remove {_names(own) or 'nothing'}, but {why}; "
                           f"nothing was removed: move those files out, or choose another train.output_dir")
     return own
+
+
+def _matches(name: str, patterns) -> bool:
+    # both the manifest and this version's own list must claim a name: an older manifest
+    # recorded "*.png" and ".tmp-*", which a user's files match too
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _names(names: list[str]) -> str:
@@ -137,7 +147,7 @@ def clear_run_dir(run_dir: Path, names: list[str]) -> None:
 
 def record_run(run_dir: Path) -> None:
     """Write the run manifest (atomically) before the run writes anything else."""
-    atomic_write_json(run_dir / RUN_MANIFEST, {"format": "text4vpr-run", "version": 1, "written": list(RUN_OUTPUTS)})
+    atomic_write_json(run_dir / RUN_MANIFEST, {"format": "text4vpr-run", "version": 1, "written": list(RUN_OUTPUTS + RUN_TEMPS)})
 
 
 _HELD: dict[str, tuple[int, int]] = {}  # resolved folder -> (fd, inode) of the locks this process holds

@@ -27,6 +27,7 @@ from text4vpr.train.optim import build_optimizer, build_scheduler
 from text4vpr.train.preempt import StopSignals
 from text4vpr.train.preflight import check_run_inputs
 from text4vpr.train.run_dir import prepare_run_dir
+from text4vpr.train.state import TrainState
 from text4vpr.train.strategy import make_strategy
 from text4vpr.train.trackers import TRACKERS_DIR, start_trackers, tracker_names
 from text4vpr.utils.progress import Progress
@@ -36,22 +37,6 @@ from text4vpr.utils.distributed import main_value
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Everything besides tensors that an exact resume needs."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    nonfinite_total: int = 0
-    loss_scale_backoffs: int = 0  # fp16: steps whose scaled gradients overflowed (skipped by design)
-    nonfinite_in_row: int = 0
-    best_top1_5m: float = -1.0
-    best_step: int = -1
-    global_batch: int = 0  # locations per step over all ranks: kept when resuming on another world size
-    world_size: int = 0  # ranks of the run that saved (batch_in_epoch counts global batches)
 
 
 class Trainer:
@@ -111,6 +96,7 @@ class Trainer:
                             break
                     if self.state.batch_in_epoch >= self.steps_per_epoch:
                         self.end_epoch()
+                stop.checkpoint_if_asked(self.acc.device, self.save, self.state.step, self.ckpt_dir)  # no step follows
             return self.finish()  # the bar is closed: the final table starts a line of its own
         finally:  # a run that raises closes its bar, metrics file and trackers too
             bar.close()
@@ -131,9 +117,12 @@ class Trainer:
         return math.ceil(self.stop_step / self.steps_per_epoch)
 
     # ------------------------------------------------------------------ one step
-    def step(self, batch: dict) -> tuple[float, int, float]:
-        """Forward, backward, clip, optimizer and scheduler step (or a counted skip)."""
+    def step(self, batch: dict | None) -> tuple[float, int, float]:
+        """Forward, backward, clip, optimizer and scheduler step (or a counted skip); `batch`
+        None: a global batch dropped on every rank (`agreed_batches`), a step without an update."""
         t0 = time.perf_counter()
+        if batch is None:
+            return self._dropped_step(t0)
         local_pairs = int(batch["view_mask"].sum())  # on the host: no device sync
         log_locations(self.log, self.state.step + 1, batch["index"].tolist(), self.acc.num_processes,
                       self.cfg.train.log_locations)
@@ -152,6 +141,13 @@ class Trainer:
         self.state.step += 1
         pairs = self.strategy.global_pairs(local_pairs)  # ranks may hold different numbers of views
         return float(loss), pairs, time.perf_counter() - t0
+
+    def _dropped_step(self, t0: float) -> tuple[float, int, float]:
+        # a rank had none of its share (on_error=skip): every rank steps the schedule, so steps stay global batches
+        self.log.log("dropped_batch", self.state.step + 1, epoch=self.state.epoch, batch=self.state.batch_in_epoch)
+        self.scheduler.step()
+        self.state.step += 1
+        return float("nan"), 0, time.perf_counter() - t0
 
     def _to_device(self, batch: dict) -> dict:
         """The batch on the device; cached frozen-trunk tokens instead of images when cached."""

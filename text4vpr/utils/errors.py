@@ -20,10 +20,11 @@ class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named is not there (or not complete)."""
 
 
-def say(line: str) -> None:
-    """One line on stderr in one write: ranks sharing a pipe never glue their lines together."""
-    sys.stderr.write(f"{line}\n")
-    sys.stderr.flush()
+def say(line: str, stream=None) -> None:
+    """One line on stderr (or `stream`) in one write: ranks sharing a pipe never glue their lines together."""
+    stream = stream or sys.stderr
+    stream.write(f"{line}\n")
+    stream.flush()
 
 
 def one_line(error: BaseException | str) -> str:
