@@ -62,3 +62,46 @@ def test_bad_flags_are_refused_before_encoding(model_dir, synth_shards, tmp_path
     rc = main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(tmp_path / "x"),
                "--approximate", "--codes", "pq"])  # a graph holds sq8 codes only
     assert rc == 2 and "--kind ivf" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flag", ["--nprobe", "--nlist", "--pq-m"])
+def test_negative_breadths_are_refused(model_dir, synth_shards, tmp_path, capsys, flag):
+    """Found from outside: `--nprobe -1` built an index whose every later search failed."""
+    rc = main(["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--out", str(tmp_path / "x"),
+               "--approximate", "--kind", "ivf", flag, "-1"])
+    assert rc == 2 and f"{flag} must be at least 0, got -1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_tuned_build_on_two_ranks_ends_and_records_its_tuning(model_dir, synth_shards, tmp_path):
+    """Found from outside: with --target-recall only rank 0 encoded the tuning queries, whose
+    encoder ends in a collective: the two ranks waited on each other for ever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import HANG_GUARD_S
+
+    args = ["index", "build", "--model", str(model_dir), "--shards", str(synth_shards), "--num-workers", "0",
+            "--batch-size", "4", "--approximate", "--target-recall", "0.99", "--rerank", "2", "--tune-queries", "6"]
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "text4vpr", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}, timeout=HANG_GUARD_S / 12)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "header.json").read_text())["approximate"]
+    # rank 0 tunes on its own first locations, so the tuning set differs from one process's
+    assert two["tuning"]["queries"] > 0 and all(r >= 0.99 for r in two["tuning"]["recall"].values())
+    assert sorted(f["part"] for f in two["files"]) == [0, 1]  # each rank built its part's FAISS file
+    # one rank's FAISS file damaged: both ranks stop with the one line (each checks only its own files)
+    damaged = tmp_path / "two" / "approx-00001.faiss"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "text4vpr", "localize", "--model", str(model_dir), "--index", str(tmp_path / "two"),
+                           "--text", "a red door"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}, timeout=HANG_GUARD_S / 12)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and len(lines) == 2 and all("approx-00001.faiss" in ln for ln in lines), proc.stderr[-3000:]

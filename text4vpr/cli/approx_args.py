@@ -37,9 +37,10 @@ def approx_config(args: argparse.Namespace):
         raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     if args.kind == "hnsw" and args.codes != "sq8":
         raise UsageError("--kind hnsw stores sq8 codes; --codes pq needs --kind ivf")
-    for flag in ("tune_queries", "coarse_dim", "rerank", "hnsw_m", "ef_construction"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, least in (("tune_queries", 1), ("coarse_dim", 1), ("rerank", 1), ("hnsw_m", 1), ("ef_construction", 1),
+                        ("nlist", 0), ("nprobe", 0), ("pq_m", 0)):  # 0: the documented rule
+        if getattr(args, flag) < least:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     if args.pq_m and args.coarse_dim % args.pq_m:
         raise UsageError(f"--pq-m {args.pq_m} must divide --coarse-dim {args.coarse_dim}")
     return ApproxConfig(kind=args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
@@ -59,10 +60,11 @@ def build_approximate_from_args(args: argparse.Namespace, model, loader, device)
 
     cfg = approx_config(args)
     queries = mask = None
-    if args.target_recall is not None and distributed_world()[0] == 0:
+    if args.target_recall is not None:  # every rank encodes (encode_split ends in a collective); rank 0's tune
         batches = itertools.islice(loader, math.ceil(args.tune_queries / args.batch_size))
         texts = encode_split(model, batches, device, images=False)
-        queries, mask = texts["queries"][: args.tune_queries], texts["query_mask"][: args.tune_queries]
+        if distributed_world()[0] == 0:
+            queries, mask = texts["queries"][: args.tune_queries], texts["query_mask"][: args.tune_queries]
     return build_approximate(args.out, cfg, tune_queries=queries, tune_mask=mask, target_recall=args.target_recall)
 
 

@@ -15,6 +15,7 @@ from text4vpr.retrieval.approx_load import load_approx_index
 from text4vpr.retrieval.approx_tune import held_out_queries, tune_nprobe
 from text4vpr.retrieval.index import RetrievalIndexError, read_header
 from text4vpr.retrieval.part_rows import PartFormatError, PartRows
+from text4vpr.utils.errors import InputError
 
 
 def build_approximate(index_dir: str | Path, cfg: ApproxConfig, *, tune_queries: torch.Tensor | None = None,
@@ -23,23 +24,19 @@ def build_approximate(index_dir: str | Path, cfg: ApproxConfig, *, tune_queries:
     """Add the approximate index to an exact index folder: each rank builds the FAISS file of its
     parts (`rank_parts`), rank 0 writes the header section, tuning nprobe on the given held-out
     queries when `target_recall` is set. Returns the header."""
-    from text4vpr.utils.distributed import distributed_world
+    from text4vpr.utils.distributed import distributed_world, raise_together
 
     rank, world = distributed_world()
     index_dir = Path(index_dir)
     parts = read_header(index_dir)["parts"]
-    records = []
-    for i in rank_parts(len(parts), rank, world):
-        if parts[i]["count"] == 0:
-            continue
-        file = index_dir / parts[i]["name"]
-        try:
-            rows = PartRows(file)
-        except (PartFormatError, OSError) as e:
-            raise RetrievalIndexError(f"{file}: unreadable index part ({e})") from None
-        index, params = build_part_faiss(rows, part_view_mask(file), cfg)
-        rows.close()
-        records.append(write_part_faiss(index_dir, i, index, params))
+    records, error = [], None
+    try:
+        for i in rank_parts(len(parts), rank, world):
+            if parts[i]["count"]:
+                records.append(_build_part(index_dir, i, parts[i]["name"], cfg))
+    except InputError as e:  # on every rank: one rank raising alone would leave the others in the gather
+        error = e
+    raise_together(error)
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, records)
@@ -53,6 +50,17 @@ def build_approximate(index_dir: str | Path, cfg: ApproxConfig, *, tune_queries:
     if world > 1:
         torch.distributed.barrier()
     return header if rank == 0 else read_header(index_dir)
+
+
+def _build_part(index_dir: Path, i: int, name: str, cfg: ApproxConfig) -> dict:
+    file = index_dir / name
+    try:
+        rows = PartRows(file)
+    except (PartFormatError, OSError) as e:
+        raise RetrievalIndexError(f"{file}: unreadable index part ({e})") from None
+    index, params = build_part_faiss(rows, part_view_mask(file), cfg)
+    rows.close()
+    return write_part_faiss(index_dir, i, index, params)
 
 
 def _tune(index_dir, queries, mask, target, modes) -> dict:

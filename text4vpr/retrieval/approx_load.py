@@ -19,7 +19,7 @@ import torch
 from text4vpr.retrieval.approx_index import SECTION, part_view_mask, rank_parts
 from text4vpr.retrieval.index import RetrievalIndexError, load_index, read_header
 from text4vpr.retrieval.part_rows import PartFormatError, PartRows
-from text4vpr.utils.errors import file_records_problem
+from text4vpr.utils.errors import InputError, file_records_problem
 from text4vpr.utils.hashing import bytes_sha256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -211,9 +211,15 @@ def load_search_index(path: str | Path, config_hash: str | None = None, embed_di
     """The approximate index when the folder has one (and `exact` is False), else the exact
     index (`rows` as in `load_index`); `checks` = the digest keyword arguments of both."""
     if not exact and has_approximate(path):
-        from text4vpr.utils.distributed import distributed_world
+        from text4vpr.utils.distributed import distributed_world, raise_together
 
         rank, world = distributed_world()
         parts = rank_parts(len(read_header(path)["parts"]), rank, world)
-        return load_approx_index(path, config_hash, embed_dim, parts=parts, **checks)
+        loaded, error = None, None
+        try:  # each rank checks only its own FAISS files: a damaged one must stop every rank
+            loaded = load_approx_index(path, config_hash, embed_dim, parts=parts, **checks)
+        except InputError as e:
+            error = e
+        raise_together(error)
+        return loaded
     return load_index(path, config_hash, embed_dim, rows=rows, **checks)
