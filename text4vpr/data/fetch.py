@@ -44,7 +44,7 @@ class Fetcher:
         return Pending(self, requests, got, todo, start_ranges([requests[i][:3] for i in todo], self.opts, self.in_flight))
 
     def _cached(self, url: str, offset: int, length: int, sha256: str | None) -> bytes | None:
-        key = f"{url}#{offset}+{length}"
+        key = _cache_key(url, offset, length)
         if self.cache is None or (data := self.cache.get(key)) is None:
             return None
         if sha256 is None or bytes_sha256(data) == sha256:
@@ -58,7 +58,7 @@ class Fetcher:
             raise DigestMismatch(f"{url}: sha256 of bytes {offset}..{offset + length} does not match its manifest "
                                  "entry (a changed, damaged or replaced shard on the server; rebuild or re-upload it)")
         if self.cache is not None:
-            self.cache.put(f"{url}#{offset}+{length}", data)
+            self.cache.put(_cache_key(url, offset, length), data)
         return data
 
     def ahead(self, requests: Iterable[tuple[str, int, int, str | None]]) -> Iterator[Future]:
@@ -77,6 +77,10 @@ class Fetcher:
         finally:  # the consumer stopped early: drop reads not yet started
             for f in pending:
                 f.cancel()
+
+
+def _cache_key(url: str, offset: int, length: int) -> str:
+    return f"{url}#{offset}+{length}"
 
 
 class Pending:

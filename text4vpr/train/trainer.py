@@ -124,9 +124,9 @@ class Trainer:
         if batch is None:
             return self._dropped_step(t0)
         local_pairs = int(batch["view_mask"].sum())  # on the host: no device sync
-        log_locations(self.log, self.state.step + 1, batch["index"].tolist(), self.acc.num_processes,
-                      self.cfg.train.log_locations)
-        batch = self._to_device(batch)
+        index = batch["index"].tolist()  # host copy: the locations log and the frozen cache
+        log_locations(self.log, self.state.step + 1, index, self.acc.num_processes, self.cfg.train.log_locations)
+        batch = self._to_device(batch, index)
         self.model.train()
         loss = self.strategy.forward_backward(self.model, batch, self.loss_fn)
         grad_norm = self.strategy.clip(self.model, self.loss_fn.parameters())
@@ -149,10 +149,9 @@ class Trainer:
         self.state.step += 1
         return float("nan"), 0, time.perf_counter() - t0
 
-    def _to_device(self, batch: dict) -> dict:
+    def _to_device(self, batch: dict, index: list[int]) -> dict:
         """The batch on the device; cached frozen-trunk tokens instead of images when cached."""
         complete = bool(batch["view_mask"].all())  # on the host: the model skips its mask check
-        index = batch["index"].tolist()  # host copy for the frozen cache
         if self.frozen_cache is not None and self.frozen_cache.covers(index):
             batch = {k: v for k, v in batch.items() if k != "images"}  # not needed: no copy to the device
         batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
