@@ -246,3 +246,35 @@ def test_many_ranges_of_one_file_go_in_requests_of_at_most_max_ranges(tmp_path, 
     spans = [(i * 600, 333) for i in range(2 * MAX_RANGES + 5)]
     got = start_ranges([(proxy.url("chunks/blob.bin"), o, n) for o, n in spans], RemoteOptions(), 2).result()
     assert got == [blob[o:o + n] for o, n in spans] and proxy.seen == {"/chunks/blob.bin": 3}
+
+
+def test_a_server_ignoring_range_is_refused_at_the_first_answer(tmp_path):
+    """Found from outside: the "no Range support" refusal was retried until the tries ran out,
+    ending with "raise data.loader.remote_retries", advice that cannot help. Python's own
+    http.server ignores Range (it answers 200 with the whole file): a real such server."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    seen = []
+
+    class Counting(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Range"))
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Counting, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/blob.bin"
+        with pytest.raises(RemoteReadError, match="no Range support") as caught:
+            read_range(url, 100, 50, RemoteOptions(retries=4, timeout_s=30.0, backoff_s=0.01))
+        assert "tries" not in str(caught.value)
+        assert len([r for r in seen if r]) == 1  # one ranged request: no retry
+    finally:
+        server.shutdown()
+        server.server_close()
